@@ -1,0 +1,1 @@
+"""nextserve router: the public gRPC API. Never imports torch."""

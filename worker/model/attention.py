@@ -1,0 +1,55 @@
+"""Gated full attention: per-head [query | gate] from q_proj, q/k norm, partial rotary, sigmoid output gate."""
+
+import torch
+from torch import nn
+
+from worker import kernels
+from worker.config import ModelConfig
+from worker.distributed import get_tp
+from worker.model.context import get_context
+from worker.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.model.layers.norm import RMSNorm
+from worker.model.layers.rotary import PartialRotaryEmbedding
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        tp = get_tp()
+        self.head_dim = config.head_dim
+        self.num_heads = tp.shard(config.num_attention_heads, "num_attention_heads")
+        kv_replicas = 1
+        if tp.size > config.num_key_value_heads:
+            if tp.size % config.num_key_value_heads:
+                raise ValueError(f"tensor parallel size {tp.size} must be a multiple of "
+                                 f"num_key_value_heads ({config.num_key_value_heads})")
+            kv_replicas = tp.size // config.num_key_value_heads
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp.size)
+        self.scale = self.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = ColumnParallelLinear(hidden, config.num_attention_heads * self.head_dim * 2, bias)
+        self.k_proj = ColumnParallelLinear(hidden, config.num_key_value_heads * self.head_dim, bias, kv_replicas)
+        self.v_proj = ColumnParallelLinear(hidden, config.num_key_value_heads * self.head_dim, bias, kv_replicas)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, hidden, bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary = PartialRotaryEmbedding(
+            self.head_dim, config.rotary_dim, config.rope_theta, config.max_position_embeddings
+        )
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, H_kv, D], bound by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        meta = get_context().attn
+        tokens = hidden_states.shape[0]
+        query, gate = self.q_proj(hidden_states).view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        query = self.q_norm(query)
+        key = self.k_norm(self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim))
+        value = self.v_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
+        query, key = self.rotary(positions, query, key)
+        kernels.reshape_and_cache(key, value, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(
+            query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale
+        )
+        out = out.reshape(tokens, -1) * torch.sigmoid(gate.reshape(tokens, -1))
+        return self.o_proj(out)

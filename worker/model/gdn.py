@@ -1,0 +1,139 @@
+"""Gated DeltaNet token mixer (the linear-attention layers of Qwen3-Next).
+
+Qwen3-Next packs the projections per key-head group: in_proj_qkvz rows are, per group,
+[q(dk) | k(dk) | v(r*dv) | z(r*dv)] and in_proj_ba rows [b(r) | a(r)], with r = nv / nk. Sharding
+whole groups keeps each rank's rows contiguous. Qwen3.5 stores four separate projections instead.
+"""
+
+import torch
+from torch import nn
+
+from worker import kernels
+from worker.config import ModelConfig
+from worker.distributed import get_tp
+from worker.model.context import get_context
+from worker.model.layers.linear import ColumnParallelLinear, RowParallelLinear, _check_shape
+from worker.model.layers.norm import GatedRMSNorm
+
+
+class DepthwiseConvWeight(nn.Module):
+    """Holds `conv1d.weight` as `[channels, kernel]` (the checkpoint's `[channels, 1, kernel]`)."""
+
+    def __init__(self, channels: int, kernel: int, weight_loader):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, kernel), requires_grad=False)
+        self.weight.weight_loader = weight_loader
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.tp = tp = get_tp()
+        self.num_k_heads = tp.shard(config.linear_num_key_heads, "linear_num_key_heads")
+        self.num_v_heads = config.linear_num_value_heads // tp.size
+        self.ratio = config.gdn_group_ratio
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim  # per rank
+        self.value_dim = self.num_v_heads * self.head_v_dim  # per rank
+        self.conv_kernel = config.linear_conv_kernel_dim
+        hidden = config.hidden_size
+        nk, nv, dk, dv = config.linear_num_key_heads, config.linear_num_value_heads, self.head_k_dim, self.head_v_dim
+
+        self.split_projections = config.split_gdn_projections
+        if self.split_projections:
+            self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * nk * dk + nv * dv)
+            self.in_proj_qkv.weight.weight_loader = self._load_conv_channels
+            self.in_proj_z = ColumnParallelLinear(hidden, nv * dv)
+            self.in_proj_b = ColumnParallelLinear(hidden, nv)
+            self.in_proj_a = ColumnParallelLinear(hidden, nv)
+        else:
+            self.in_proj_qkvz = ColumnParallelLinear(hidden, nk * (2 * dk + 2 * self.ratio * dv))
+            self.in_proj_ba = ColumnParallelLinear(hidden, nk * 2 * self.ratio)
+
+        conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
+        self.A_log.weight_loader = self._load_value_heads
+        self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
+        self.dt_bias.weight_loader = self._load_value_heads
+        self.norm = GatedRMSNorm(dv, config.rms_norm_eps)
+        self.out_proj = RowParallelLinear(nv * dv, hidden)
+        self.conv_states: torch.Tensor | None = None  # [G, conv_dim, K-1+k], bound by the runner
+        self.ssm_states: torch.Tensor | None = None  # [G, 1+k, HV, K, V]
+
+    def _load_conv_channels(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Rows ordered [q of all heads | k of all heads | v of all heads]: take this rank's heads of each."""
+        loaded = loaded.reshape(loaded.shape[0], -1)
+        full_key, full_value = self.key_dim * self.tp.size, self.value_dim * self.tp.size
+        if loaded.shape[0] != 2 * full_key + full_value:
+            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)} rows, model expects "
+                             f"{2 * full_key + full_value}")
+        q, k, v = loaded.split([full_key, full_key, full_value])
+        rank = self.tp.rank
+        shard = torch.cat([
+            q.narrow(0, rank * self.key_dim, self.key_dim),
+            k.narrow(0, rank * self.key_dim, self.key_dim),
+            v.narrow(0, rank * self.value_dim, self.value_dim),
+        ])
+        _check_shape(param, shard)
+        param.data.copy_(shard)
+
+    def _load_value_heads(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        shard = loaded.narrow(0, self.tp.rank * self.num_v_heads, self.num_v_heads)
+        _check_shape(param, shard)
+        param.data.copy_(shard)
+
+    def _project(self, hidden_states: torch.Tensor):
+        """-> mixed_qkv [T, conv_dim] (conv input order), z [T, HV, V], b [T, HV], a [T, HV]."""
+        tokens = hidden_states.shape[0]
+        if self.split_projections:
+            z = self.in_proj_z(hidden_states).view(tokens, self.num_v_heads, self.head_v_dim)
+            return self.in_proj_qkv(hidden_states), z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+        dk, rdv = self.head_k_dim, self.ratio * self.head_v_dim
+        qkvz = self.in_proj_qkvz(hidden_states).view(tokens, self.num_k_heads, 2 * dk + 2 * rdv)
+        q, k, v, z = qkvz.split([dk, dk, rdv, rdv], dim=-1)
+        b, a = self.in_proj_ba(hidden_states).view(tokens, self.num_k_heads, 2 * self.ratio).split(self.ratio, dim=-1)
+        mixed_qkv = torch.cat([q.reshape(tokens, -1), k.reshape(tokens, -1), v.reshape(tokens, -1)], dim=-1)
+        z = z.reshape(tokens, self.num_v_heads, self.head_v_dim)
+        return mixed_qkv, z, b.reshape(tokens, self.num_v_heads), a.reshape(tokens, self.num_v_heads)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        meta = get_context().gdn
+        tokens = hidden_states.shape[0]
+        mixed_qkv, z, b, a = self._project(hidden_states)
+        g, beta = kernels.gdn_gating(a, b, self.A_log, self.dt_bias)
+        core = torch.empty(tokens, self.num_v_heads, self.head_v_dim, dtype=hidden_states.dtype,
+                           device=hidden_states.device)
+        n_dec, q_len, n_tok = meta.num_decodes, meta.decode_query_len, meta.num_decode_tokens
+        if n_dec:
+            core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], g[:n_tok], beta[:n_tok], meta, n_dec, q_len)
+        if n_tok < tokens:
+            core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g[n_tok:], beta[n_tok:], meta, n_dec)
+        out = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        return self.out_proj(out.view(tokens, -1))
+
+    def _split_heads(self, mixed_qkv: torch.Tensor):
+        q, k, v = mixed_qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        lead = mixed_qkv.shape[:-1]
+        return (q.reshape(*lead, self.num_k_heads, self.head_k_dim),
+                k.reshape(*lead, self.num_k_heads, self.head_k_dim),
+                v.reshape(*lead, self.num_v_heads, self.head_v_dim))
+
+    def _recurrent(self, mixed_qkv, g, beta, meta, n_dec, q_len):
+        slots, accepted = meta.state_indices[:n_dec], meta.num_accepted[:n_dec]
+        x = kernels.causal_conv1d_update(
+            mixed_qkv.view(n_dec, q_len, -1), self.conv1d.weight, self.conv_states, slots, accepted
+        )
+        q, k, v = self._split_heads(x)
+        out = kernels.fused_recurrent_gated_delta_rule(
+            q, k, v, g.view(n_dec, q_len, -1), beta.view(n_dec, q_len, -1), self.ssm_states, slots, accepted
+        )
+        return out.reshape(n_dec * q_len, self.num_v_heads, self.head_v_dim)
+
+    def _chunked(self, mixed_qkv, g, beta, meta, n_dec):
+        slots, accepted = meta.state_indices[n_dec:], meta.num_accepted[n_dec:]
+        has_init, cu = meta.has_initial_state[n_dec:], meta.prefill_cu_seqlens
+        x = kernels.causal_conv1d_fn(mixed_qkv, self.conv1d.weight, cu, self.conv_states, slots, accepted, has_init)
+        q, k, v = self._split_heads(x)
+        return kernels.chunk_gated_delta_rule(q, k, v, g, beta, cu, self.ssm_states, slots, accepted, has_init)

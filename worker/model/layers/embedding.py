@@ -1,0 +1,43 @@
+"""Vocab-parallel embedding and lm_head: each rank holds a contiguous slice of the vocabulary."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.distributed import get_tp
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.tp = get_tp()
+        self.vocab_size = vocab_size
+        self.per_rank = (vocab_size + self.tp.size - 1) // self.tp.size
+        self.start = self.tp.rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
+            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects "
+                             f"{(self.vocab_size, param.shape[1])} before sharding")
+        rows = loaded[self.start : self.start + self.per_rank]
+        param.data.zero_()
+        param.data[: rows.shape[0]].copy_(rows)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.per_rank)
+        out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * mine[:, None].to(self.weight.dtype)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over the whole vocabulary, gathered from every rank's slice (identical on all ranks)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden_states, self.weight)
+        logits = self.tp.all_gather_last_dim(logits)
+        return logits[:, : self.vocab_size]

@@ -1,0 +1,143 @@
+"""Build the model and fill it from an HF checkpoint folder, tensor by tensor.
+
+Accepts `model.safetensors` or a sharded `model.safetensors.index.json`. Each checkpoint tensor is
+cast to the requested dtype and handed to its parameter's `weight_loader`, which copies this rank's
+slice. Per-expert keys are stacked into the experts' w13 / w2 tensors.
+"""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from worker.config import ModelConfig
+from worker.model.layers.linear import default_weight_loader
+from worker.model.qwen3_next import Qwen3NextForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file or tensor."""
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from e
+        files = {name: model_dir / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise CheckpointError(f"{file}: listed in {index.name} but missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from e
+
+
+def _target(name: str) -> tuple[str, object]:
+    """Checkpoint name -> (parameter name, shard_id)."""
+    match = _EXPERT_KEY.match(name)
+    if match:
+        param = "w2" if match["proj"] == "down_proj" else "w13"
+        return f"{match['prefix']}.{param}", (int(match["expert"]), match["proj"])
+    return name, None
+
+
+def _expected_shards(model: torch.nn.Module, num_experts: int) -> set[tuple[str, object]]:
+    expected = set()
+    for name, _ in model.named_parameters():
+        if name.endswith(".experts.w13"):
+            expected |= {(name, (e, p)) for e in range(num_experts) for p in ("gate_proj", "up_proj")}
+        elif name.endswith(".experts.w2"):
+            expected |= {(name, (e, "down_proj")) for e in range(num_experts)}
+        else:
+            expected.add((name, None))
+    return expected
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: ModelConfig | None = None,
+    progress: bool = False,
+) -> Qwen3NextForCausalLM:
+    model_dir = Path(model_dir)
+    config = config or ModelConfig.from_pretrained(model_dir)
+    files = checkpoint_files(model_dir)
+    num_mtp = 0
+    if any(name.startswith("mtp.") for name in files):
+        num_mtp = config.num_mtp_layers or 1
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3NextForCausalLM(config, num_mtp_layers=num_mtp)
+    finally:
+        torch.set_default_dtype(previous)
+    if config.tie_word_embeddings:
+        files.pop("lm_head.weight", None)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = _expected_shards(model, config.num_experts)
+    if config.tie_word_embeddings:
+        expected.discard(("lm_head.weight", None))
+    loaded: set[tuple[str, object]] = set()
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    bar = tqdm(total=len(files), desc="loading weights", unit="tensor", disable=not progress)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            available = set(f.keys())
+            for name in names:
+                if name not in available:
+                    raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the file")
+                _load_tensor(params, name, f, dtype, loaded)
+                bar.update()
+    bar.close()
+    missing = sorted(f"{name}{'' if shard is None else f' (expert {shard[0]} {shard[1]})'}"
+                     for name, shard in expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{model_dir}: missing weights: {shown}")
+    return model.eval()
+
+
+def _load_tensor(params, name, handle, dtype, loaded) -> None:
+    target, shard_id = _target(name)
+    param = params.get(target)
+    if param is None:
+        if not _IGNORED_KEYS.search(name):
+            logger.warning("checkpoint tensor %s has no place in the model; ignored", name)
+        return
+    try:
+        tensor = handle.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"tensor {name!r}: unreadable ({e})") from e
+    try:
+        weight_loader = getattr(param, "weight_loader", default_weight_loader)
+        weight_loader(param, tensor.to(dtype), shard_id)
+    except ValueError as e:
+        raise CheckpointError(f"tensor {name!r}: {e}") from e
+    loaded.add((target, shard_id))

@@ -1,0 +1,109 @@
+"""Qwen3-Next for the engine: flat token batches in, caches owned by the caller.
+
+`forward(input_ids [T], positions [T]) -> hidden_states [T, H]` after the final norm, with the step
+metadata set by `worker.model.context.forward_context`. Parameter names follow the HF checkpoint,
+except the stacked experts (`mlp.experts.w13` / `w2`) which the loader fills expert by expert.
+"""
+
+import torch
+from torch import nn
+
+from worker.config import ModelConfig
+from worker.model.attention import GatedAttention
+from worker.model.gdn import GatedDeltaNet
+from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.model.layers.linear import ReplicatedLinear
+from worker.model.layers.norm import RMSNorm
+from worker.model.moe import DenseMLP, SparseMoeBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, use_moe: bool):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        self.mlp = SparseMoeBlock(config) if use_moe else DenseMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def token_mixer(self) -> nn.Module:
+        return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.token_mixer(positions, self.input_layernorm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class Qwen3NextModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, config.layer_types[i], config.is_moe_layer(i)) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states)
+        return self.norm(hidden_states)
+
+
+class MultiTokenPredictor(nn.Module):
+    """The MTP head: row i reads the embedding of token i+1 and the target's post-norm hidden state
+    at i, runs one full-attention decoder layer at position i, and predicts token i+2 through the
+    shared lm_head. Its post-norm output feeds the next draft step when chaining."""
+
+    def __init__(self, config: ModelConfig, num_layers: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc = ReplicatedLinear(2 * hidden, hidden)
+        self.pre_fc_norm_embedding = RMSNorm(hidden, config.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(hidden, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, "full_attention", use_moe=config.num_experts > 0) for _ in range(num_layers)
+        )
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+
+    def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
+                step: int = 0) -> torch.Tensor:
+        x = torch.cat([self.pre_fc_norm_embedding(input_embeds), self.pre_fc_norm_hidden(hidden_states)], dim=-1)
+        x = self.layers[step % len(self.layers)](positions, self.fc(x))
+        return self.norm(x)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, num_mtp_layers: int = 0):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3NextModel(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = MultiTokenPredictor(config, num_mtp_layers) if num_mtp_layers else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def forward_mtp(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
+                    step: int = 0) -> torch.Tensor:
+        """-> the MTP's post-norm hidden states; `compute_logits` turns them into draft logits."""
+        return self.mtp(self.model.embed_tokens(input_ids), positions, hidden_states, step)
+
+    def attention_layers(self) -> list[GatedAttention]:
+        """Every full-attention layer that needs a KV cache, the MTP's last."""
+        layers = [layer.self_attn for layer in self.model.layers if layer.layer_type == "full_attention"]
+        if self.mtp is not None:
+            layers += [layer.self_attn for layer in self.mtp.layers]
+        return layers
+
+    def gdn_layers(self) -> list[GatedDeltaNet]:
+        return [layer.linear_attn for layer in self.model.layers if layer.layer_type == "linear_attention"]
