@@ -1,0 +1,49 @@
+"""Engine settings, one dataclass, validated once at start."""
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    speculative_tokens: int = 0
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of the card for weights, activations and caches
+    cache_memory_bytes: int = 512 << 20  # CPU: bytes for KV blocks and GDN states together
+    num_kv_blocks: int | None = None  # fix the number of KV blocks (tests, debugging)
+    ssm_state_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.ssm_state_dtype not in DTYPES:
+            raise ValueError(f"ssm_state_dtype must be one of {sorted(DTYPES)}, got {self.ssm_state_dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_ssm_dtype(self) -> torch.dtype:
+        return DTYPES[self.ssm_state_dtype]

@@ -1,0 +1,144 @@
+"""The engine: scheduler + cache manager + runner, one `step()` at a time."""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.config import ModelConfig
+from worker.engine.cache_manager import CacheManager
+from worker.engine.cache_tensors import CacheShapes, allocate_and_bind
+from worker.engine.config import EngineConfig
+from worker.engine.memory import CachePlan, cuda_cache_budget, plan_cache
+from worker.engine.proposer import MTPProposer, Proposer
+from worker.engine.runner import ModelRunner
+from worker.engine.sampling_params import SamplingParams
+from worker.engine.scheduler import Scheduler, SchedulerConfig
+from worker.engine.sequence import Sequence
+from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.model.context import forward_context
+from worker.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # every generated token so far
+    new_token_ids: list[int]  # generated in the last step
+    logprobs: list | None = None  # per token: (logprob, [(token_id, logprob), ...])
+    finished: bool = False
+    finish_reason: str | None = None
+    num_drafted_tokens: int = 0
+    num_accepted_tokens: int = 0
+    mean_accepted_length: float = 0.0
+    acceptance_rate_per_position: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, proposer: Proposer | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        self.model = load_model(config.model, config.torch_dtype, self.device, self.model_config, progress=True)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        k = config.speculative_tokens
+        self.shapes = CacheShapes.for_model(self.model, config.block_size, k, config.torch_dtype,
+                                            config.torch_ssm_dtype)
+        self.cache_plan = self._plan_cache()
+        allocate_and_bind(self.model, self.shapes, self.cache_plan.num_blocks, self.cache_plan.num_state_groups,
+                          self.device)
+        self.cache = CacheManager(self.cache_plan.num_blocks, config.block_size, self.cache_plan.num_state_groups)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=self.max_model_len,
+                max_num_seqs=min(config.max_num_seqs, self.cache_plan.num_state_groups),
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                num_spec_tokens=k,
+                eos_token_ids=self.model_config.eos_token_ids,
+            ),
+            self.cache,
+        )
+        if k and proposer is None:
+            proposer = MTPProposer(self.model, k, config.block_size)
+        self.runner = ModelRunner(self.model, config.block_size, k, self.device, proposer, config.seed)
+        logger.info(
+            "cache: %d KV blocks x %d tokens, %d GDN slot groups x %d slots (%.1f MiB states); "
+            "max concurrency %.1f at %d tokens",
+            self.cache_plan.num_blocks, config.block_size, self.cache_plan.num_state_groups, 1 + k,
+            self.cache_plan.num_state_groups * self.shapes.bytes_per_state_group / 2**20,
+            self.cache_plan.max_concurrency(config.block_size, self.max_model_len), self.max_model_len,
+        )
+
+    def _plan_cache(self) -> CachePlan:
+        if self.device.type == "cuda":
+            budget = cuda_cache_budget(self.config.gpu_memory_utilization, self._profile_step)
+        else:
+            budget = self.config.cache_memory_bytes
+        return plan_cache(budget, self.shapes, self.config.max_num_seqs, self.config.num_kv_blocks)
+
+    @torch.inference_mode()
+    def _profile_step(self) -> None:
+        """A prefill of a full token budget on throwaway caches, to measure peak activation memory."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        num_blocks = num_tokens // self.config.block_size + 2
+        allocate_and_bind(self.model, self.shapes, num_blocks, 1, self.device)
+        slice_ = SequenceSlice([0] * num_tokens, 0, list(range(num_blocks)), state_group=0)
+        input_ids, positions, ctx = build_step_inputs([slice_], self.config.block_size, 1, self.device)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+        self.model.compute_logits(hidden[-1:])
+        allocate_and_bind(self.model, self.shapes, 0, 0, self.device)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+        self.scheduler.add(Sequence(request_id, list(prompt_token_ids), params))
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        aborted = self.scheduler.apply_aborts()
+        outputs = [self._output(seq, 0) for seq in aborted]
+        plan = self.scheduler.schedule()
+        if plan.sequences or plan.new_requests or plan.finished_request_ids:
+            result = self.runner.execute(plan)
+            outputs += [self._output(seq, n) for seq, n in self.scheduler.update(plan, result)]
+        return outputs
+
+    def _output(self, seq: Sequence, num_new: int) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            new_token_ids=seq.output_token_ids[len(seq.output_token_ids) - num_new :] if num_new else [],
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            num_drafted_tokens=seq.spec.num_drafted_tokens,
+            num_accepted_tokens=seq.spec.num_accepted_tokens,
+            mean_accepted_length=seq.spec.mean_accepted_length,
+            acceptance_rate_per_position=seq.spec.acceptance_rate_per_position,
+            num_preemptions=seq.num_preemptions,
+        )
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_blocks": self.cache.num_free_blocks,
+            "num_blocks": self.cache.num_blocks,
+            "num_free_state_groups": self.cache.num_free_state_groups,
+            "num_state_groups": self.cache.num_state_groups,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,112 @@
+"""Draft proposers for speculative decoding.
+
+After the target has run a step, each sequence has an *anchor*: the row of its last accepted
+position and the token that follows it (the correction / bonus token, the freshly sampled token,
+or the next prompt token of an unfinished prefill chunk). A proposer returns k draft tokens per
+sampled sequence.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from worker.engine.plan import StepPlan
+from worker.model.context import AttentionMetadata, StepContext, forward_context
+
+
+@dataclass
+class ProposalInputs:
+    plan: StepPlan
+    ctx: StepContext  # the target step's metadata (the MTP layer reuses its attention part)
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    hidden_states: torch.Tensor  # [T, H] target hidden states after the final norm
+    anchor_rows: torch.Tensor  # [B] row (into T) of each sequence's last accepted position
+    anchor_next_ids: torch.Tensor  # [B] the token that follows that position
+    sampled: list[int]  # indices into plan.sequences that get drafts
+    emitted: Callable[[], list[list[int]]]  # host copy of the tokens emitted per sequence (syncs)
+
+
+class Proposer(Protocol):
+    num_spec_tokens: int
+
+    def propose(self, inputs: ProposalInputs) -> torch.Tensor:  # [len(sampled), k] int64
+        ...
+
+
+class MTPProposer:
+    """Drafts with the model's MTP head, greedily (a point-mass draft).
+
+    Pass 1 runs the MTP over every row the target ran (so its KV cache stays complete), reading for
+    row i the token after position i; rows past a rejection read garbage but only write KV at
+    positions the next step overwrites. Further drafts chain the MTP on its own post-norm output.
+    """
+
+    def __init__(self, model, num_spec_tokens: int, block_size: int):
+        if model.mtp is None:
+            raise ValueError("speculative_tokens > 0 needs MTP weights (mtp.* tensors) in the checkpoint")
+        self.model = model
+        self.num_spec_tokens = num_spec_tokens
+        self.block_size = block_size
+
+    def propose(self, inputs: ProposalInputs) -> torch.Tensor:
+        next_ids = torch.roll(inputs.input_ids, -1)
+        next_ids[inputs.anchor_rows] = inputs.anchor_next_ids
+        with forward_context(StepContext(inputs.ctx.attn)):
+            mtp_hidden = self.model.forward_mtp(next_ids, inputs.positions, inputs.hidden_states)
+        sampled = torch.tensor(inputs.sampled, dtype=torch.long, device=next_ids.device)
+        rows = inputs.anchor_rows[sampled]
+        hidden = mtp_hidden[rows]
+        drafts = [self.model.compute_logits(hidden).argmax(dim=-1)]
+        positions = inputs.positions[rows]
+        block_tables = inputs.ctx.attn.block_tables[sampled]
+        for step in range(1, self.num_spec_tokens):
+            positions = positions + 1
+            ctx = StepContext(self._single_row_metadata(positions, block_tables))
+            with forward_context(ctx):
+                hidden = self.model.forward_mtp(drafts[-1], positions, hidden, step)
+            drafts.append(self.model.compute_logits(hidden).argmax(dim=-1))
+        return torch.stack(drafts, dim=1)
+
+    def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor) -> AttentionMetadata:
+        n = positions.shape[0]
+        blocks = block_tables.gather(1, (positions // self.block_size)[:, None].to(block_tables.dtype)).squeeze(1)
+        return AttentionMetadata(
+            cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=positions.device),
+            context_lens=(positions + 1).to(torch.int32),
+            slot_mapping=blocks.long() * self.block_size + positions % self.block_size,
+            block_tables=block_tables,
+            max_seqlen_q=1,
+            max_context_len=0,  # unknown on the host without a sync; the reference kernels don't need it
+        )
+
+
+class ScriptedProposer:
+    """Drafts from a function of the token history, for tests: `script(request_id, tokens, k) -> k ids`.
+
+    Tracks each request's tokens from the plans and the emitted tokens, so a script can propose the
+    true continuation (accept-all), a wrong first token (reject-first), or anything in between.
+    """
+
+    def __init__(self, script: Callable[[str, list[int], int], list[int]], num_spec_tokens: int):
+        self.script = script
+        self.num_spec_tokens = num_spec_tokens
+        self.history: dict[str, list[int]] = {}
+
+    def propose(self, inputs: ProposalInputs) -> torch.Tensor:
+        emitted = inputs.emitted()
+        for r in inputs.plan.finished_request_ids:
+            self.history.pop(r, None)
+        for i, entry in enumerate(inputs.plan.sequences):
+            known = self.history.get(entry.request_id, [])[: entry.start_position]
+            fed = entry.token_ids[:1] if entry.is_decode else entry.token_ids
+            self.history[entry.request_id] = known + fed + emitted[i]
+        drafts = []
+        for i in inputs.sampled:
+            request_id = inputs.plan.sequences[i].request_id
+            proposal = list(self.script(request_id, list(self.history[request_id]), self.num_spec_tokens))
+            if len(proposal) != self.num_spec_tokens:
+                raise ValueError(f"script proposed {len(proposal)} tokens, expected {self.num_spec_tokens}")
+            drafts.append(proposal)
+        return torch.tensor(drafts, dtype=torch.long, device=inputs.input_ids.device).view(-1, self.num_spec_tokens)

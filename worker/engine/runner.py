@@ -1,0 +1,190 @@
+"""Runs one step plan: flat inputs -> target forward -> sample / verify -> drafts for the next step.
+
+The only device-to-host copy per step is the one that brings back the emitted tokens (with the new
+drafts and logprobs in the same transfer).
+"""
+
+import torch
+
+from worker.engine.plan import ScheduledSequence, SequenceOutput, StepOutput, StepPlan
+from worker.engine.proposer import ProposalInputs, Proposer
+from worker.engine.sampler import RequestSampling, sample, verify_drafts
+from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.model.context import forward_context
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int, num_spec_tokens: int, device: torch.device,
+                 proposer: Proposer | None = None, seed: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.num_spec_tokens = num_spec_tokens
+        self.device = torch.device(device)
+        self.proposer = proposer
+        self.requests: dict[str, RequestSampling] = {}
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for request in plan.new_requests:
+            self.requests[request.request_id] = RequestSampling(request.params, request.prompt_token_ids)
+        if not plan.sequences:
+            return StepOutput([])
+        q_len = 1 + self.num_spec_tokens
+        slices = [SequenceSlice(s.token_ids, s.start_position, s.block_table, s.state_group,
+                                s.num_accepted_slot, s.is_decode) for s in plan.sequences]
+        input_ids, positions, ctx = build_step_inputs(slices, self.block_size, q_len, self.device)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+        emitted = _Emitted(plan, q_len)
+        self._sample(plan, hidden, emitted)
+        drafts = None
+        if self.num_spec_tokens and emitted.sampled:
+            drafts = self._propose(plan, ctx, input_ids, positions, hidden, emitted)
+        return emitted.to_output(drafts, self.requests)
+
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor, emitted: "_Emitted") -> None:
+        decodes = [s for s in plan.sequences if s.is_decode]
+        num_dec_rows = len(decodes) * emitted.q_len
+        prefill_rows = [emitted.last_row(i) for i in emitted.sampled_prefills]
+        row_index = torch.tensor(list(range(num_dec_rows)) + prefill_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[row_index]).float()
+        if decodes:
+            rows = [self.requests[s.request_id] for s in decodes]
+            dec_logits = logits[:num_dec_rows]
+            if self.num_spec_tokens:
+                drafts = torch.tensor([s.token_ids[1:] for s in decodes], dtype=torch.long, device=self.device)
+                result = verify_drafts(dec_logits.view(len(decodes), emitted.q_len, -1), drafts, rows, self.generator)
+                emitted.set_verified(result)
+            else:
+                emitted.set_decoded(sample(dec_logits, rows, default_generator=self.generator))
+        if prefill_rows:
+            rows = [self.requests[plan.sequences[i].request_id] for i in emitted.sampled_prefills]
+            emitted.set_prefilled(sample(logits[num_dec_rows:], rows, default_generator=self.generator))
+
+    def _propose(self, plan, ctx, input_ids, positions, hidden, emitted: "_Emitted") -> torch.Tensor:
+        anchor_rows, anchor_next = emitted.anchors(self.device)
+        inputs = ProposalInputs(
+            plan=plan, ctx=ctx, input_ids=input_ids, positions=positions, hidden_states=hidden,
+            anchor_rows=anchor_rows, anchor_next_ids=anchor_next, sampled=emitted.sampled,
+            emitted=emitted.host_tokens,
+        )
+        return self.proposer.propose(inputs)
+
+
+class _Emitted:
+    """Collects the step's sampling results on the device and turns them into per-sequence outputs."""
+
+    def __init__(self, plan: StepPlan, q_len: int):
+        self.plan = plan
+        self.q_len = q_len
+        self.num_decodes = sum(1 for s in plan.sequences if s.is_decode)
+        self.starts = [0]
+        for s in plan.sequences:
+            self.starts.append(self.starts[-1] + len(s.token_ids))
+        self.sampled_prefills = [i for i, s in enumerate(plan.sequences) if not s.is_decode and s.sample]
+        self.sampled = list(range(self.num_decodes)) + self.sampled_prefills
+        self.decode_tokens = None  # [D, Q] padded with -1
+        self.num_accepted = None  # [D]
+        self.decode_logprobs = None
+        self.prefill_tokens = None  # [P]
+        self.prefill_logprobs = None
+        self._host = None
+
+    def last_row(self, i: int) -> int:
+        return self.starts[i + 1] - 1
+
+    def set_verified(self, result) -> None:
+        self.decode_tokens, self.num_accepted = result.token_ids, result.num_accepted
+        self.decode_logprobs = (result.logprobs, result.top_logprobs)
+
+    def set_decoded(self, result) -> None:
+        self.decode_tokens = result.token_ids[:, None]
+        self.num_accepted = torch.zeros_like(result.token_ids)
+        top = None if result.top_logprobs is None else (result.top_logprobs[0][:, None], result.top_logprobs[1][:, None])
+        self.decode_logprobs = (None if result.logprobs is None else result.logprobs[:, None], top)
+
+    def set_prefilled(self, result) -> None:
+        self.prefill_tokens = result.token_ids
+        self.prefill_logprobs = (result.logprobs, result.top_logprobs)
+
+    def anchors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (row of the last accepted position, the token after it), for every sequence of the plan."""
+        rows = torch.tensor([self.last_row(i) for i in range(len(self.plan.sequences))], dtype=torch.long, device=device)
+        next_ids = torch.tensor([s.next_token_id if s.next_token_id is not None else -1 for s in self.plan.sequences],
+                                dtype=torch.long, device=device)
+        if self.num_decodes:
+            starts = torch.tensor(self.starts[: self.num_decodes], dtype=torch.long, device=device)
+            rows[: self.num_decodes] = starts + self.num_accepted
+            next_ids[: self.num_decodes] = self.decode_tokens.gather(1, self.num_accepted[:, None]).squeeze(1)
+        if self.sampled_prefills:
+            next_ids[torch.tensor(self.sampled_prefills, device=device)] = self.prefill_tokens
+        return rows, next_ids
+
+    def _to_host(self):
+        if self._host is None:
+            def cpu(x):
+                return None if x is None else x.tolist()
+
+            def cpu_pair(pair):
+                return None if pair is None else (cpu(pair[0]), cpu(pair[1]))
+
+            dec_lp, dec_top = self.decode_logprobs or (None, None)
+            pre_lp, pre_top = self.prefill_logprobs or (None, None)
+            self._host = dict(
+                decode_tokens=cpu(self.decode_tokens), num_accepted=cpu(self.num_accepted),
+                prefill_tokens=cpu(self.prefill_tokens), decode_lp=cpu(dec_lp), decode_top=cpu_pair(dec_top),
+                prefill_lp=cpu(pre_lp), prefill_top=cpu_pair(pre_top),
+            )
+        return self._host
+
+    def host_tokens(self) -> list[list[int]]:
+        host = self._to_host()
+        tokens = [[] for _ in self.plan.sequences]
+        for i in range(self.num_decodes):
+            tokens[i] = host["decode_tokens"][i][: host["num_accepted"][i] + 1]
+        for j, i in enumerate(self.sampled_prefills):
+            tokens[i] = [host["prefill_tokens"][j]]
+        return tokens
+
+    def to_output(self, drafts: torch.Tensor | None, requests: dict) -> StepOutput:
+        host = self._to_host()
+        draft_lists = drafts.tolist() if drafts is not None else None
+        tokens = self.host_tokens()
+        outputs = []
+        for i, entry in enumerate(self.plan.sequences):
+            out = SequenceOutput(token_ids=tokens[i])
+            if entry.is_decode:
+                out.num_accepted_drafts = host["num_accepted"][i]
+            if draft_lists is not None and i in self._sampled_position:
+                out.draft_token_ids = draft_lists[self._sampled_position[i]]
+            out.logprobs = self._logprobs(i, entry, host, len(tokens[i]))
+            if tokens[i]:
+                requests[entry.request_id].append_output(tokens[i])
+            outputs.append(out)
+        return StepOutput(outputs)
+
+    @property
+    def _sampled_position(self) -> dict[int, int]:
+        return {seq_index: k for k, seq_index in enumerate(self.sampled)}
+
+    def _logprobs(self, i: int, entry: ScheduledSequence, host, count: int):
+        if entry.is_decode:
+            values, top = host["decode_lp"], host["decode_top"]
+            index = i
+        elif i in self.sampled_prefills:
+            values, top = host["prefill_lp"], host["prefill_top"]
+            index = self.sampled_prefills.index(i)
+            values = None if values is None else [[v] for v in values]
+            top = None if top is None else ([[v] for v in top[0]], [[v] for v in top[1]])
+        else:
+            return None
+        if values is None:
+            return None
+        result = []
+        for j in range(count):
+            top_pairs = [] if top is None else list(zip(top[1][index][j], top[0][index][j]))
+            result.append((values[index][j], top_pairs))
+        return result
