@@ -65,7 +65,8 @@ class LLMEngine:
         )
         if k and proposer is None:
             proposer = MTPProposer(self.model, k, config.block_size)
-        self.runner = ModelRunner(self.model, config.block_size, k, self.device, proposer, config.seed)
+        self.runner = ModelRunner(self.model, config.block_size, k, self.device, proposer, config.seed,
+                                  self.model_config.eos_token_ids)
         logger.info(
             "cache: %d KV blocks x %d tokens, %d GDN slot groups x %d slots (%.1f MiB states); "
             "max concurrency %.1f at %d tokens",
@@ -114,6 +115,9 @@ class LLMEngine:
         if plan.sequences or plan.new_requests or plan.finished_request_ids:
             result = self.runner.execute(plan)
             outputs += [self._output(seq, n) for seq, n in self.scheduler.update(plan, result)]
+        if not self.scheduler.has_unfinished:
+            # Nothing left to schedule: hand the runner the last retirements now, not with a later step.
+            self.runner.execute(self.scheduler.schedule())
         return outputs
 
     def _output(self, seq: Sequence, num_new: int) -> RequestOutput:

@@ -15,12 +15,13 @@ from worker.model.context import forward_context
 
 class ModelRunner:
     def __init__(self, model, block_size: int, num_spec_tokens: int, device: torch.device,
-                 proposer: Proposer | None = None, seed: int = 0):
+                 proposer: Proposer | None = None, seed: int = 0, eos_token_ids: list[int] = ()):
         self.model = model
         self.block_size = block_size
         self.num_spec_tokens = num_spec_tokens
         self.device = torch.device(device)
         self.proposer = proposer
+        self.eos_token_ids = list(eos_token_ids)
         self.requests: dict[str, RequestSampling] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -29,7 +30,8 @@ class ModelRunner:
         for request_id in plan.finished_request_ids:
             self.requests.pop(request_id, None)
         for request in plan.new_requests:
-            self.requests[request.request_id] = RequestSampling(request.params, request.prompt_token_ids)
+            self.requests[request.request_id] = RequestSampling(
+                request.params, request.prompt_token_ids, self.eos_token_ids)
         if not plan.sequences:
             return StepOutput([])
         q_len = 1 + self.num_spec_tokens

@@ -202,7 +202,11 @@ def _mask_stops_before_min_tokens(logits: Tensor, rows: list[RequestSampling],
 
 def _processed_logits(logits: Tensor, rows: list[RequestSampling], extra_lists=None,
                       draft_ids: Tensor | None = None, num_extra_per_row=None) -> Tensor:
-    """Raw logits [R, V] -> penalised and min_tokens-masked logits [R, V] (the input untouched)."""
+    """Raw logits [R, V] -> penalised and min_tokens-masked logits [R, V] (the input untouched).
+
+    Extra generated tokens come either as per-row lists (`sample`) or as draft_ids [N, Q-1] for
+    flat rows n*Q + j (`verify_drafts`, which then passes num_extra_per_row = j for each row).
+    """
     extra = None
     if any(row.params.has_penalties for row in rows):
         if draft_ids is not None:
@@ -341,6 +345,8 @@ def sample(logits: Tensor, rows: list[RequestSampling],
     """
     if logits.shape[0] != len(rows):
         raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} requests were given")
+    if extra_tokens is not None and len(extra_tokens) != len(rows):
+        raise ValueError(f"extra_tokens has {len(extra_tokens)} rows but {len(rows)} requests were given")
     logits = logits.float()
     processed = _processed_logits(logits, rows, extra_tokens)
     token_ids = processed.argmax(dim=-1)
