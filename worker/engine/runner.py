@@ -27,11 +27,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
-        for request_id in plan.finished_request_ids:
-            self.requests.pop(request_id, None)
         for request in plan.new_requests:
             self.requests[request.request_id] = RequestSampling(
                 request.params, request.prompt_token_ids, self.eos_token_ids)
+        for request_id in plan.finished_request_ids:  # after the new ones: a request may start and end in one plan
+            self.requests.pop(request_id, None)
         if not plan.sequences:
             return StepOutput([])
         q_len = 1 + self.num_spec_tokens

@@ -60,6 +60,8 @@ class Scheduler:
         seq.arrival_index = self._arrivals
         self._arrivals += 1
         self._sequences[seq.request_id] = seq
+        if seq.request_id in self._retired_ids:  # an id reused before the runner heard of the old one's end
+            self._retired_ids.remove(seq.request_id)
         self._new_requests.append(NewRequest(seq.request_id, seq.prompt_token_ids, seq.params))
         self.waiting.append(seq)
 
