@@ -35,3 +35,35 @@ def checkpoint_factory(tmp_path_factory):
 def fp32_checkpoint(request, checkpoint_factory):
     """An fp32 checkpoint (with MTP weights) per preset, for exactness tests."""
     return checkpoint_factory(request.param, dtype="float32")
+
+
+def _perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Move every weight away from HF's init (constant norms would hide convention errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            p.add_(noise * (0.1 if p.dim() == 1 else 1.0 / p.shape[-1] ** 0.5))
+
+
+@pytest.fixture(scope="session", params=["qwen3_5_moe_text", "qwen3_5_text"])
+def qwen3_5_checkpoint(request, tmp_path_factory):
+    """A Qwen3.5 text checkpoint (four separate GDN projections) written by HF save_pretrained.
+    The project's tool writes only Qwen3-Next, so this one comes from a perturbed random HF model."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                  linear_value_head_dim=24, max_position_embeddings=1024)
+    if request.param == "qwen3_5_moe_text":
+        config = Qwen3_5MoeTextConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=64, **common)
+        model = Qwen3_5MoeForCausalLM(config)
+    else:
+        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(intermediate_size=96, **common))
+    _perturb_(model, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # logits with a spread like the Qwen3-Next presets
+    out = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(out)
+    return out

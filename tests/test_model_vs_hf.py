@@ -187,3 +187,17 @@ def hf_greedy(hf, tokens: list[int], count: int) -> list[int]:
     for _ in range(count):
         out.append(greedy(hf_logits(hf, out)[-1]))
     return out[len(tokens) :]
+
+
+def test_qwen3_5_text_chunked_prefill_and_decode(qwen3_5_checkpoint):
+    """Qwen3.5 text checkpoints (in_proj_qkv / in_proj_z / in_proj_b / in_proj_a), written by HF."""
+    hf, ours = load_hf(qwen3_5_checkpoint), load_ours(qwen3_5_checkpoint)
+    assert ours.config.split_gdn_projections
+    tokens = random_tokens(ours, 40, seed=40)
+    driver = ModelDriver(ours)
+    seq = driver.new_sequence()
+    rows = driver.run([driver.prefill(seq, tokens[:17])]) + driver.run([driver.prefill(seq, tokens[17:])])
+    for _ in range(8):
+        tokens.append(greedy(rows[-1][-1]))
+        rows += driver.run([driver.decode(seq, [tokens[-1]])])
+    assert_matches_hf(hf, tokens, torch.cat(rows), what="Qwen3.5 prefill 17+23 then 8 decodes")
