@@ -1,0 +1,1 @@
+"""Generated protobuf stubs of the nextserve API (sources: proto/nextserve/v1/*.proto)."""

@@ -1,0 +1,3 @@
+from worker.server.main import main
+
+main()
