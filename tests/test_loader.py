@@ -190,15 +190,6 @@ def test_missing_shard_file_is_named(checkpoint_copy):
         load_model(checkpoint_copy)
 
 
-def _bug(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-_SILENT_NARROW = ("loaded silently: the weight loader narrows the checkpoint tensor to the model's size "
-                  "before any shape check")
-_BARE_RUNTIME = "raises a bare RuntimeError from Tensor.narrow that names neither the tensor nor the shapes"
-_CONV_RESHAPED = "the message reports the reshaped [C, K*...] shape, not the [C, 1, K] shape stored in the file"
-
 # (tensor, bad shape); the tiny preset: hidden 64, 4 query heads x 32, 2 KV heads, GDN nk=2 nv=4
 # dk=32 dv=48 (conv channels 320), 8 experts of 32, vocab 1024.
 SHAPE_CASES = [
@@ -215,21 +206,15 @@ SHAPE_CASES = [
     pytest.param("model.layers.0.mlp.shared_expert_gate.weight", (2, 64), id="shared-expert-gate"),
     pytest.param("mtp.fc.weight", (64, 127), id="mtp-fc"),
     pytest.param("model.layers.0.linear_attn.A_log", (4, 1), id="A_log-rank2"),
-    pytest.param("model.layers.0.linear_attn.A_log", (5,), id="A_log-too-long", marks=_bug(_SILENT_NARROW)),
-    pytest.param("model.layers.1.linear_attn.dt_bias", (6,), id="dt_bias-too-long", marks=_bug(_SILENT_NARROW)),
-    pytest.param("model.layers.0.linear_attn.A_log", (3,), id="A_log-too-short", marks=_bug(_BARE_RUNTIME)),
-    pytest.param("model.layers.0.mlp.experts.3.gate_proj.weight", (33, 64), id="expert-gate-rows-long",
-                 marks=_bug(_SILENT_NARROW)),
-    pytest.param("model.layers.0.mlp.experts.3.down_proj.weight", (64, 33), id="expert-down-cols-long",
-                 marks=_bug(_SILENT_NARROW)),
-    pytest.param("model.layers.0.mlp.experts.3.gate_proj.weight", (31, 64), id="expert-gate-rows-short",
-                 marks=_bug(_BARE_RUNTIME)),
-    pytest.param("model.layers.0.linear_attn.conv1d.weight", (320, 1, 5), id="conv1d-kernel",
-                 marks=_bug(_CONV_RESHAPED)),
-    pytest.param("model.layers.0.linear_attn.conv1d.weight", (319, 1, 4), id="conv1d-channels",
-                 marks=_bug(_CONV_RESHAPED)),
-    pytest.param("model.layers.0.linear_attn.conv1d.weight", (320, 2, 2), id="conv1d-layout",
-                 marks=_bug("loaded silently: [C, 2, 2] is reshaped to [C, 4] without checking the [C, 1, K] layout")),
+    pytest.param("model.layers.0.linear_attn.A_log", (5,), id="A_log-too-long"),
+    pytest.param("model.layers.1.linear_attn.dt_bias", (6,), id="dt_bias-too-long"),
+    pytest.param("model.layers.0.linear_attn.A_log", (3,), id="A_log-too-short"),
+    pytest.param("model.layers.0.mlp.experts.3.gate_proj.weight", (33, 64), id="expert-gate-rows-long"),
+    pytest.param("model.layers.0.mlp.experts.3.down_proj.weight", (64, 33), id="expert-down-cols-long"),
+    pytest.param("model.layers.0.mlp.experts.3.gate_proj.weight", (31, 64), id="expert-gate-rows-short"),
+    pytest.param("model.layers.0.linear_attn.conv1d.weight", (320, 1, 5), id="conv1d-kernel"),
+    pytest.param("model.layers.0.linear_attn.conv1d.weight", (319, 1, 4), id="conv1d-channels"),
+    pytest.param("model.layers.0.linear_attn.conv1d.weight", (320, 2, 2), id="conv1d-layout"),
 ]
 
 

@@ -7,8 +7,13 @@ HF is causal, so one HF forward over a sequence's final tokens gives the referen
 positions at once.
 """
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import ModelDriver, hf_logits, load_hf, load_ours, max_diff
 
@@ -201,3 +206,22 @@ def test_qwen3_5_text_chunked_prefill_and_decode(qwen3_5_checkpoint):
         tokens.append(greedy(rows[-1][-1]))
         rows += driver.run([driver.decode(seq, [tokens[-1]])])
     assert_matches_hf(hf, tokens, torch.cat(rows), what="Qwen3.5 prefill 17+23 then 8 decodes")
+
+
+def test_tied_word_embeddings(checkpoint_factory, tmp_path):
+    """tie_word_embeddings: no lm_head.weight in the checkpoint; both models reuse embed_tokens."""
+    model_dir = Path(shutil.copytree(checkpoint_factory("tiny", dtype="float32"), tmp_path / "tied"))
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = model_dir / index["weight_map"].pop("lm_head.weight")
+    save_file({k: v for k, v in load_file(shard).items() if k != "lm_head.weight"}, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+
+    hf, ours = load_hf(model_dir), load_ours(model_dir)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    prompt = random_tokens(ours, 30, seed=50)
+    driver = ModelDriver(ours)
+    [logits] = driver.run([driver.prefill(driver.new_sequence(), prompt)])
+    assert_matches_hf(hf, prompt, logits, what="tied embeddings")

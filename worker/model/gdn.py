@@ -63,23 +63,26 @@ class GatedDeltaNet(nn.Module):
         self.ssm_states: torch.Tensor | None = None  # [G, 1+k, HV, K, V]
 
     def _load_conv_channels(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        """Rows ordered [q of all heads | k of all heads | v of all heads]: take this rank's heads of each."""
-        loaded = loaded.reshape(loaded.shape[0], -1)
+        """Rows ordered [q of all heads | k of all heads | v of all heads]: take this rank's heads of each.
+
+        Serves conv1d.weight ([C, 1, K] in the checkpoint) and Qwen3.5's in_proj_qkv ([C, H])."""
         full_key, full_value = self.key_dim * self.tp.size, self.value_dim * self.tp.size
-        if loaded.shape[0] != 2 * full_key + full_value:
-            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)} rows, model expects "
-                             f"{2 * full_key + full_value}")
-        q, k, v = loaded.split([full_key, full_key, full_value])
+        rows = 2 * full_key + full_value
+        expected = (rows, 1, param.shape[1]) if loaded.dim() == 3 else (rows, param.shape[1])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {expected}")
+        q, k, v = loaded.reshape(rows, -1).split([full_key, full_key, full_value])
         rank = self.tp.rank
-        shard = torch.cat([
+        param.data.copy_(torch.cat([
             q.narrow(0, rank * self.key_dim, self.key_dim),
             k.narrow(0, rank * self.key_dim, self.key_dim),
             v.narrow(0, rank * self.value_dim, self.value_dim),
-        ])
-        _check_shape(param, shard)
-        param.data.copy_(shard)
+        ]))
 
     def _load_value_heads(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        expected = (self.num_v_heads * self.tp.size,)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {expected}")
         shard = loaded.narrow(0, self.tp.rank * self.num_v_heads, self.num_v_heads)
         _check_shape(param, shard)
         param.data.copy_(shard)

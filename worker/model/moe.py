@@ -6,7 +6,7 @@ from torch import nn
 from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
-from worker.model.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, _check_shape
+from worker.model.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 
 
 class DenseMLP(nn.Module):
@@ -38,15 +38,17 @@ class Experts(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         expert, name = shard_id
+        hidden, full_inter = param.shape[-1] if name != "down_proj" else param.shape[1], self.inter * self.tp.size
+        expected = (hidden, full_inter) if name == "down_proj" else (full_inter, hidden)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch for expert {expert} {name}: checkpoint has {tuple(loaded.shape)}, "
+                             f"model expects {expected}")
         start = self.tp.rank * self.inter
         if name == "down_proj":
-            shard, target = loaded.narrow(1, start, self.inter), param.data[expert]
+            param.data[expert].copy_(loaded.narrow(1, start, self.inter))
         else:
-            shard = loaded.narrow(0, start, self.inter)
             offset = 0 if name == "gate_proj" else self.inter
-            target = param.data[expert, offset : offset + self.inter]
-        _check_shape(target, shard, f"expert {expert} {name}")
-        target.copy_(shard)
+            param.data[expert, offset : offset + self.inter].copy_(loaded.narrow(0, start, self.inter))
 
     def forward(self, x, topk_weights, topk_ids):
         return kernels.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
