@@ -1,0 +1,128 @@
+"""`nextserve serve`: a worker group and a router on this host, started, watched and stopped together.
+
+Children get SIGTERM when this process dies (PR_SET_PDEATHSIG), so no orphan outlives it; on
+SIGINT/SIGTERM the router drains first, then the worker stops.
+"""
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from worker.client import check_health
+from worker.server.main import add_engine_arguments
+
+logger = logging.getLogger("nextserve.serve")
+STOP_TIMEOUT_S = 10.0
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nextserve serve", description="Start a worker group and a router.")
+    add_engine_arguments(parser)
+    parser.add_argument("--host", default=os.environ.get("NEXTSERVE_HOST", "0.0.0.0"), help="router address")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("NEXTSERVE_PORT", "50051")),
+                        help="router port (0: pick a free one)")
+    parser.add_argument("--worker-port", type=int, default=int(os.environ.get("NEXTSERVE_WORKER_PORT", "0")),
+                        help="worker port on loopback (0: pick a free one)")
+    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for readiness")
+    args, router_args = parser.parse_known_args(argv)
+    args.router_args = router_args  # e.g. --api-key, --max-in-flight: passed to the router as they are
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(argv: list[str]) -> subprocess.Popen:
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen([sys.executable, *argv], preexec_fn=preexec)
+
+
+def engine_argv(args: argparse.Namespace, model: str) -> list[str]:
+    argv = ["--model", model, "--device", args.device, "--dtype", args.dtype,
+            "-tp", str(args.tensor_parallel_size), "-k", str(args.speculative_tokens),
+            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+            "--block-size", str(args.block_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--cache-memory-mb", str(args.cache_memory_mb), "--seed", str(args.seed)]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    return argv
+
+
+def wait_until_serving(address: str, processes: list[subprocess.Popen], timeout: float, stopping: list) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stopping:
+            raise RuntimeError("stopped during start-up")
+        for p in processes:
+            if p.poll() is not None:
+                raise RuntimeError(f"a child process exited with code {p.returncode} during start-up")
+        if check_health(address, timeout=1.0):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{address} was not SERVING after {timeout:.0f} s")
+
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM in order (router first, so it drains), then SIGKILL whatever is left after the timeout."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("pid %d did not stop in %.0f s; killing it", p.pid, STOP_TIMEOUT_S)
+                p.kill()
+                p.wait()
+
+
+def serve_main(argv) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    model = args.model
+    if model is None:
+        from worker.tools.tiny_checkpoint import builtin_model_dir
+
+        model = str(builtin_model_dir())
+        logger.info("no --model given: serving the built-in tiny checkpoint at %s", model)
+    worker_port = args.worker_port or free_port()
+    router_port = args.port or free_port()
+    worker_address = f"127.0.0.1:{worker_port}"
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    worker = spawn(["-m", "worker.server", *engine_argv(args, model), "--host", "127.0.0.1", "--port", str(worker_port)])
+    processes = [worker]
+    try:
+        wait_until_serving(worker_address, processes, args.startup_timeout, stopping)
+        router = spawn(["-m", "router", "--host", args.host, "--port", str(router_port), "--worker", worker_address,
+                        "--model", model, *args.router_args])
+        processes.insert(0, router)
+        router_address = f"127.0.0.1:{router_port}"
+        wait_until_serving(router_address, processes, 120.0, stopping)
+        print(f"nextserve ready: grpc://{args.host}:{router_port} (model {model}, tp {args.tensor_parallel_size}, "
+              f"speculative tokens {args.speculative_tokens})", flush=True)
+        while not stopping:
+            if any(p.poll() is not None for p in processes):
+                logger.error("a child process exited unexpectedly; stopping")
+                break
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError) as e:
+        logger.error("%s", e)
+    finally:
+        stop_all(processes)
+    sys.exit(0 if stopping else 1)
