@@ -121,6 +121,23 @@ class ModelConfig:
     def full_attention_layer_ids(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
 
+    def check_tensor_parallel(self, size: int) -> None:
+        """Raise ConfigError naming what `size` ranks cannot split evenly."""
+        splits = {
+            "num_attention_heads": self.num_attention_heads,
+            "linear_num_key_heads": self.linear_num_key_heads,
+            "intermediate_size": self.intermediate_size,
+        }
+        if self.num_experts:
+            splits["moe_intermediate_size"] = self.moe_intermediate_size
+            splits["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+        for name, value in splits.items():
+            if value % size:
+                raise ConfigError(f"tensor parallel size {size} does not divide {name} ({value})")
+        kv = self.num_key_value_heads
+        if (kv % size if size <= kv else size % kv):
+            raise ConfigError(f"tensor parallel size {size} and num_key_value_heads ({kv}) must divide one another")
+
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         raw = dict(raw.get("text_config", raw)) if raw.get("model_type") in ("qwen3_5", "qwen3_5_moe") else dict(raw)

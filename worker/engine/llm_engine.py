@@ -7,17 +7,12 @@ import torch
 
 from worker.config import ModelConfig
 from worker.engine.cache_manager import CacheManager
-from worker.engine.cache_tensors import CacheShapes, allocate_and_bind
 from worker.engine.config import EngineConfig
-from worker.engine.memory import CachePlan, cuda_cache_budget, plan_cache
-from worker.engine.proposer import MTPProposer, Proposer
-from worker.engine.runner import ModelRunner
+from worker.engine.model_worker import ModelWorker
+from worker.engine.proposer import Proposer
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
-from worker.engine.step_inputs import SequenceSlice, build_step_inputs
-from worker.model.context import forward_context
-from worker.model.loader import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +34,27 @@ class RequestOutput:
 
 
 class LLMEngine:
+    """Rank 0: the scheduler and cache bookkeeping over a ModelWorker (and, with tensor parallelism,
+    a group of ranks that execute the same plans)."""
+
     def __init__(self, config: EngineConfig, proposer: Proposer | None = None):
         self.config = config
-        self.device = torch.device(config.device)
-        self.model_config = ModelConfig.from_pretrained(config.model)
-        self.model = load_model(config.model, config.torch_dtype, self.device, self.model_config, progress=True)
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
-        k = config.speculative_tokens
-        self.shapes = CacheShapes.for_model(self.model, config.block_size, k, config.torch_dtype,
-                                            config.torch_ssm_dtype)
-        self.cache_plan = self._plan_cache()
-        allocate_and_bind(self.model, self.shapes, self.cache_plan.num_blocks, self.cache_plan.num_state_groups,
-                          self.device)
+        self.ranks = None
+        agree = None
+        if config.tensor_parallel_size > 1:
+            from worker.parallel.group import launch_ranks
+
+            ModelConfig.from_pretrained(config.model).check_tensor_parallel(config.tensor_parallel_size)
+            self.ranks = launch_ranks(config)
+            agree = self.ranks.agree_on_cache_plan
+        self.device = torch.device(config.device if config.tensor_parallel_size == 1 else _rank_device(config, 0))
+        self.worker = ModelWorker(config, self.device, agree, proposer)
+        self.model_config, self.model = self.worker.model_config, self.worker.model
+        self.max_model_len, self.shapes, self.cache_plan = (
+            self.worker.max_model_len, self.worker.shapes, self.worker.cache_plan)
+        self.runner = self.worker.runner if self.ranks is None else self.ranks.broadcasting_runner(self.worker.runner)
         self.cache = CacheManager(self.cache_plan.num_blocks, config.block_size, self.cache_plan.num_state_groups)
+        k = config.speculative_tokens
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_model_len=self.max_model_len,
@@ -63,10 +65,6 @@ class LLMEngine:
             ),
             self.cache,
         )
-        if k and proposer is None:
-            proposer = MTPProposer(self.model, k, config.block_size)
-        self.runner = ModelRunner(self.model, config.block_size, k, self.device, proposer, config.seed,
-                                  self.model_config.eos_token_ids)
         logger.info(
             "cache: %d KV blocks x %d tokens, %d GDN slot groups x %d slots (%.1f MiB states); "
             "max concurrency %.1f at %d tokens",
@@ -75,25 +73,11 @@ class LLMEngine:
             self.cache_plan.max_concurrency(config.block_size, self.max_model_len), self.max_model_len,
         )
 
-    def _plan_cache(self) -> CachePlan:
-        if self.device.type == "cuda":
-            budget = cuda_cache_budget(self.config.gpu_memory_utilization, self._profile_step)
-        else:
-            budget = self.config.cache_memory_bytes
-        return plan_cache(budget, self.shapes, self.config.max_num_seqs, self.config.num_kv_blocks)
-
-    @torch.inference_mode()
-    def _profile_step(self) -> None:
-        """A prefill of a full token budget on throwaway caches, to measure peak activation memory."""
-        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
-        num_blocks = num_tokens // self.config.block_size + 2
-        allocate_and_bind(self.model, self.shapes, num_blocks, 1, self.device)
-        slice_ = SequenceSlice([0] * num_tokens, 0, list(range(num_blocks)), state_group=0)
-        input_ids, positions, ctx = build_step_inputs([slice_], self.config.block_size, 1, self.device)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)
-        self.model.compute_logits(hidden[-1:])
-        allocate_and_bind(self.model, self.shapes, 0, 0, self.device)
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op with one rank)."""
+        if self.ranks is not None:
+            self.ranks.shutdown()
+            self.ranks = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
@@ -146,3 +130,7 @@ class LLMEngine:
             "num_state_groups": self.cache.num_state_groups,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _rank_device(config: EngineConfig, rank: int) -> str:
+    return f"cuda:{rank}" if config.device.startswith("cuda") else "cpu"

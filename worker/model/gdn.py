@@ -62,7 +62,7 @@ class GatedDeltaNet(nn.Module):
         self.conv_states: torch.Tensor | None = None  # [G, conv_dim, K-1+k], bound by the runner
         self.ssm_states: torch.Tensor | None = None  # [G, 1+k, HV, K, V]
 
-    def _load_conv_channels(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def _load_conv_channels(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         """Rows ordered [q of all heads | k of all heads | v of all heads]: take this rank's heads of each.
 
         Serves conv1d.weight ([C, 1, K] in the checkpoint) and Qwen3.5's in_proj_qkv ([C, H])."""
@@ -71,15 +71,15 @@ class GatedDeltaNet(nn.Module):
         expected = (rows, 1, param.shape[1]) if loaded.dim() == 3 else (rows, param.shape[1])
         if tuple(loaded.shape) != expected:
             raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {expected}")
-        q, k, v = loaded.reshape(rows, -1).split([full_key, full_key, full_value])
         rank = self.tp.rank
-        param.data.copy_(torch.cat([
-            q.narrow(0, rank * self.key_dim, self.key_dim),
-            k.narrow(0, rank * self.key_dim, self.key_dim),
-            v.narrow(0, rank * self.value_dim, self.value_dim),
-        ]))
+        parts = [
+            loaded.narrow(0, rank * self.key_dim, self.key_dim),
+            loaded.narrow(0, full_key + rank * self.key_dim, self.key_dim),
+            loaded.narrow(0, 2 * full_key + rank * self.value_dim, self.value_dim),
+        ]
+        param.data.copy_(torch.cat([p.reshape(p.shape[0], -1) for p in parts]))
 
-    def _load_value_heads(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def _load_value_heads(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         expected = (self.num_v_heads * self.tp.size,)
         if tuple(loaded.shape) != expected:
             raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {expected}")

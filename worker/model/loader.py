@@ -15,6 +15,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from worker.config import ModelConfig
+from worker.model.layers.checkpoint_tensor import CheckpointTensor
 from worker.model.layers.linear import default_weight_loader
 from worker.model.qwen3_next import Qwen3NextForCausalLM
 
@@ -132,12 +133,11 @@ def _load_tensor(params, name, handle, dtype, loaded) -> None:
             logger.warning("checkpoint tensor %s has no place in the model; ignored", name)
         return
     try:
-        tensor = handle.get_tensor(name)
-    except Exception as e:
-        raise CheckpointError(f"tensor {name!r}: unreadable ({e})") from e
-    try:
+        tensor = CheckpointTensor.from_safetensors(handle, name, dtype)
         weight_loader = getattr(param, "weight_loader", default_weight_loader)
-        weight_loader(param, tensor.to(dtype), shard_id)
+        weight_loader(param, tensor, shard_id)
     except ValueError as e:
         raise CheckpointError(f"tensor {name!r}: {e}") from e
+    except Exception as e:  # safetensors' own errors for data it cannot read
+        raise CheckpointError(f"tensor {name!r}: unreadable ({e})") from e
     loaded.add((target, shard_id))

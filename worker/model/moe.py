@@ -36,7 +36,7 @@ class Experts(nn.Module):
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id) -> None:
         expert, name = shard_id
         hidden, full_inter = param.shape[-1] if name != "down_proj" else param.shape[1], self.inter * self.tp.size
         expected = (hidden, full_inter) if name == "down_proj" else (full_inter, hidden)

@@ -31,6 +31,19 @@ def sampling_params(config: engine_pb2.SamplingConfig) -> SamplingParams:
     )
 
 
+def sampling_config(params: SamplingParams) -> engine_pb2.SamplingConfig:
+    config = engine_pb2.SamplingConfig(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+        stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        config.seed = params.seed
+    if params.logprobs is not None:
+        config.logprobs = params.logprobs
+    return config
+
+
 def request_delta(request_id: str, out: RequestOutput) -> engine_pb2.RequestDelta:
     delta = engine_pb2.RequestDelta(
         request_id=request_id,

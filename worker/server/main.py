@@ -103,6 +103,7 @@ async def serve(args: argparse.Namespace) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=3)
     loop.stop()
+    await asyncio.to_thread(engine.shutdown)
 
 
 def main(argv=None) -> None:
@@ -114,6 +115,10 @@ def main(argv=None) -> None:
         asyncio.run(serve(args))
     else:
         uvloop.run(serve(args))
+    logging.shutdown()
+    # NCCL teardown after CUDA-graph capture can hang in destroy_process_group; everything that
+    # matters is done, so leave without waiting on it.
+    os._exit(0)
 
 
 if __name__ == "__main__":

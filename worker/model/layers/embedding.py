@@ -17,11 +17,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
             raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects "
                              f"{(self.vocab_size, param.shape[1])} before sharding")
-        rows = loaded[self.start : self.start + self.per_rank]
+        rows = loaded.narrow(0, self.start, max(0, min(self.per_rank, self.vocab_size - self.start)))
         param.data.zero_()
         param.data[: rows.shape[0]].copy_(rows)
 

@@ -1,7 +1,8 @@
 """Linear layers that own their tensor-parallel shard and know how to load it.
 
-Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies this
-rank's slice of a full checkpoint tensor; the checkpoint loader only maps names to parameters.
+Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's slice
+of a checkpoint tensor (a CheckpointTensor: only the narrowed part is read from disk); the checkpoint
+loader only maps names to parameters.
 """
 
 import torch
@@ -9,17 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.distributed import get_tp
+from worker.model.layers.checkpoint_tensor import CheckpointTensor
 
 
-def _check_shape(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+def _check_shape(param: torch.Tensor, loaded: CheckpointTensor, name: str = "") -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"shape mismatch{' for ' + name if name else ''}: checkpoint has "
                          f"{tuple(loaded.shape)}, model expects {tuple(param.shape)}")
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+def default_weight_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_id=None) -> None:
     _check_shape(param, loaded)
-    param.data.copy_(loaded)
+    param.data.copy_(loaded.full())
 
 
 class ReplicatedLinear(nn.Module):
@@ -57,10 +59,10 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
-    def shard_rows(self, loaded: torch.Tensor) -> torch.Tensor:
+    def shard_rows(self, loaded: CheckpointTensor) -> torch.Tensor:
         return loaded.narrow(0, self.shard_rank * self.out_per_rank, self.out_per_rank)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id=None) -> None:
         if loaded.shape[0] != self.out_per_rank * self.num_shards:
             raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects "
                              f"({self.out_per_rank * self.num_shards}, ...) before sharding")
@@ -88,7 +90,7 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = default_weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id=None) -> None:
         if loaded.shape[-1] != self.in_per_rank * self.tp.size:
             raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects "
                              f"(..., {self.in_per_rank * self.tp.size}) before sharding")

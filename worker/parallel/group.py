@@ -1,0 +1,177 @@
+"""Starting, joining, watching and stopping the ranks of a tensor-parallel worker group.
+
+Rank 0 (the caller) spawns ranks 1..N-1. Model collectives run on the default process group (NCCL
+on GPUs, gloo on the CPU); step plans travel over a separate gloo group. A rank that dies takes the
+group down: children die with their parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees
+a child gone, so the router reports UNAVAILABLE instead of waiting on a collective that never ends.
+"""
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from worker.distributed import set_tp
+from worker.engine.config import EngineConfig
+from worker.engine.memory import CachePlan
+from worker.parallel import plan_codec
+
+logger = logging.getLogger(__name__)
+JOIN_TIMEOUT = timedelta(minutes=30)  # ranks load their shards before the first collective
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else "cpu")
+
+
+def join_group(config: EngineConfig, rank: int, port: int):
+    """Join the default group and the plan group; -> the plan group (gloo)."""
+    size = config.tensor_parallel_size
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=JOIN_TIMEOUT)
+    set_tp(rank, size)
+    return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+
+
+def die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def agree_on_cache_plan(plan: CachePlan, group) -> CachePlan:
+    """Every rank takes the smallest KV block and slot-group counts of the group."""
+    sizes = torch.tensor([plan.num_blocks, plan.num_state_groups], dtype=torch.int64)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=group)
+    return CachePlan(int(sizes[0]), int(sizes[1]))
+
+
+class PlanChannel:
+    """Length-prefixed bytes broadcast from rank 0 over the plan group."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def send(self, data: bytes) -> None:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        dist.broadcast(torch.tensor([payload.numel()], dtype=torch.int64), src=0, group=self.group)
+        if payload.numel():
+            dist.broadcast(payload, src=0, group=self.group)
+
+    def receive(self) -> bytes:
+        length = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(length, src=0, group=self.group)
+        payload = torch.empty(int(length.item()), dtype=torch.uint8)
+        if payload.numel():
+            dist.broadcast(payload, src=0, group=self.group)
+        return payload.numpy().tobytes()
+
+
+class BroadcastingRunner:
+    """Rank 0's runner: sends each plan to the other ranks, then runs what they run (the decoded plan,
+    so float settings are bit-identical on every rank)."""
+
+    def __init__(self, runner, channel: PlanChannel):
+        self.runner = runner
+        self.channel = channel
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, plan):
+        data = plan_codec.encode(plan)
+        self.channel.send(data)
+        return self.runner.execute(plan_codec.decode(data)[0])
+
+
+class RankGroup:
+    def __init__(self, config: EngineConfig, processes: list, channel: PlanChannel):
+        self.config = config
+        self.processes = processes
+        self.channel = channel
+        self._stopping = False
+        threading.Thread(target=self._watch, name="rank-monitor", daemon=True).start()
+
+    def agree_on_cache_plan(self, plan: CachePlan) -> CachePlan:
+        return agree_on_cache_plan(plan, self.channel.group)
+
+    def broadcasting_runner(self, runner) -> BroadcastingRunner:
+        return BroadcastingRunner(runner, self.channel)
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive() and not self._stopping:
+                    logger.error("tensor-parallel rank %d exited (code %s); taking the worker group down",
+                                 rank, process.exitcode)
+                    os._exit(1)
+            time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        try:
+            self.channel.send(plan_codec.encode(_empty_plan(), shutdown=True))
+        except Exception:  # a rank may already be gone; the joins below bound the wait
+            logger.warning("could not tell every rank to stop")
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        _destroy_process_group(STOP_TIMEOUT_S)
+        set_tp(0, 1)
+
+
+def _destroy_process_group(timeout: float) -> None:
+    """destroy_process_group can hang with NCCL (seen after CUDA-graph capture): give it a bounded wait."""
+    if not dist.is_initialized():
+        return
+    done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    done.start()
+    done.join(timeout)
+    if done.is_alive():
+        logger.warning("destroy_process_group did not return in %.0f s; leaving it behind", timeout)
+
+
+def _empty_plan():
+    from worker.engine.plan import StepPlan
+
+    return StepPlan(0, [])
+
+
+def launch_ranks(config: EngineConfig) -> RankGroup:
+    """Called on rank 0: spawn ranks 1..N-1, join the group with them."""
+    from worker.parallel.rank_main import run_rank
+
+    port = free_port()
+    context = mp.get_context("spawn")
+    processes = []
+    for rank in range(1, config.tensor_parallel_size):
+        process = context.Process(target=run_rank, args=(config, rank, port, os.getpid()), name=f"tp-rank-{rank}",
+                                  daemon=True)
+        process.start()
+        processes.append(process)
+    group = join_group(config, 0, port)
+    logger.info("tensor-parallel group of %d ranks joined (%s)", config.tensor_parallel_size,
+                "nccl" if config.device.startswith("cuda") else "gloo")
+    return RankGroup(config, processes, PlanChannel(group))
