@@ -2,8 +2,7 @@ from nextserve.v1 import engine_pb2 as _engine_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -19,7 +18,7 @@ class StepPlan(_message.Message):
     new_requests: _containers.RepeatedCompositeFieldContainer[_engine_pb2.AddRequest]
     finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
     shutdown: bool
-    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., new_requests: _Optional[_Iterable[_Union[_engine_pb2.AddRequest, _Mapping]]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., shutdown: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., new_requests: _Optional[_Iterable[_Union[_engine_pb2.AddRequest, _Mapping]]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., shutdown: bool = ...) -> None: ...
 
 class ScheduledSequence(_message.Message):
     __slots__ = ("request_id", "token_ids", "start_position", "block_table", "state_group", "num_accepted_slot", "is_decode", "sample", "next_token_id")
@@ -41,4 +40,4 @@ class ScheduledSequence(_message.Message):
     is_decode: bool
     sample: bool
     next_token_id: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., state_group: _Optional[int] = ..., num_accepted_slot: _Optional[int] = ..., is_decode: _Optional[bool] = ..., sample: _Optional[bool] = ..., next_token_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., state_group: _Optional[int] = ..., num_accepted_slot: _Optional[int] = ..., is_decode: bool = ..., sample: bool = ..., next_token_id: _Optional[int] = ...) -> None: ...
