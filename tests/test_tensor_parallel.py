@@ -71,6 +71,11 @@ def _rank_logits(rank, size, port, model_dir, result):
         logits = model.compute_logits(model(input_ids, positions))
     if rank == 0:
         result.put(logits.numpy().tolist())
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _logits_with(model_dir, size):

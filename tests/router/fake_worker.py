@@ -32,7 +32,7 @@ class _Live:
 class FakeEngine(engine_pb2_grpc.EngineServicer):
     def __init__(self, vocab_size: int = 1024, max_model_len: int = 256, script: list[int] | None = None,
                  tokens_per_step: int = 1, step_interval_s: float = 0.01, eos_token_ids: tuple[int, ...] = (),
-                 speculative_tokens: int = 0, refuse_message: str | None = None):
+                 speculative_tokens: int = 0, refuse_message: str | None = None, echo_prompt: bool = False):
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.script = script or [39, 68, 286, 78]
@@ -41,6 +41,7 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         self.eos_token_ids = eos_token_ids
         self.speculative_tokens = speculative_tokens
         self.refuse_message = refuse_message  # set: every add gets a RequestError (INVALID_ARGUMENT)
+        self.echo_prompt = echo_prompt  # each request's script is its own prompt (to catch cross-talk)
         self.adds: list[engine_pb2.AddRequest] = []
         self.aborts: list[str] = []
         self.num_connections = 0
@@ -89,7 +90,8 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
                     outbox.put_nowait(engine_pb2.EngineResponse(error=engine_pb2.RequestError(
                         request_id=add.request_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=refusal)))
                     continue
-                self._live[(connection, add.request_id)] = _Live(add, itertools.cycle(self.script))
+                script = list(add.prompt_token_ids) if self.echo_prompt else self.script
+                self._live[(connection, add.request_id)] = _Live(add, itertools.cycle(script))
             else:
                 self.aborts.append(request.abort.request_id)
                 if self._live.pop((connection, request.abort.request_id), None) is not None:

@@ -363,3 +363,27 @@ def test_worker_refusal_and_unexpected_errors_become_statuses(model_dir):
     assert internal.code() == grpc.StatusCode.INTERNAL
     assert "r-2" in internal.details() and "router log" in internal.details() and "tokenizer bug" not in internal.details()
     assert still_serving.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_streams_each_get_their_own_tokens(model_dir, tokenizer):
+    """40 streams over one worker connection, each echoing its own prompt: no cross-talk, all finish."""
+    prompts = [f"prompt number {i} 世界" for i in range(40)]
+
+    async def one(router, i):
+        responses = await router.generate(text=prompts[i], max_tokens=12, request_id=f"req-{i}")
+        return [token for response in responses for token in response.token_ids], responses[-1]
+
+    async def scenario():
+        worker = await _fake(echo_prompt=True, tokens_per_step=3, step_interval_s=0.005)
+        async with running_router(model_dir, [worker.address], max_in_flight=16, max_queue=64) as router:
+            results = await asyncio.gather(*(one(router, i) for i in range(40)))
+            info = await router.model_info()
+        await worker.stop()
+        return results, info
+
+    results, info = run(scenario())
+    for i, (tokens, last) in enumerate(results):
+        prompt = tokenizer.encode(prompts[i])
+        assert tokens == (prompt * 12)[:12], i
+        assert last.request_id == f"req-{i}" and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert info.router_in_flight == 0 and info.load.running_requests == 0

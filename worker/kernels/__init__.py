@@ -1,15 +1,81 @@
-"""Ops of the model, each as a torch reference (any device, the source of truth).
+"""Ops of the model. Layers call them through this module, which picks the implementation.
 
-Layers call the ops through this module so that the fast kernels, once written, replace the
-references in one place.
+Each op exists twice: a torch reference (any device, the source of truth; `worker.kernels.<op module>`)
+and, for the Gated DeltaNet path, a Triton kernel with the same parameters
+(`worker.kernels.triton_<op module>`). With the backend "auto" (the default), CUDA tensors go to the
+Triton kernels and everything else to the references; `set_kernel_backend("torch")` forces the
+references on a GPU for comparison, `"triton"` forces the kernels (on the CPU that needs
+TRITON_INTERPRET=1 before triton is imported).
 """
 
-from worker.kernels.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from worker.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+import importlib
+
+from worker.kernels import causal_conv1d as _conv_ref
+from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels.moe import fused_moe, select_experts
 from worker.kernels.paged_attention import paged_attention, reshape_and_cache
 
+BACKENDS = ("auto", "torch", "triton")
+_backend = "auto"
+
+
+def set_kernel_backend(name: str) -> None:
+    """Select the implementation of the Gated DeltaNet ops: "auto", "torch" or "triton"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    _backend = name
+
+
+def get_kernel_backend() -> str:
+    return _backend
+
+
+def _triton_module(name: str):
+    # Imported on first use: triton is only needed where the kernels run.
+    return importlib.import_module(f"worker.kernels.triton_{name}")
+
+
+def _use_triton(x) -> bool:
+    return _backend == "triton" or (_backend == "auto" and x.is_cuda)
+
+
+def gdn_gating(a, b, A_log, dt_bias):
+    if _use_triton(a):
+        return _triton_module("gated_delta_rule").gdn_gating(a, b, A_log, dt_bias)
+    return _gdn_ref.gdn_gating(a, b, A_log, dt_bias)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, ssm_states, state_indices, num_accepted,
+                           has_initial_state, scale=None, use_qk_l2norm=True):
+    impl = _triton_module("gated_delta_rule") if _use_triton(q) else _gdn_ref
+    return impl.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, ssm_states, state_indices, num_accepted,
+                                       has_initial_state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, ssm_states, state_indices, num_accepted, scale=None,
+                                     use_qk_l2norm=True):
+    impl = _triton_module("gated_delta_rule") if _use_triton(q) else _gdn_ref
+    return impl.fused_recurrent_gated_delta_rule(q, k, v, g, beta, ssm_states, state_indices, num_accepted,
+                                                 scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+def causal_conv1d_fn(x, weight, cu_seqlens, conv_states, state_indices, num_accepted, has_initial_state,
+                     activation="silu"):
+    impl = _triton_module("causal_conv1d") if _use_triton(x) else _conv_ref
+    return impl.causal_conv1d_fn(x, weight, cu_seqlens, conv_states, state_indices, num_accepted, has_initial_state,
+                                 activation=activation)
+
+
+def causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation="silu"):
+    impl = _triton_module("causal_conv1d") if _use_triton(x) else _conv_ref
+    return impl.causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation=activation)
+
+
 __all__ = [
+    "BACKENDS",
+    "set_kernel_backend",
+    "get_kernel_backend",
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "chunk_gated_delta_rule",

@@ -76,22 +76,22 @@ def _find_sequence(cu_seqlens, chunk, N, BT: tl.constexpr, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, rows, row_mask, stride_t, cols, col_mask, L2NORM: tl.constexpr):
-    """[R, C] rows of a [T, C] matrix in fp32, l2-normalised along C when asked (eps as the reference)."""
-    x = tl.load(ptr + rows[:, None] * stride_t + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0).to(tl.float32)
+def _row_scale(x, L2NORM: tl.constexpr):
+    """1 / ||row|| (with the reference's eps) of a [R, C] tile, or ones."""
     if L2NORM:
-        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
-    return x
+        xf = x.to(tl.float32)
+        return tl.rsqrt(tl.sum(xf * xf, 1) + 1e-6)
+    return tl.full([x.shape[0]], 1.0, dtype=tl.float32)
 
 
 # ---------------------------------------------------------------- chunked prefill
 
 
 @triton.jit
-def _decay_block(ki, kj, bi, Gi, Gj, DIAG: tl.constexpr, DOT: tl.constexpr):
-    """One 16 x 16 block of L = beta_t exp(G_t - G_s) k_t.k_s (strictly lower on the diagonal)."""
-    a = tl.dot(ki, tl.trans(kj), input_precision=DOT) * tl.exp(Gi[:, None] - Gj[None, :]) * bi[:, None]
+def _decay_block(ki, kj, bi, si, sj, Gi, Gj, DIAG: tl.constexpr, DOT: tl.constexpr):
+    """One 16 x 16 block of L = beta_t exp(G_t - G_s) k_t.k_s (strictly lower on the diagonal); k rows
+    come as loaded, with si, sj their l2 scales."""
+    a = tl.dot(ki, tl.trans(kj), input_precision=DOT) * tl.exp(Gi[:, None] - Gj[None, :]) * (bi * si)[:, None] * sj[None, :]
     if DIAG:
         r = tl.arange(0, 16)
         a = tl.where(r[:, None] > r[None, :], a, 0.0)
@@ -145,10 +145,10 @@ def _chunk_inverse_kernel(
     r2 = r0 + 32
     r3 = r0 + 48
     m0, m1, m2, m3 = r0 < end, r1 < end, r2 < end, r3 < end
-    k0 = _load_rows(kh, r0, m0, stride_k_t, cols, cmask, L2NORM)
-    k1 = _load_rows(kh, r1, m1, stride_k_t, cols, cmask, L2NORM)
-    k2 = _load_rows(kh, r2, m2, stride_k_t, cols, cmask, L2NORM)
-    k3 = _load_rows(kh, r3, m3, stride_k_t, cols, cmask, L2NORM)
+    k0 = tl.load(kh + r0[:, None] * stride_k_t + cols[None, :], mask=m0[:, None] & cmask[None, :], other=0.0)
+    k1 = tl.load(kh + r1[:, None] * stride_k_t + cols[None, :], mask=m1[:, None] & cmask[None, :], other=0.0)
+    k2 = tl.load(kh + r2[:, None] * stride_k_t + cols[None, :], mask=m2[:, None] & cmask[None, :], other=0.0)
+    k3 = tl.load(kh + r3[:, None] * stride_k_t + cols[None, :], mask=m3[:, None] & cmask[None, :], other=0.0)
     g0 = tl.load(g + r0 * stride_g_t + hv, mask=m0, other=0.0).to(tl.float32)
     g1 = tl.load(g + r1 * stride_g_t + hv, mask=m1, other=0.0).to(tl.float32)
     g2 = tl.load(g + r2 * stride_g_t + hv, mask=m2, other=0.0).to(tl.float32)
@@ -157,21 +157,22 @@ def _chunk_inverse_kernel(
     b1 = tl.load(beta + r1 * stride_b_t + hv, mask=m1, other=0.0).to(tl.float32)
     b2 = tl.load(beta + r2 * stride_b_t + hv, mask=m2, other=0.0).to(tl.float32)
     b3 = tl.load(beta + r3 * stride_b_t + hv, mask=m3, other=0.0).to(tl.float32)
+    s0, s1, s2, s3 = _row_scale(k0, L2NORM), _row_scale(k1, L2NORM), _row_scale(k2, L2NORM), _row_scale(k3, L2NORM)
     G0 = tl.cumsum(g0, 0)
     G1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
     G2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
     G3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
 
-    D0 = _unit_lower_inverse(_decay_block(k0, k0, b0, G0, G0, True, DOT))
-    D1 = _unit_lower_inverse(_decay_block(k1, k1, b1, G1, G1, True, DOT))
-    D2 = _unit_lower_inverse(_decay_block(k2, k2, b2, G2, G2, True, DOT))
-    D3 = _unit_lower_inverse(_decay_block(k3, k3, b3, G3, G3, True, DOT))
-    L10 = _decay_block(k1, k0, b1, G1, G0, False, DOT)
-    L20 = _decay_block(k2, k0, b2, G2, G0, False, DOT)
-    L21 = _decay_block(k2, k1, b2, G2, G1, False, DOT)
-    L30 = _decay_block(k3, k0, b3, G3, G0, False, DOT)
-    L31 = _decay_block(k3, k1, b3, G3, G1, False, DOT)
-    L32 = _decay_block(k3, k2, b3, G3, G2, False, DOT)
+    D0 = _unit_lower_inverse(_decay_block(k0, k0, b0, s0, s0, G0, G0, True, DOT))
+    D1 = _unit_lower_inverse(_decay_block(k1, k1, b1, s1, s1, G1, G1, True, DOT))
+    D2 = _unit_lower_inverse(_decay_block(k2, k2, b2, s2, s2, G2, G2, True, DOT))
+    D3 = _unit_lower_inverse(_decay_block(k3, k3, b3, s3, s3, G3, G3, True, DOT))
+    L10 = _decay_block(k1, k0, b1, s1, s0, G1, G0, False, DOT)
+    L20 = _decay_block(k2, k0, b2, s2, s0, G2, G0, False, DOT)
+    L21 = _decay_block(k2, k1, b2, s2, s1, G2, G1, False, DOT)
+    L30 = _decay_block(k3, k0, b3, s3, s0, G3, G0, False, DOT)
+    L31 = _decay_block(k3, k1, b3, s3, s1, G3, G1, False, DOT)
+    L32 = _decay_block(k3, k2, b3, s3, s2, G3, G2, False, DOT)
     # Block forward substitution: X_ij = -D_i sum_{j<=m<i} L_im X_mj, X_ii = D_i.
     X10 = -_mm(D1, _mm(L10, D0))
     X21 = -_mm(D2, _mm(L21, D1))
@@ -191,15 +192,6 @@ def _chunk_inverse_kernel(
     _store_block(Xh, r3, m3, 16, X31, stride_x_t)
     _store_block(Xh, r3, m3, 32, X32, stride_x_t)
     _store_block(Xh, r3, m3, 48, D3, stride_x_t)
-
-
-@triton.jit
-def _row_scale(x, L2NORM: tl.constexpr):
-    """1 / ||row|| (with the reference's eps) of a [R, C] tile, or ones."""
-    if L2NORM:
-        xf = x.to(tl.float32)
-        return tl.rsqrt(tl.sum(xf * xf, 1) + 1e-6)
-    return tl.full([x.shape[0]], 1.0, dtype=tl.float32)
 
 
 @triton.jit
@@ -298,8 +290,8 @@ def _chunk_recurrence_kernel(
 
 
 def _chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens, ssm_states, state_indices, num_accepted,
-                                has_initial_state, scale, use_qk_l2norm, BV=None, num_warps=None):
-    """Launcher: allocates the output and X, picks tiles. BV / num_warps override the choice (benchmarks)."""
+                                has_initial_state, scale, use_qk_l2norm, BV=None, num_warps=None, num_stages=None):
+    """Launcher: allocates the output and X, picks tiles. BV / num_warps / num_stages override the choice."""
     T, H, K = q.shape
     HV, V = v.shape[1:]
     N = state_indices.shape[0]
@@ -330,7 +322,7 @@ def _chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens, ssm_states, state_
         g.stride(0), beta.stride(0), X.stride(0), ssm_states.stride(0), ssm_states.stride(1), ssm_states.stride(2),
         HV // H,
         K=K, V=V, BK=BK, BV=BV, BT=CHUNK, L2NORM=use_qk_l2norm, DOT=dot, INTERPRET=_interpreting(),
-        num_warps=num_warps or 4,
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     return out
 
@@ -391,8 +383,8 @@ def _fused_recurrent_kernel(
 
 
 def _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_indices, num_accepted, scale,
-                                          use_qk_l2norm, BV=None, num_warps=None):
-    """Launcher: allocates the output, picks tiles. BV / num_warps override the choice (benchmarks)."""
+                                          use_qk_l2norm, BV=None, num_warps=None, num_stages=None):
+    """Launcher: allocates the output, picks tiles. BV / num_warps / num_stages override the choice."""
     N, Q, H, K = q.shape
     HV, V = v.shape[2:]
     out = _empty_output(v)
@@ -412,7 +404,7 @@ def _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_in
         *g.stride()[:2], *beta.stride()[:2], *ssm_states.stride()[:3],
         HV // H,
         Q=Q, K=K, V=V, BK=BK, BV=BV, L2NORM=use_qk_l2norm,
-        num_warps=num_warps or (1 if BV <= 16 else 2),
+        num_warps=num_warps or (1 if BV <= 16 else 2), num_stages=num_stages or 2,
     )
     return out
 

@@ -138,11 +138,11 @@ class RankGroup:
             if process.is_alive():
                 process.kill()
                 process.join()
-        _destroy_process_group(STOP_TIMEOUT_S)
+        destroy_process_group(STOP_TIMEOUT_S)
         set_tp(0, 1)
 
 
-def _destroy_process_group(timeout: float) -> None:
+def destroy_process_group(timeout: float) -> None:
     """destroy_process_group can hang with NCCL (seen after CUDA-graph capture): give it a bounded wait."""
     if not dist.is_initialized():
         return

@@ -6,7 +6,8 @@ import torch
 
 from worker.engine.config import EngineConfig
 from worker.parallel import plan_codec
-from worker.parallel.group import PlanChannel, agree_on_cache_plan, die_with_parent, join_group, rank_device
+from worker.parallel.group import (PlanChannel, destroy_process_group, agree_on_cache_plan, die_with_parent,
+                                   join_group, rank_device)
 
 logger = logging.getLogger(__name__)
 
@@ -26,3 +27,4 @@ def run_rank(config: EngineConfig, rank: int, port: int, parent_pid: int) -> Non
             break
         worker.runner.execute(plan)
     logger.info("rank %d stopping", rank)
+    destroy_process_group(10.0)

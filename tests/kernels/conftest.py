@@ -1,0 +1,33 @@
+"""Kernel tests: the Triton kernels against their torch references.
+
+With a GPU the kernels run compiled on CUDA tensors; without one they run through Triton's
+interpreter on CPU tensors, which needs TRITON_INTERPRET=1 before any kernel module is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN, so an element they fail to write shows up."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
+    from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule
+
+    def empty_nan(like, shape=None, dtype=None):
+        return torch.full(like.shape if shape is None else shape, float("nan"), dtype=dtype or like.dtype,
+                          device=like.device)
+
+    monkeypatch.setattr(triton_gated_delta_rule, "_empty_output", empty_nan)
+    monkeypatch.setattr(triton_causal_conv1d, "_empty_output", empty_nan)

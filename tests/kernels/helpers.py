@@ -1,0 +1,55 @@
+"""Inputs and checks shared by the kernel tests."""
+
+import torch
+import torch.nn.functional as F
+
+PAD = -1
+
+
+def generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(*shape, gen: torch.Generator, device, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+
+def gdn_inputs(lead: tuple, heads: int, v_heads: int, dk: int, dv: int, gen, device, dtype=torch.float32):
+    """q, k [*lead, H, dk]; v [*lead, HV, dv] in dtype; g <= 0 and beta in (0, 1) [*lead, HV] in fp32."""
+    q = randn(*lead, heads, dk, gen=gen, device=device, dtype=dtype)
+    k = randn(*lead, heads, dk, gen=gen, device=device, dtype=dtype)
+    v = randn(*lead, v_heads, dv, gen=gen, device=device, dtype=dtype)
+    g = F.logsigmoid(randn(*lead, v_heads, gen=gen, device=device) + 2.0)  # decay ~0.5..1
+    beta = randn(*lead, v_heads, gen=gen, device=device).sigmoid()
+    return q, k, v, g, beta
+
+
+def cu_seqlens(lengths: list[int], device) -> torch.Tensor:
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel_close(actual, expected, tol: float, what: str):
+    """‖actual − expected‖ / ‖expected‖ under tol; NaN (an unwritten element) never passes."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = torch.isnan(actual) & ~torch.isnan(expected)
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements left unwritten (NaN), first at {bad.nonzero()[0].tolist()}"
+    keep = ~torch.isnan(expected)
+    err = rel_error(actual[keep], expected[keep])
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
+def assert_unchanged(after, before, what: str):
+    torch.testing.assert_close(after, before, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """fp32 inputs: fp32 arithmetic (tf32x3 products on the GPU); bf16: bf16 operands and outputs."""
+    return 1e-4 if dtype == torch.float32 else 2e-2

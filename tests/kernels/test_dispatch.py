@@ -1,0 +1,52 @@
+"""The kernel switch: CUDA tensors go to the Triton kernels unless the references are forced."""
+
+import pytest
+import torch
+
+from tests.kernels.conftest import HAS_CUDA
+from tests.kernels.helpers import gdn_inputs, generator
+from worker import kernels
+from worker.kernels import gated_delta_rule as ref
+
+tk = pytest.importorskip("worker.kernels.triton_gated_delta_rule", reason="triton is not installed")
+
+
+@pytest.fixture
+def backend():
+    yield kernels.set_kernel_backend
+    kernels.set_kernel_backend("auto")
+
+
+def recurrent_args(device):
+    q, k, v, g, beta = gdn_inputs((3, 2), 1, 2, 16, 16, generator(0, device), device)
+    states = torch.randn(3, 2, 2, 16, 16, device=device)
+    idx = torch.tensor([2, 0, 1], device=device)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, ssm_states=states, state_indices=idx, num_accepted=idx * 0 + 1)
+
+
+def calls(monkeypatch, module, name):
+    seen = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: seen.append(module.__name__) or original(*a, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("name,device_is_cuda,expected", [
+    ("auto", False, "reference"), ("torch", False, "reference"), ("triton", False, "triton"),
+    ("auto", True, "triton"), ("torch", True, "reference"),
+])
+def test_backend_selects_implementation(backend, monkeypatch, name, device_is_cuda, expected):
+    if device_is_cuda and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    device = "cuda" if device_is_cuda else "cpu"
+    seen_ref = calls(monkeypatch, ref, "fused_recurrent_gated_delta_rule")
+    seen_triton = calls(monkeypatch, tk, "fused_recurrent_gated_delta_rule")
+    backend(name)
+    kernels.fused_recurrent_gated_delta_rule(**recurrent_args(device))
+    assert (seen_ref, seen_triton) == (([ref.__name__], []) if expected == "reference" else ([], [tk.__name__]))
+
+
+def test_unknown_backend_is_refused(backend):
+    with pytest.raises(ValueError, match="auto, torch, triton"):
+        backend("cuda")
+    assert kernels.get_kernel_backend() == "auto"
