@@ -145,7 +145,7 @@ def test_killing_the_worker_gives_unavailable_then_serving_resumes(spawn, model_
     channel = channel_to(router_port)
     stub = generation_pb2_grpc.GenerationStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
-    stream = stub.Generate(generation_pb2.GenerateRequest(token_ids=[1, 2, 3], max_tokens=100000, **GREEDY))
+    stream = stub.Generate(generation_pb2.GenerateRequest(token_ids=[1, 2, 3], max_tokens=4000, **GREEDY))
     next(stream)
     killed_at = time.monotonic()
     worker.signal(9)

@@ -72,7 +72,7 @@ def test_killing_one_rank_takes_the_group_down(spawn, tp_model_dir, channel_to):
     ranks = [pid for pid in descendants if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
     assert len(ranks) == 1, [(_cmdline(p)) for p in descendants]
     stub = generation_pb2_grpc.GenerationStub(channel_to(router_port))
-    stream = stub.Generate(generation_pb2.GenerateRequest(token_ids=[1, 2, 3], max_tokens=100000, temperature=0.0,
+    stream = stub.Generate(generation_pb2.GenerateRequest(token_ids=[1, 2, 3], max_tokens=4000, temperature=0.0,
                                                           ignore_eos=True))
     next(stream)
     import os

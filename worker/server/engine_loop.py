@@ -5,6 +5,7 @@ loop sends every connection one message with the new tokens of its requests.
 """
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -18,12 +19,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Connection:
-    """One router's stream. `deliver(step_id, outputs, stats)` and `fail(request_id, message)` are
-    called on the engine thread and must hand off to the connection's own event loop."""
+    """One router's stream. `deliver(step_id, outputs, stats)` and `fail(request_id, message, internal)`
+    are called on the engine thread and must hand off to the connection's own event loop."""
 
     id: int
     deliver: Callable[[int, list[tuple[str, RequestOutput]], dict], None]
-    fail: Callable[[str, str], None]
+    fail: Callable[[str, str, bool], None]
     request_ids: set[str] = field(default_factory=set)
 
     def engine_id(self, request_id: str) -> str:
@@ -72,6 +73,11 @@ class EngineLoop:
             try:
                 outputs = self.engine.step()
             except Exception:
+                if self.engine.ranks is not None:
+                    # A failed collective means a rank is gone: the group cannot go on without it.
+                    logger.critical("engine step failed in a tensor-parallel group; exiting", exc_info=True)
+                    logging.shutdown()
+                    os._exit(1)
                 logger.exception("engine step failed; aborting every request in flight")
                 self._fail_everything("engine step failed; see the worker log")
                 continue
@@ -95,12 +101,12 @@ class EngineLoop:
     def _add(self, conn: Connection, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         engine_id = conn.engine_id(request_id)
         if engine_id in self._owners:
-            conn.fail(request_id, f"request_id {request_id!r} is already in flight on this connection")
+            conn.fail(request_id, f"request_id {request_id!r} is already in flight on this connection", False)
             return
         try:
             self.engine.add_request(engine_id, prompt_token_ids, params)
         except ValueError as e:
-            conn.fail(request_id, str(e))
+            conn.fail(request_id, str(e), False)
             return
         self._owners[engine_id] = (conn, request_id)
         conn.request_ids.add(request_id)
@@ -123,7 +129,7 @@ class EngineLoop:
     def _fail_everything(self, message: str) -> None:
         for engine_id, (conn, request_id) in list(self._owners.items()):
             self.engine.abort(engine_id)
-            conn.fail(request_id, message)
+            conn.fail(request_id, message, True)
             conn.request_ids.discard(request_id)
         self._owners.clear()
         try:

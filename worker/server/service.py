@@ -68,9 +68,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 step_id=step_id, deltas=[request_delta(rid, out) for rid, out in items], load=engine_load(stats)))
             event_loop.call_soon_threadsafe(outbox.put_nowait, message)
 
-        def fail(request_id, message):
-            error = engine_pb2.RequestError(request_id=request_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                            message=message)
+        def fail(request_id, message, internal):
+            code = grpc.StatusCode.INTERNAL if internal else grpc.StatusCode.INVALID_ARGUMENT
+            error = engine_pb2.RequestError(request_id=request_id, code=code.value[0], message=message)
             event_loop.call_soon_threadsafe(outbox.put_nowait, engine_pb2.EngineResponse(error=error))
 
         return Connection(next(self._ids), deliver, fail)
@@ -92,6 +92,6 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         try:
             params = sampling_params(add.sampling)
         except ValueError as e:
-            conn.fail(add.request_id, str(e))
+            conn.fail(add.request_id, str(e), False)
             return
         self.loop.add(conn, add.request_id, list(add.prompt_token_ids), params)

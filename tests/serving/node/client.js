@@ -7,6 +7,7 @@ const protoLoader = require("@grpc/proto-loader");
 const [address, protoRoot, requestJson] = process.argv.slice(2);
 const definition = protoLoader.loadSync(path.join(protoRoot, "nextserve/v1/generation.proto"), {
   includeDirs: [protoRoot],
+  keepCase: true,
   longs: Number,
   enums: String,
   defaults: true,
