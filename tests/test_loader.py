@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from helpers import read_checkpoint
+from tests.helpers import read_checkpoint
 from worker.config import ConfigError, ModelConfig
 from worker.model.loader import CheckpointError, load_model
 

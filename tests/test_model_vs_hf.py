@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import ModelDriver, hf_logits, load_hf, load_ours, max_diff
+from tests.helpers import ModelDriver, hf_logits, load_hf, load_ours, max_diff
 
 ATOL = 1e-4  # max abs difference of logits (their std is ~3)
 

@@ -21,7 +21,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
     Qwen3NextRotaryEmbedding,
 )
 
-from helpers import ModelDriver, load_hf, load_ours, max_diff, read_checkpoint
+from tests.helpers import ModelDriver, load_hf, load_ours, max_diff, read_checkpoint
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
 from worker.model.context import forward_context
 

@@ -51,8 +51,8 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
     def load(self) -> common_pb2.EngineLoad:
         running = len(self._live)
         return common_pb2.EngineLoad(
-            running_requests=running, free_kv_blocks=TOTAL_BLOCKS - 2 * running, total_kv_blocks=TOTAL_BLOCKS,
-            free_gdn_slot_groups=TOTAL_SLOT_GROUPS - running, total_gdn_slot_groups=TOTAL_SLOT_GROUPS)
+            running_requests=running, free_kv_blocks=max(0, TOTAL_BLOCKS - 2 * running), total_kv_blocks=TOTAL_BLOCKS,
+            free_gdn_slot_groups=max(0, TOTAL_SLOT_GROUPS - running), total_gdn_slot_groups=TOTAL_SLOT_GROUPS)
 
     async def GetInfo(self, request, context):
         return engine_pb2.EngineInfo(
@@ -136,12 +136,23 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
 
 
 class FakeWorker:
-    """A FakeEngine on a local gRPC server; `stop` / `start` again on the same port simulate a restart."""
+    """A FakeEngine on a local gRPC server; `stop` / `start` again on the same port simulate a restart.
+
+    `stop_all` stops whatever a failed test left running: a gRPC server outliving its event loop
+    hangs the next test's loop.
+    """
+
+    _running: set["FakeWorker"] = set()
 
     def __init__(self, engine: FakeEngine | None = None, port: int = 0):
         self.engine = engine or FakeEngine()
         self.port = port
         self.server: grpc.aio.Server | None = None
+
+    @classmethod
+    async def stop_all(cls) -> None:
+        for worker in list(cls._running):
+            await worker.stop()
 
     @property
     def address(self) -> str:
@@ -152,9 +163,11 @@ class FakeWorker:
         engine_pb2_grpc.add_EngineServicer_to_server(self.engine, self.server)
         self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self.server.start()
+        FakeWorker._running.add(self)
         return self
 
     async def stop(self) -> None:
+        FakeWorker._running.discard(self)
         await self.server.stop(grace=None)
 
 

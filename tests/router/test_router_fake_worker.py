@@ -28,7 +28,13 @@ def script(tokenizer):
 
 
 def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 30))
+    async def guarded():
+        try:
+            return await asyncio.wait_for(coroutine, 30)
+        finally:
+            await FakeWorker.stop_all()
+
+    return asyncio.run(guarded())
 
 
 async def _fake(**engine_args) -> FakeWorker:
