@@ -46,14 +46,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_serve_tp2_streams_the_single_rank_tokens(spawn, tp_model_dir, channel_to):
+def test_nextserve_serve_tp2_streams_the_single_rank_tokens(spawn, tp_model_dir, channel_to):
     from worker import LLM, SamplingParams
 
     expected = [o.token_ids for o in LLM(tp_model_dir, cache_memory_bytes=32 << 20).generate(
         PROMPTS, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))]
     worker_port, router_port = free_port(), free_port()
-    start_worker(spawn, tp_model_dir, worker_port, "-tp", "2", "-k", "2")
-    start_router(spawn, tp_model_dir, router_port, [worker_port])
+    serve = spawn(["serve", "--model", str(tp_model_dir), "-tp", "2", "-k", "2", "--host", "127.0.0.1",
+                   "--port", str(router_port), "--worker-port", str(worker_port), "--cache-memory-mb", "64"], "serve")
+    serve.wait_serving(f"127.0.0.1:{router_port}")
     stub = generation_pb2_grpc.GenerationStub(channel_to(router_port))
     info = stub.GetModelInfo(generation_pb2.GetModelInfoRequest())
     assert (info.tensor_parallel_size, info.speculative_tokens) == (2, 2)

@@ -4,6 +4,12 @@ Rank 0 (the caller) spawns ranks 1..N-1. Model collectives run on the default pr
 on GPUs, gloo on the CPU); step plans travel over a separate gloo group. A rank that dies takes the
 group down: children die with their parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees
 a child gone, so the router reports UNAVAILABLE instead of waiting on a collective that never ends.
+
+Sampling: every rank samples from the same all-gathered logits with the same per-request generators
+(seeded identically), so no token broadcast is needed. A broadcast would add a collective and a
+device-to-host wait to every step, and each rank needs the sampled tokens on its own device anyway to
+build the MTP head's inputs. Rank 0 runs the plan decoded from the bytes it broadcasts, so float
+settings (temperature, top_p) are bit-identical across ranks.
 """
 
 import ctypes
