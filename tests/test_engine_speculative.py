@@ -136,3 +136,11 @@ def test_rejection_sampling_keeps_the_distribution(model_dir, prompts):
     _, p_value, _, _ = chi2_contingency(table)
     assert p_value > 1e-3, (bins, table)
     assert_pool_full(spec)
+
+
+def test_mtp_with_preemption_and_chunked_prefill(model_dir, prompts, reference):
+    llm = make_llm(model_dir, speculative_tokens=2, num_kv_blocks=30, max_num_batched_tokens=64)
+    outputs = llm.generate(prompts, greedy(MAX_TOKENS))
+    assert [o.token_ids for o in outputs] == [r[:MAX_TOKENS] for r in reference]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_pool_full(llm)
