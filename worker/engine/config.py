@@ -22,6 +22,7 @@ class EngineConfig:
     cache_memory_bytes: int = 512 << 20  # CPU: bytes for KV blocks and GDN states together
     num_kv_blocks: int | None = None  # fix the number of KV blocks (tests, debugging)
     ssm_state_dtype: str = "float32"
+    kernel_backend: str = "auto"  # Gated DeltaNet ops: "auto" (Triton on CUDA), "torch" (references), "triton"
     seed: int = 0
 
     def __post_init__(self):
@@ -40,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
         if self.speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
 

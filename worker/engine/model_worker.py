@@ -14,6 +14,7 @@ from worker.engine.memory import CachePlan, cuda_cache_budget, plan_cache
 from worker.engine.proposer import MTPProposer, Proposer
 from worker.engine.runner import ModelRunner
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.kernels import set_kernel_backend
 from worker.model.context import forward_context
 from worker.model.loader import load_model
 
@@ -25,6 +26,7 @@ class ModelWorker:
         """`agree(plan) -> plan` makes every rank use the same cache sizes (the minimum over ranks)."""
         self.config = config
         self.device = device
+        set_kernel_backend(config.kernel_backend)
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.model = load_model(config.model, config.torch_dtype, device, self.model_config, progress=True)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
