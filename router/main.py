@@ -24,6 +24,7 @@ from router.admission import Admission
 from router.config import RouterConfig
 from router.health import GENERATION_SERVICE, readiness_publisher
 from router.interceptors import ApiKeyInterceptor, ErrorInterceptor
+from router.metrics import RouterMetrics
 from router.request_log import configure_logging
 from router.server import GenerationServicer
 from router.tokenizer import RouterTokenizer
@@ -36,6 +37,8 @@ logger = logging.getLogger("nextserve.router")
 _FLAGS = {
     "--host": ("host", str, "address to listen on"),
     "--port": ("port", int, "port to listen on; 0 picks a free one (logged)"),
+    "--metrics-port": ("metrics_port", int, "serve Prometheus /metrics over HTTP on this port of --host "
+                                            "(0: pick a free one; unset: no metrics)"),
     "--model": ("model", str, "the model folder (tokenizer.json, tokenizer_config.json), same as the workers'"),
     "--max-in-flight": ("max_in_flight", int, "requests streaming at once"),
     "--max-queue": ("max_queue", int, "requests waiting for a slot; beyond that RESOURCE_EXHAUSTED"),
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextserve router", description=__doc__.splitlines()[0])
     fields = RouterConfig.__dataclass_fields__
     for flag, (field, kind, help_) in _FLAGS.items():
-        shown = "" if field == "api_key" or fields[field].default is MISSING else f", default {fields[field].default}"
+        default = fields[field].default
+        shown = "" if field == "api_key" or default is MISSING or default is None else f", default {default}"
         # argparse converts a string default with `type`, so environment values are checked like flags.
         parser.add_argument(flag, dest=field, type=kind, default=os.environ.get(env_name(field)),
                             help=f"{help_} (env {env_name(field)}{shown})")
@@ -89,20 +93,25 @@ def config_from_args(argv: list[str] | None = None) -> RouterConfig:
         parser.error(str(e))
 
 
-def build_server(config: RouterConfig) -> tuple[grpc.aio.Server, WorkerPool]:
+def build_server(config: RouterConfig, metrics: RouterMetrics | None = None) -> tuple[grpc.aio.Server, WorkerPool]:
     """The router's gRPC server (services, health, reflection, interceptors; no port bound yet) and
-    its worker pool (not started). Call from inside the event loop that will run them."""
+    its worker pool (not started). Call from inside the event loop that will run them. `metrics`
+    (default: a fresh RouterMetrics) counts the RPCs; serving it over HTTP is the caller's choice."""
+    metrics = metrics or RouterMetrics()
     tokenizer = RouterTokenizer(config.model)
     timing = Timing(config.reconnect_min_s, config.reconnect_max_s, config.worker_timeout_s)
     pool = WorkerPool(config.workers, tokenizer.vocab_size, timing)
-    interceptors = [ErrorInterceptor()]
+    # The metrics interceptor is the outermost, so it sees the statuses the error interceptor chose.
+    interceptors = [metrics.interceptor(), ErrorInterceptor()]
     if config.api_key:
         interceptors.append(ApiKeyInterceptor(config.api_key, (GENERATION_SERVICE,)))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.so_reuseport", 0),  # two routers must not silently share a port
     ])
-    servicer = GenerationServicer(config, tokenizer, pool, Admission(config.max_in_flight, config.max_queue))
+    admission = Admission(config.max_in_flight, config.max_queue)
+    metrics.track(admission, pool)
+    servicer = GenerationServicer(config, tokenizer, pool, admission)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -131,11 +140,16 @@ def bind(server: grpc.aio.Server, config: RouterConfig) -> int:
 
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGTERM / SIGINT, then drain and return."""
-    server, pool = build_server(config)
+    metrics = RouterMetrics()
+    server, pool = build_server(config, metrics)
     port = bind(server, config)
+    metrics_port = None if config.metrics_port is None else metrics.serve(config.host, config.metrics_port)
     await pool.start()
     await server.start()
-    logger.info("router listening on %s:%d, workers=%s", config.host, port, config.workers)
+    logger.info("router listening on %s:%d, workers=%s, model=%s max_in_flight=%d max_queue=%d tls=%s api_key=%s "
+                "metrics_port=%s", config.host, port, config.workers, config.model, config.max_in_flight,
+                config.max_queue, "on" if config.tls_cert else "off", "on" if config.api_key else "off",
+                "off" if metrics_port is None else metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,6 +159,7 @@ async def serve(config: RouterConfig) -> None:
     await pool.stop_advertising()
     await server.stop(grace=config.drain_s)
     await pool.close()
+    metrics.close()
     logger.info("router stopped")
 
 

@@ -42,7 +42,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         max_tokens = resolve_max_tokens(spec, len(prompt_token_ids), limits)
         sampling = to_sampling_config(spec.sampling, max_tokens)
         async with self.admission.admit(spec.request_id):
-            handle = self.pool.submit(uuid.uuid4().hex, prompt_token_ids, sampling)
+            # Unique per submission (a client may reuse its id as soon as a request ends), and led by
+            # the request id so that the worker's log lines can be found by it.
+            handle = self.pool.submit(f"{request_id}.{uuid.uuid4().hex}", prompt_token_ids, sampling)
             builder = ResponseBuilder(request_id, self.tokenizer, spec.stop, spec.skip_special_tokens,
                                       spec.sampling.min_tokens, len(prompt_token_ids))
             try:

@@ -9,10 +9,11 @@ from worker.config import ModelConfig
 from worker.engine.cache_manager import CacheManager
 from worker.engine.config import EngineConfig
 from worker.engine.model_worker import ModelWorker
+from worker.engine.plan import StepOutput, StepPlan
 from worker.engine.proposer import Proposer
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler, SchedulerConfig
-from worker.engine.sequence import Sequence
+from worker.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,39 @@ class RequestOutput:
     mean_accepted_length: float = 0.0
     acceptance_rate_per_position: list[float] = field(default_factory=list)
     num_preemptions: int = 0
+
+
+@dataclass
+class EngineCounters:
+    """Totals since start, for metrics: only ever incremented, read from other threads as they are."""
+
+    num_steps: int = 0
+    num_batched_tokens: int = 0  # fed through the model: prefill chunks, decode and verify positions
+    num_prompt_tokens: int = 0  # of requests accepted by add_request
+    num_generated_tokens: int = 0
+    # By finish reason; every key exists from the start, so readers on other threads never see it grow.
+    num_finished: dict[str, int] = field(default_factory=lambda: {reason.value: 0 for reason in FinishReason})
+    num_verify_steps: int = 0  # decode steps of a sequence with drafts
+    num_drafted_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts accepted at position j
+
+    def count_step(self, plan: StepPlan, result: StepOutput | None, outputs: list[RequestOutput]) -> None:
+        self.num_steps += 1
+        self.num_batched_tokens += plan.num_tokens
+        for out in outputs:
+            self.num_generated_tokens += len(out.new_token_ids)
+            if out.finished:
+                self.num_finished[out.finish_reason] += 1
+        if result is None:
+            return
+        for entry, seq_out in zip(plan.sequences, result.sequences):
+            if entry.num_drafts:
+                self.num_verify_steps += 1
+                self.num_drafted_tokens += entry.num_drafts
+                self.num_accepted_tokens += seq_out.num_accepted_drafts
+                for j in range(seq_out.num_accepted_drafts):
+                    self.accepted_per_position[j] += 1
 
 
 class LLMEngine:
@@ -53,6 +87,7 @@ class LLMEngine:
         self.max_model_len, self.shapes, self.cache_plan = (
             self.worker.max_model_len, self.worker.shapes, self.worker.cache_plan)
         self.runner = self.worker.runner if self.ranks is None else self.ranks.broadcasting_runner(self.worker.runner)
+        self.counters = EngineCounters(accepted_per_position=[0] * config.speculative_tokens)
         self.cache = CacheManager(self.cache_plan.num_blocks, config.block_size, self.cache_plan.num_state_groups)
         k = config.speculative_tokens
         self.scheduler = Scheduler(
@@ -84,6 +119,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
         self.scheduler.add(Sequence(request_id, list(prompt_token_ids), params))
+        self.counters.num_prompt_tokens += len(prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
@@ -96,9 +132,11 @@ class LLMEngine:
         aborted = self.scheduler.apply_aborts()
         outputs = [self._output(seq, 0) for seq in aborted]
         plan = self.scheduler.schedule()
+        result = None
         if plan.sequences or plan.new_requests or plan.finished_request_ids:
             result = self.runner.execute(plan)
             outputs += [self._output(seq, n) for seq, n in self.scheduler.update(plan, result)]
+        self.counters.count_step(plan, result, outputs)
         if not self.scheduler.has_unfinished:
             # Nothing left to schedule: hand the runner the last retirements now, not with a later step.
             self.runner.execute(self.scheduler.schedule())

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,8 +33,10 @@ class Connection:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[float], None] | None = None):
+        """`on_step(seconds)` is called on the engine thread after every step (metrics)."""
         self.engine = engine
+        self._on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -70,6 +73,7 @@ class EngineLoop:
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
                 continue
+            started = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception:
@@ -81,6 +85,8 @@ class EngineLoop:
                 logger.exception("engine step failed; aborting every request in flight")
                 self._fail_everything("engine step failed; see the worker log")
                 continue
+            if self._on_step is not None:
+                self._on_step(time.perf_counter() - started)
             self._steps += 1
             self._publish(outputs)
 
@@ -100,14 +106,18 @@ class EngineLoop:
 
     def _add(self, conn: Connection, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         engine_id = conn.engine_id(request_id)
+        log = {"request_id": engine_id}
         if engine_id in self._owners:
+            logger.warning("refused: already in flight on this connection", extra=log)
             conn.fail(request_id, f"request_id {request_id!r} is already in flight on this connection", False)
             return
         try:
             self.engine.add_request(engine_id, prompt_token_ids, params)
         except ValueError as e:
+            logger.info("refused: %s", e, extra=log)
             conn.fail(request_id, str(e), False)
             return
+        logger.debug("added: %d prompt tokens, max_tokens %d", len(prompt_token_ids), params.max_tokens, extra=log)
         self._owners[engine_id] = (conn, request_id)
         conn.request_ids.add(request_id)
 
@@ -120,6 +130,9 @@ class EngineLoop:
             conn, request_id = owner
             by_connection.setdefault(conn, []).append((request_id, out))
             if out.finished:
+                logger.debug("finished (%s): %d prompt + %d generated tokens, %d preemptions", out.finish_reason,
+                             len(out.prompt_token_ids), len(out.token_ids), out.num_preemptions,
+                             extra={"request_id": out.request_id})
                 del self._owners[out.request_id]
                 conn.request_ids.discard(request_id)
         stats = self.engine.stats()

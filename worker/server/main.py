@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,29 +22,58 @@ ENGINE_SERVICE = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--model", default=env("NEXTSERVE_MODEL"), help="HF checkpoint folder (default: built-in tiny model)")
-    parser.add_argument("--device", default=env("NEXTSERVE_DEVICE", "cpu"), help="cpu or cuda")
-    parser.add_argument("--dtype", default=env("NEXTSERVE_DTYPE", "float32"), choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=int(env("NEXTSERVE_TP", "1")))
-    parser.add_argument("-k", "--speculative-tokens", type=int, default=int(env("NEXTSERVE_SPECULATIVE_TOKENS", "0")))
-    parser.add_argument("--max-num-seqs", type=int, default=int(env("NEXTSERVE_MAX_NUM_SEQS", "64")))
-    parser.add_argument("--max-num-batched-tokens", type=int, default=int(env("NEXTSERVE_MAX_NUM_BATCHED_TOKENS", "2048")))
-    parser.add_argument("--max-model-len", type=int, default=int(env("NEXTSERVE_MAX_MODEL_LEN", "0")) or None)
-    parser.add_argument("--block-size", type=int, default=int(env("NEXTSERVE_BLOCK_SIZE", "16")))
-    parser.add_argument("--gpu-memory-utilization", type=float, default=float(env("NEXTSERVE_GPU_MEMORY_UTILIZATION", "0.9")))
-    parser.add_argument("--cache-memory-mb", type=int, default=int(env("NEXTSERVE_CACHE_MEMORY_MB", "512")),
-                        help="CPU only: memory for KV blocks and GDN states")
-    parser.add_argument("--seed", type=int, default=int(env("NEXTSERVE_SEED", "0")))
+    """The engine's flags; each defaults to its environment variable (named in --help), read when
+    this is called."""
+    option = _option_adder(parser)
+    option("--model", env="NEXTSERVE_MODEL", help="HF checkpoint folder (default: the built-in tiny model)")
+    option("--device", env="NEXTSERVE_DEVICE", default="cpu", help="cpu or cuda")
+    option("--dtype", env="NEXTSERVE_DTYPE", default="float32", choices=["float32", "bfloat16", "float16"],
+           help="weights and activations")
+    option("-tp", "--tensor-parallel-size", env="NEXTSERVE_TP", default=1, type=int, help="ranks (GPUs) per worker")
+    option("-k", "--speculative-tokens", env="NEXTSERVE_SPECULATIVE_TOKENS", default=0, type=int,
+           help="MTP draft tokens per verification step (0: off)")
+    option("--max-num-seqs", env="NEXTSERVE_MAX_NUM_SEQS", default=64, type=int, help="running sequences at most")
+    option("--max-num-batched-tokens", env="NEXTSERVE_MAX_NUM_BATCHED_TOKENS", default=2048, type=int,
+           help="tokens per engine step at most")
+    option("--max-model-len", env="NEXTSERVE_MAX_MODEL_LEN", type=int,
+           help="prompt plus output, in tokens (unset or 0: the model's max_position_embeddings)")
+    option("--block-size", env="NEXTSERVE_BLOCK_SIZE", default=16, type=int, help="tokens per KV-cache block")
+    option("--gpu-memory-utilization", env="NEXTSERVE_GPU_MEMORY_UTILIZATION", default=0.9, type=float,
+           help="CUDA: fraction of the card for weights, activations and caches")
+    option("--cache-memory-mb", env="NEXTSERVE_CACHE_MEMORY_MB", default=512, type=int,
+           help="CPU only: memory for KV blocks and GDN states")
+    option("--seed", env="NEXTSERVE_SEED", default=0, type=int, help="sampling seed of requests without one")
+
+
+def _option_adder(parser: argparse.ArgumentParser):
+    """-> option(*flags, env=NAME, default=None, type=str, help=...): a flag that defaults to its
+    environment variable, both named in --help."""
+
+    def option(*flags: str, env: str, default=None, type=str, help: str, **kwargs) -> None:
+        shown = "" if default is None else f", default {default}"
+        # argparse converts a string default with `type`, so environment values are checked like flags.
+        parser.add_argument(*flags, type=type, default=os.environ.get(env, default),
+                            help=f"{help} (env {env}{shown})", **kwargs)
+
+    return option
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextserve worker", description=__doc__.splitlines()[0])
+    add_engine_arguments(parser)
+    option = _option_adder(parser)
+    option("--host", env="NEXTSERVE_WORKER_HOST", default="127.0.0.1",
+           help="address to listen on (loopback unless told otherwise)")
+    option("--port", env="NEXTSERVE_WORKER_PORT", default=50061, type=int, help="Engine service port")
+    option("--metrics-port", env="NEXTSERVE_WORKER_METRICS_PORT", type=int,
+           help="serve Prometheus /metrics on this port of --host (0: pick a free one; unset: no metrics)")
+    option("--log-level", env="NEXTSERVE_LOG_LEVEL", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+           help="log level")
+    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nextserve worker", description=__doc__)
-    add_engine_arguments(parser)
-    parser.add_argument("--host", default=os.environ.get("NEXTSERVE_WORKER_HOST", "127.0.0.1"),
-                        help="address to listen on (loopback unless told otherwise)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("NEXTSERVE_WORKER_PORT", "50061")))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def engine_config(args: argparse.Namespace):
@@ -57,17 +87,21 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(
         model=model, device=args.device, dtype=args.dtype, speculative_tokens=args.speculative_tokens,
         tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len or None,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed,
     )
 
 
 async def serve(args: argparse.Namespace) -> None:
+    started = time.monotonic()
     from worker.engine.llm_engine import LLMEngine
     from worker.server.engine_loop import EngineLoop
+    from worker.server.metrics import WorkerMetrics
     from worker.server.service import EngineService
 
+    metrics = WorkerMetrics() if args.metrics_port is not None else None
+    metrics_port = metrics.serve(args.host, args.metrics_port) if metrics else None
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -79,19 +113,28 @@ async def serve(args: argparse.Namespace) -> None:
     engine_pb2_grpc.add_EngineServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
-    logger.info("worker listening on %s:%d (loading the model)", args.host, port)
+    logger.info("worker listening on %s:%d, metrics on %s (NOT_SERVING until the model is loaded and the caches "
+                "are sized)", args.host, port, "off" if metrics is None else f"{args.host}:{metrics_port}")
 
     engine = await asyncio.to_thread(LLMEngine, config)
-    loop = EngineLoop(engine)
+    if metrics is not None:
+        metrics.track(engine, {"model": service.model_name, "dtype": config.dtype,
+                               "tensor_parallel_size": str(config.tensor_parallel_size),
+                               "speculative_tokens": str(config.speculative_tokens)})
+    loop = EngineLoop(engine, on_step=metrics.observe_step if metrics else None)
     loop.start()
     service.attach(loop)
     for name in ("", ENGINE_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     plan = engine.cache_plan
+    k = config.speculative_tokens
     logger.info(
-        "worker ready: model=%s dtype=%s tp=%d k=%d blocks=%d slot_groups=%d max_concurrency=%.1f port=%d",
-        config.model, config.dtype, config.tensor_parallel_size, config.speculative_tokens, plan.num_blocks,
-        plan.num_state_groups, plan.max_concurrency(config.block_size, engine.max_model_len), port,
+        "worker ready in %.1f s: model=%s dtype=%s device=%s tp=%d k=%d max_model_len=%d blocks=%d (x%d tokens) "
+        "slot_groups=%d (x%d slots) max_num_seqs=%d max_concurrency=%.1f port=%d metrics_port=%s",
+        time.monotonic() - started, config.model, config.dtype, config.device, config.tensor_parallel_size, k,
+        engine.max_model_len, plan.num_blocks, config.block_size, plan.num_state_groups, 1 + k,
+        engine.scheduler.config.max_num_seqs, plan.max_concurrency(config.block_size, engine.max_model_len), port,
+        "off" if metrics is None else metrics_port,
     )
 
     stop = asyncio.Event()
@@ -104,17 +147,42 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=3)
     loop.stop()
     await asyncio.to_thread(engine.shutdown)
+    if metrics is not None:
+        metrics.close()
+
+
+class _RequestIdField(logging.Filter):
+    """Fills `%(request_id)s` ("-" unless the call passed `extra={"request_id": ...}`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = "-"
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """The router's format: time, level, logger, [engine request id], message."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdField())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_logging(args.log_level)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args))
+        run = asyncio.run
     else:
-        uvloop.run(serve(args))
+        run = uvloop.run
+    try:
+        run(serve(args))
+    except OSError as e:  # e.g. the metrics port is taken
+        logger.error("worker cannot start: %s", e)
+        logging.shutdown()
+        os._exit(1)
     logging.shutdown()
     # NCCL teardown after CUDA-graph capture can hang in destroy_process_group; everything that
     # matters is done, so leave without waiting on it.
