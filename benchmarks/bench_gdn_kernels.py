@@ -1,6 +1,6 @@
 """Gated DeltaNet kernels against flash-linear-attention (fla-core) on the same inputs, printed as JSON.
 
-    python benchmarks/bench_gdn_kernels.py [--out FILE] [--quick] [--no-sweep]
+    python benchmarks/bench_gdn_kernels.py [--out FILE] [--quick] [--no-sweep] [--only prefill|decode] [--profile]
 
 Chunked prefill at 32 value heads (16 key heads) x 128 x 128, bf16, fp32 state: tokens/s for
 (B, T) = (1, 4096), (1, 16384), (8, 2048). Recurrent decode (k = 0) and verify (k = 1..3) at batch
@@ -25,11 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.kernels import triton_causal_conv1d as tconv  # noqa: E402
 from worker.kernels import triton_gated_delta_rule as tgdn  # noqa: E402
+from worker.kernels import triton_gated_delta_rule_chunked as tchunk  # noqa: E402
+from worker.kernels import triton_gated_delta_rule_wy as twy  # noqa: E402
 
 H, HV, K, V = 16, 32, 128, 128
 PREFILL = [(1, 4096), (1, 16384), (8, 2048)]
 BATCHES = [1, 16, 64, 256]
 ROTATE = 8  # distinct state-slot sets per timed call, so small batches are not timed out of L2
+# Launches of the chunked prefill tried besides the default: output in the sequential kernel or a third launch,
+# V tile, warps and pipelining depth of the sequential kernel.
+PREFILL_SWEEP = [dict(fused_output=f, BV=bv, num_warps=nw, num_stages=ns)
+                 for f, bv, nw, ns in [(True, 32, 4, 2), (True, 32, 4, 3), (True, 64, 4, 2), (True, 64, 4, 3),
+                                       (True, 64, 8, 2), (False, 16, 4, 2), (False, 16, 4, 3), (False, 32, 4, 2),
+                                       (False, 32, 4, 3), (False, 64, 4, 2), (False, 64, 4, 3)]]
+PREPARE_WARPS = [(4, 8), (2, 8), (8, 8), (4, 4), (2, 4)]  # (solve_warps, wy_warps) of the two parallel launches
 
 
 def parse_args():
@@ -37,6 +46,9 @@ def parse_args():
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
     parser.add_argument("--no-sweep", action="store_true", help="time only the launchers' own tile choice")
+    parser.add_argument("--only", choices=["prefill", "decode"], default=None,
+                        help="only the chunked prefill, or only decode / verify (with the batch-1 graphs)")
+    parser.add_argument("--profile", action="store_true", help="also list each prefill's kernels (ours and fla)")
     return parser.parse_args()
 
 
@@ -89,7 +101,25 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def bench_prefill(fla, sweep: bool, sizes):
+def sweep_name(launch: dict) -> str:
+    mode = "fused" if launch["fused_output"] else "outkernel"
+    return f"{mode}-BV{launch['BV']}-w{launch['num_warps']}-s{launch['num_stages']}"
+
+
+def kernel_times_us(fn) -> dict:
+    """CUDA time per kernel name over one call (after a warm-up), from the torch profiler."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return {e.key[:80]: round(e.device_time_total, 1) for e in prof.key_averages() if e.device_time_total > 0}
+    except Exception as exc:  # noqa: BLE001 - a profiler problem must not end the benchmark
+        return {"error": repr(exc)[:200]}
+
+
+def bench_prefill(fla, sweep: bool, sizes, profile: bool = False):
     rows = []
     for B, T in sizes:
         gen = torch.Generator(device="cuda").manual_seed(B * T)
@@ -105,16 +135,33 @@ def bench_prefill(fla, sweep: bool, sizes):
                                                     True, **tiles)
 
         row = dict(B=B, T=T, tokens=B * T, ours_default_us=bench_us(ours))
-        recurrence, tgdn._chunk_recurrence_kernel = tgdn._chunk_recurrence_kernel, _NoLaunch()
+        # Stage split: the two parallel prepare launches alone (per warps choice), then with the sequential one.
+        state, output = tchunk._chunk_state_kernel, tchunk._chunk_output_kernel
         try:
-            row["ours_inverse_kernel_only_us"] = bench_us(ours)
+            tchunk._chunk_state_kernel, tchunk._chunk_output_kernel = _NoLaunch(), _NoLaunch()
+            row["ours_prepare_only_us"] = bench_us(ours)
+            row["ours_prepare_one_launch_only_us"] = bench_us(lambda: ours(split_prepare=False))
+            wy = twy._chunk_wy_kernel
+            try:
+                twy._chunk_wy_kernel = _NoLaunch()
+                row["ours_solve_only_us"] = bench_us(ours)
+            finally:
+                twy._chunk_wy_kernel = wy
+            row["prepare_only_by_warps_us"] = {f"solve_w{sw}-wy_w{ww}": bench_us(lambda: ours(solve_warps=sw,
+                                                                                                wy_warps=ww))
+                                               for sw, ww in PREPARE_WARPS}
+            tchunk._chunk_state_kernel = state
+            row["ours_prepare_and_states_unfused_us"] = bench_us(lambda: ours(fused_output=False))
         finally:
-            tgdn._chunk_recurrence_kernel = recurrence
+            tchunk._chunk_state_kernel, tchunk._chunk_output_kernel = state, output
+        print(json.dumps(row), file=sys.stderr)
         if sweep:
             tried = {}
-            for bv in (16, 32, 64):
-                for nw in (4, 8):
-                    tried[f"BV{bv}-w{nw}-s2"] = bench_us(lambda: ours(BV=bv, num_warps=nw, num_stages=2))
+            for launch in PREFILL_SWEEP:
+                tried[sweep_name(launch)] = bench_us(lambda: ours(**launch))
+            best_prepare = min(row["prepare_only_by_warps_us"], key=row["prepare_only_by_warps_us"].get)
+            sw, ww = (int(x.split("_w")[1]) for x in best_prepare.split("-"))
+            tried[f"default-{best_prepare}"] = bench_us(lambda: ours(solve_warps=sw, wy_warps=ww))
             row["sweep_us"] = tried
             row["ours_best"] = min(tried, key=tried.get)
             row["ours_best_us"] = tried[row["ours_best"]]
@@ -139,14 +186,28 @@ def bench_prefill(fla, sweep: bool, sizes):
             o_fla, ht = theirs()
             row["rel_diff_output_vs_fla"] = rel_err(o_ours, o_fla.view_as(o_ours))
             row["rel_diff_state_vs_fla"] = rel_err(states_copy[:, 0], ht)
+            if profile:
+                row["fla_kernels_us"] = kernel_times_us(theirs)
+        if profile:
+            row["ours_kernels_us"] = kernel_times_us(ours)
         # The conv prefill over the same tokens (conv_dim = 2*H*K + HV*V channels), for scale.
         x = torch.randn(B * T, 2 * H * K + HV * V, device="cuda", dtype=torch.bfloat16, generator=gen)
         w = torch.randn(x.shape[1], 4, device="cuda", dtype=torch.bfloat16, generator=gen)
         conv_states = torch.zeros(B, x.shape[1], 3, device="cuda", dtype=torch.bfloat16)
         row["conv_prefill_us"] = bench_us(lambda: tconv.causal_conv1d_fn(x, w, cu, conv_states, idx, ones, has_init))
         rows.append(row)
-        print(json.dumps({k2: v2 for k2, v2 in row.items() if k2 != "sweep_us"}), file=sys.stderr)
+        print(json.dumps({k2: v2 for k2, v2 in row.items() if k2 not in ("sweep_us", "ours_kernels_us",
+                                                                           "fla_kernels_us")}), file=sys.stderr)
     return rows
+
+
+def print_prefill_summary(rows) -> None:
+    print("\nprefill (B, T): ours default / best (launch) / fla, M tokens/s, ratio of the default to fla")
+    for r in rows:
+        fla = r.get("fla_Mtok_s", float("nan"))
+        print(f"  ({r['B']}, {r['T']}): {r['ours_default_Mtok_s']:.2f} / {r['ours_Mtok_s']:.2f} "
+              f"({r.get('ours_best', 'default')}) / {fla:.2f}  x{r['ours_default_Mtok_s'] / fla:.2f}  "
+              f"prepare {r['ours_prepare_only_us']:.0f} us (solve {r['ours_solve_only_us']:.0f})")
 
 
 def bench_recurrent(fla, copy_GBps: float, sweep: bool, batches, k_specs, tiles_by_batch=None, rows=None,
@@ -297,17 +358,23 @@ def main():
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    result["batch1_graph"] = bench_batch1_graph(fla)
-    save()
-    result["prefill"] = bench_prefill(fla, sweep, prefill_sizes)
-    save()
-    result["decode"], result["verify"] = [], []
-    bench_recurrent(fla, copy_GBps, sweep, batches, [0], rows=result["decode"], on_row=save)
-    bench_recurrent(fla, copy_GBps, False, batches, [1, 2, 3], best_tiles(result), rows=result["verify"], on_row=save)
+    if args.only != "prefill":
+        result["batch1_graph"] = bench_batch1_graph(fla)
+        save()
+    if args.only != "decode":
+        result["prefill"] = bench_prefill(fla, sweep, prefill_sizes, args.profile)
+        save()
+    if args.only != "prefill":
+        result["decode"], result["verify"] = [], []
+        bench_recurrent(fla, copy_GBps, sweep, batches, [0], rows=result["decode"], on_row=save)
+        bench_recurrent(fla, copy_GBps, False, batches, [1, 2, 3], best_tiles(result), rows=result["verify"],
+                        on_row=save)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if "prefill" in result:
+        print_prefill_summary(result["prefill"])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def device() -> str:
 def nan_outputs(monkeypatch):
     """Every buffer the kernels allocate starts as NaN, so an element they fail to write shows up."""
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
-    from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule
+    from worker.kernels import (triton_causal_conv1d, triton_gated_delta_rule, triton_gated_delta_rule_chunked,
+                                triton_gated_delta_rule_wy)
 
     def empty_nan(like, shape=None, dtype=None):
         return torch.full(like.shape if shape is None else shape, float("nan"), dtype=dtype or like.dtype,
@@ -31,3 +32,5 @@ def nan_outputs(monkeypatch):
 
     monkeypatch.setattr(triton_gated_delta_rule, "_empty_output", empty_nan)
     monkeypatch.setattr(triton_causal_conv1d, "_empty_output", empty_nan)
+    monkeypatch.setattr(triton_gated_delta_rule_chunked, "_empty_output", empty_nan)
+    monkeypatch.setattr(triton_gated_delta_rule_wy, "_empty_output", empty_nan)

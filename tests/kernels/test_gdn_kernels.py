@@ -77,10 +77,23 @@ CHUNK_CASES = [
 ]
 
 
+OUTPUT_MODES = [pytest.param(False, id="output-kernel"), pytest.param(True, id="fused-output")]
+
+
+PREPARE_PATHS = [pytest.param(True, id="split-prepare"), pytest.param(False, id="one-launch-prepare")]
+
+
+@pytest.mark.parametrize("split", PREPARE_PATHS)
+@pytest.mark.parametrize("fused", OUTPUT_MODES)
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("seqs", CHUNK_CASES)
-def test_chunk_gated_delta_rule(seqs, heads, device):
-    check_chunk(seqs, *heads, dk=16, dv=24, dtype=torch.float32, device=device, seed=len(seqs))
+def test_chunk_gated_delta_rule(seqs, heads, fused, split, device):
+    check_chunk(seqs, *heads, dk=16, dv=24, dtype=torch.float32, device=device, seed=len(seqs),
+                launcher_args=dict(fused_output=fused, split_prepare=split))
+
+
+def test_chunk_gated_delta_rule_default_launch(device):
+    check_chunk(CHUNK_CASES[2].values[0], 1, 2, dk=16, dv=24, dtype=torch.float32, device=device, seed=7)
 
 
 def test_chunk_gated_delta_rule_strided_views_dk_ne_dv(device):
@@ -93,9 +106,17 @@ def test_chunk_gated_delta_rule_scale_and_no_l2norm(device):
                 scale=0.3, use_qk_l2norm=False)
 
 
-def test_chunk_gated_delta_rule_several_v_tiles(device):
+@pytest.mark.parametrize("split", PREPARE_PATHS)
+@pytest.mark.parametrize("fused", OUTPUT_MODES)
+def test_chunk_gated_delta_rule_several_v_tiles(fused, split, device):
     check_chunk([(50, 0, 2, True), (17, 1, 1, False)], 1, 2, dk=16, dv=40, dtype=torch.float32, device=device,
-                seed=5, launcher_args=dict(BV=16))
+                seed=5, launcher_args=dict(BV=16, fused_output=fused, split_prepare=split))
+
+
+def test_chunk_gated_delta_rule_rejects_unpipelined_launch(device):
+    with pytest.raises(ValueError, match="num_stages"):
+        check_chunk([(20, 0, 1, True)], 1, 1, dk=16, dv=16, dtype=torch.float32, device=device, seed=0,
+                    launcher_args=dict(num_stages=1))
 
 
 # ---------------------------------------------------------------- decode / verify
@@ -189,6 +210,25 @@ def test_chunk_gated_delta_rule_gpu(heads, init, dtype):
     seqs = [(1, 5, 3, init), (63, 0, 1, init), (9, PAD, 1, True), (500, 3, 2, init), (1000, 1, 1, init),
             (4097, 2, 3, init)]
     check_chunk(seqs, *heads, dk=128, dv=128, dtype=dtype, device="cuda", seed=11, views=True)
+
+
+LAUNCHES = [dict(fused_output=True, BV=64), dict(fused_output=False, BV=32, num_stages=3),
+            dict(fused_output=True, BV=32), dict(fused_output=True, BV=64, num_warps=8, num_stages=3),
+            dict(fused_output=False, BV=16), dict(fused_output=False, BV=64, num_warps=8),
+            dict(fused_output=False, BV=32, solve_warps=4, wy_warps=4),
+            dict(fused_output=True, BV=64, solve_warps=8, wy_warps=4, num_stages=3),
+            dict(fused_output=True, BV=64, split_prepare=False), dict(fused_output=False, BV=32, split_prepare=False)]
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
+@pytest.mark.gpu
+@needs_cuda
+def test_chunk_gated_delta_rule_gpu_launches(launch):
+    """Both output modes and the tiles and pipelining depths the benchmark sweeps, tp 2 shapes, bf16."""
+    seqs = [(1, 5, 3, True), (63, 0, 1, False), (9, PAD, 1, True), (500, 3, 2, True), (1000, 1, 1, True),
+            (4097, 2, 3, True)]
+    check_chunk(seqs, 8, 16, dk=128, dv=128, dtype=torch.bfloat16, device="cuda", seed=12, views=True,
+                launcher_args=launch)
 
 
 @pytest.mark.parametrize("k_spec", range(5), ids=lambda k: f"k{k}")
