@@ -1,8 +1,6 @@
 """`nextserve`: one command per verb. Heavy imports stay inside the commands, so `nextserve router`,
 `generate` and `health` run without torch."""
 
-import argparse
-import os
 import sys
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -23,32 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import (
-    AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers,
-)
 
-CORPUS_PATH = Path(__file__).with_name("corpus.txt")
-
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-
-# Like the real checkpoints, config.vocab_size leaves unused rows past the tokenizer's last id.
-UNUSED_VOCAB_ROWS = 21
-
-# The pre-tokenizer regex of Qwen2/Qwen3 tokenizers (digits are split one by one).
-QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
+from worker.tools.tiny_tokenizer import ENDOFTEXT, IM_END, write_json, write_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -393,77 +368,10 @@ def write_safetensors(out_dir: Path, tensors: dict[str, torch.Tensor], shards: i
         "metadata": {"total_size": sum(_tensor_bytes(t) for t in tensors.values())},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    _write_json(out_dir / "model.safetensors.index.json", index)
-
-
-# ---------------------------------------------------------------- tokenizer
-
-def train_tokenizer(total_vocab_size: int) -> Tokenizer:
-    """Byte-level BPE like Qwen's, with the special tokens appended after the merges."""
-    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=total_vocab_size - len(SPECIAL_TOKENS),
-        min_frequency=2,
-        show_progress=False,
-        # The full byte alphabet, so characters absent from the corpus still encode.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(keepends=True), trainer)
-    tokenizer.add_special_tokens([
-        AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
-        for token in SPECIAL_TOKENS
-    ])
-    return tokenizer
-
-
-def build_tokenizer_config(token_ids: dict[str, int], model_max_length: int) -> dict:
-    added_tokens = {
-        str(token_ids[token]): {
-            "content": token, "lstrip": False, "normalized": False,
-            "rstrip": False, "single_word": False, "special": True,
-        }
-        for token in SPECIAL_TOKENS
-    }
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added_tokens,
-        "bos_token": None,
-        "chat_template": CHATML_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
-        "errors": "replace",
-        "model_max_length": model_max_length,
-        "pad_token": ENDOFTEXT,
-        "split_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "unk_token": None,
-    }
-
-
-def write_tokenizer(out_dir: Path, preset_config: dict) -> dict[str, int]:
-    tokenizer = train_tokenizer(preset_config["vocab_size"] - UNUSED_VOCAB_ROWS)
-    if tokenizer.get_vocab_size() > preset_config["vocab_size"]:
-        raise ValueError("tokenizer is larger than the model vocabulary")
-    token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    config = build_tokenizer_config(token_ids, preset_config["max_position_embeddings"])
-    _write_json(out_dir / "tokenizer_config.json", config)
-    return token_ids
+    write_json(out_dir / "model.safetensors.index.json", index)
 
 
 # ---------------------------------------------------------------- entry points
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
 
 def write_tiny_checkpoint(
     out_dir: str | os.PathLike,
@@ -486,8 +394,8 @@ def write_tiny_checkpoint(
 
     token_ids = write_tokenizer(out_dir, PRESETS[preset])
     config = build_config(preset, dtype, token_ids)
-    _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", build_generation_config(token_ids))
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / "generation_config.json", build_generation_config(token_ids))
     write_safetensors(out_dir, materialize(tensor_specs(config, mtp), seed, DTYPES[dtype]), shards)
     return out_dir
 
