@@ -144,7 +144,7 @@ class Scheduler:
             raise RuntimeError(f"request {seq.request_id}: {len(drafts)} drafts, expected {self.config.num_spec_tokens}")
         return ScheduledSequence(
             request_id=seq.request_id,
-            token_ids=[seq.all_token_ids[-1], *drafts],
+            token_ids=[seq.last_token_id, *drafts],
             start_position=seq.num_computed_tokens,
             block_table=list(seq.block_table),
             state_group=seq.state_group,
@@ -165,17 +165,16 @@ class Scheduler:
             return None
         else:
             self.cache.allocate(seq, needed)
-        tokens = seq.all_token_ids
         return ScheduledSequence(
             request_id=seq.request_id,
-            token_ids=tokens[start : start + num_tokens],
+            token_ids=seq.token_ids_between(start, start + num_tokens),
             start_position=start,
             block_table=list(seq.block_table),
             state_group=seq.state_group,
             num_accepted_slot=seq.num_accepted_slot,
             is_decode=False,
             sample=is_last_chunk,
-            next_token_id=None if is_last_chunk else tokens[start + num_tokens],
+            next_token_id=None if is_last_chunk else seq.token_at(start + num_tokens),
         )
 
     def _make_room(self, seq: Sequence, num_positions: int, scheduled: set[str]) -> bool:

@@ -67,8 +67,15 @@ class Sequence:
     spec: SpeculativeStats = field(default_factory=SpeculativeStats)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens at positions start..end-1 without building the whole list (a hot path for long prompts)."""
+        n_prompt = len(self.prompt_token_ids)
+        head = self.prompt_token_ids[start:min(end, n_prompt)]
+        tail = self.output_token_ids[max(start - n_prompt, 0):max(end - n_prompt, 0)]
+        return head + tail
 
     @property
     def num_tokens(self) -> int:
