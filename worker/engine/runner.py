@@ -6,7 +6,7 @@ drafts and logprobs in the same transfer).
 
 import torch
 
-from worker.engine.plan import ScheduledSequence, SequenceOutput, StepOutput, StepPlan
+from worker.engine.plan import SequenceOutput, StepOutput, StepPlan
 from worker.engine.proposer import ProposalInputs, Proposer
 from worker.engine.sampler import RequestSampling, sample, verify_drafts
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
@@ -154,39 +154,32 @@ class _Emitted:
     def to_output(self, drafts: torch.Tensor | None, requests: dict) -> StepOutput:
         host = self._to_host()
         draft_lists = drafts.tolist() if drafts is not None else None
+        draft_row = {seq_index: row for row, seq_index in enumerate(self.sampled)}
+        prefill_row = {seq_index: row for row, seq_index in enumerate(self.sampled_prefills)}
         tokens = self.host_tokens()
         outputs = []
         for i, entry in enumerate(self.plan.sequences):
             out = SequenceOutput(token_ids=tokens[i])
             if entry.is_decode:
                 out.num_accepted_drafts = host["num_accepted"][i]
-            if draft_lists is not None and i in self._sampled_position:
-                out.draft_token_ids = draft_lists[self._sampled_position[i]]
-            out.logprobs = self._logprobs(i, entry, host, len(tokens[i]))
+            if draft_lists is not None and i in draft_row:
+                out.draft_token_ids = draft_lists[draft_row[i]]
+            request = requests[entry.request_id]
+            if tokens[i] and request.params.logprobs is not None:
+                out.logprobs = self._logprobs(host, entry.is_decode, i if entry.is_decode else prefill_row[i],
+                                              len(tokens[i]))
             if tokens[i]:
-                requests[entry.request_id].append_output(tokens[i])
+                request.append_output(tokens[i])
             outputs.append(out)
         return StepOutput(outputs)
 
-    @property
-    def _sampled_position(self) -> dict[int, int]:
-        return {seq_index: k for k, seq_index in enumerate(self.sampled)}
-
-    def _logprobs(self, i: int, entry: ScheduledSequence, host, count: int):
-        if entry.is_decode:
-            values, top = host["decode_lp"], host["decode_top"]
-            index = i
-        elif i in self.sampled_prefills:
-            values, top = host["prefill_lp"], host["prefill_top"]
-            index = self.sampled_prefills.index(i)
-            values = None if values is None else [[v] for v in values]
-            top = None if top is None else ([[v] for v in top[0]], [[v] for v in top[1]])
+    @staticmethod
+    def _logprobs(host, is_decode: bool, row: int, count: int) -> list:
+        """-> [(logprob, [(token_id, logprob), ...top-n])] for the row's `count` emitted tokens."""
+        if is_decode:
+            values, top = host["decode_lp"][row], host["decode_top"]
+            top = None if top is None else (top[0][row], top[1][row])
         else:
-            return None
-        if values is None:
-            return None
-        result = []
-        for j in range(count):
-            top_pairs = [] if top is None else list(zip(top[1][index][j], top[0][index][j]))
-            result.append((values[index][j], top_pairs))
-        return result
+            values, top = [host["prefill_lp"][row]], host["prefill_top"]
+            top = None if top is None else ([top[0][row]], [top[1][row]])
+        return [(values[j], [] if top is None else list(zip(top[1][j], top[0][j]))) for j in range(count)]
