@@ -99,14 +99,16 @@ class BroadcastingRunner:
     def __init__(self, runner, channel: PlanChannel):
         self.runner = runner
         self.channel = channel
+        self.encoder = plan_codec.PlanEncoder()
+        self.decoder = plan_codec.PlanDecoder()
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
     def execute(self, plan):
-        data = plan_codec.encode(plan)
+        data = self.encoder.encode(plan)
         self.channel.send(data)
-        return self.runner.execute(plan_codec.decode(data)[0])
+        return self.runner.execute(self.decoder.decode(data)[0])
 
 
 class RankGroup:
@@ -135,7 +137,7 @@ class RankGroup:
     def shutdown(self) -> None:
         self._stopping = True
         try:
-            self.channel.send(plan_codec.encode(_empty_plan(), shutdown=True))
+            self.channel.send(plan_codec.PlanEncoder().encode(_empty_plan(), shutdown=True))
         except Exception:  # a rank may already be gone; the joins below bound the wait
             logger.warning("could not tell every rank to stop")
         deadline = time.monotonic() + STOP_TIMEOUT_S

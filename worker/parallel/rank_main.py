@@ -21,8 +21,9 @@ def run_rank(config: EngineConfig, rank: int, port: int, parent_pid: int) -> Non
     from worker.engine.model_worker import ModelWorker
 
     worker = ModelWorker(config, rank_device(config, rank), lambda plan: agree_on_cache_plan(plan, channel.group))
+    decoder = plan_codec.PlanDecoder()
     while True:
-        plan, shutdown = plan_codec.decode(channel.receive())
+        plan, shutdown = decoder.decode(channel.receive())
         if shutdown:
             break
         worker.runner.execute(plan)

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from nextserve.v1 import engine_pb2 as nextserve_dot_v1_dot_engine__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nextserve/v1/plan.proto\x12\x0cnextserve.v1\x1a\x19nextserve/v1/engine.proto\"\xaf\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x32\n\tsequences\x18\x02 \x03(\x0b\x32\x1f.nextserve.v1.ScheduledSequence\x12.\n\x0cnew_requests\x18\x03 \x03(\x0b\x32\x18.nextserve.v1.AddRequest\x12\x1c\n\x14\x66inished_request_ids\x18\x04 \x03(\t\x12\x10\n\x08shutdown\x18\x05 \x01(\x08\"\xe8\x01\n\x11ScheduledSequence\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x16\n\x0estart_position\x18\x03 \x01(\x03\x12\x13\n\x0b\x62lock_table\x18\x04 \x03(\x05\x12\x13\n\x0bstate_group\x18\x05 \x01(\x05\x12\x19\n\x11num_accepted_slot\x18\x06 \x01(\x05\x12\x11\n\tis_decode\x18\x07 \x01(\x08\x12\x0e\n\x06sample\x18\x08 \x01(\x08\x12\x1a\n\rnext_token_id\x18\t \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_next_token_idb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nextserve/v1/plan.proto\x12\x0cnextserve.v1\x1a\x19nextserve/v1/engine.proto\"\xaf\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x32\n\tsequences\x18\x02 \x03(\x0b\x32\x1f.nextserve.v1.ScheduledSequence\x12.\n\x0cnew_requests\x18\x03 \x03(\x0b\x32\x18.nextserve.v1.AddRequest\x12\x1c\n\x14\x66inished_request_ids\x18\x04 \x03(\t\x12\x10\n\x08shutdown\x18\x05 \x01(\x08\"\x9b\x02\n\x11ScheduledSequence\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x16\n\x0estart_position\x18\x03 \x01(\x03\x12\x17\n\x0b\x62lock_table\x18\x04 \x03(\x05\x42\x02\x18\x01\x12\x13\n\x0bstate_group\x18\x05 \x01(\x05\x12\x19\n\x11num_accepted_slot\x18\x06 \x01(\x05\x12\x11\n\tis_decode\x18\x07 \x01(\x08\x12\x0e\n\x06sample\x18\x08 \x01(\x08\x12\x1a\n\rnext_token_id\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0f\x61ppended_blocks\x18\n \x03(\x05\x12\x14\n\x0creset_blocks\x18\x0b \x01(\x08\x42\x10\n\x0e_next_token_idb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextserve.v1.plan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCHEDULEDSEQUENCE'].fields_by_name['block_table']._loaded_options = None
+  _globals['_SCHEDULEDSEQUENCE'].fields_by_name['block_table']._serialized_options = b'\030\001'
   _globals['_STEPPLAN']._serialized_start=69
   _globals['_STEPPLAN']._serialized_end=244
   _globals['_SCHEDULEDSEQUENCE']._serialized_start=247
-  _globals['_SCHEDULEDSEQUENCE']._serialized_end=479
+  _globals['_SCHEDULEDSEQUENCE']._serialized_end=530
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class StepPlan(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., new_requests: _Optional[_Iterable[_Union[_engine_pb2.AddRequest, _Mapping]]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., shutdown: bool = ...) -> None: ...
 
 class ScheduledSequence(_message.Message):
-    __slots__ = ("request_id", "token_ids", "start_position", "block_table", "state_group", "num_accepted_slot", "is_decode", "sample", "next_token_id")
+    __slots__ = ("request_id", "token_ids", "start_position", "block_table", "state_group", "num_accepted_slot", "is_decode", "sample", "next_token_id", "appended_blocks", "reset_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class ScheduledSequence(_message.Message):
     IS_DECODE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    APPENDED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESET_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_position: int
@@ -40,4 +42,6 @@ class ScheduledSequence(_message.Message):
     is_decode: bool
     sample: bool
     next_token_id: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., state_group: _Optional[int] = ..., num_accepted_slot: _Optional[int] = ..., is_decode: bool = ..., sample: bool = ..., next_token_id: _Optional[int] = ...) -> None: ...
+    appended_blocks: _containers.RepeatedScalarFieldContainer[int]
+    reset_blocks: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., state_group: _Optional[int] = ..., num_accepted_slot: _Optional[int] = ..., is_decode: bool = ..., sample: bool = ..., next_token_id: _Optional[int] = ..., appended_blocks: _Optional[_Iterable[int]] = ..., reset_blocks: bool = ...) -> None: ...
