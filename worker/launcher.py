@@ -56,7 +56,8 @@ def engine_argv(args: argparse.Namespace, model: str) -> list[str]:
             "-tp", str(args.tensor_parallel_size), "-k", str(args.speculative_tokens),
             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--block-size", str(args.block_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--cache-memory-mb", str(args.cache_memory_mb), "--seed", str(args.seed)]
+            "--cache-memory-mb", str(args.cache_memory_mb), "--seed", str(args.seed),
+            "--kernel-backend", args.kernel_backend]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
     return argv

@@ -43,6 +43,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     option("--cache-memory-mb", env="NEXTSERVE_CACHE_MEMORY_MB", default=512, type=int,
            help="CPU only: memory for KV blocks and GDN states")
     option("--seed", env="NEXTSERVE_SEED", default=0, type=int, help="sampling seed of requests without one")
+    option("--kernel-backend", env="NEXTSERVE_KERNEL_BACKEND", default="auto", choices=["auto", "torch", "triton"],
+           help="Gated DeltaNet ops: auto (Triton on CUDA), torch (the references, for comparison), triton")
 
 
 def _option_adder(parser: argparse.ArgumentParser):
@@ -89,7 +91,7 @@ def engine_config(args: argparse.Namespace):
         tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len or None,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-        cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed,
+        cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
     )
 
 
