@@ -24,7 +24,7 @@ def nan_outputs(monkeypatch):
     """Every buffer the kernels allocate starts as NaN, so an element they fail to write shows up."""
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
     from worker.kernels import (triton_causal_conv1d, triton_gated_delta_rule, triton_gated_delta_rule_chunked,
-                                triton_gated_delta_rule_wy)
+                                triton_gated_delta_rule_wy, triton_paged_attention)
 
     def empty_nan(like, shape=None, dtype=None):
         return torch.full(like.shape if shape is None else shape, float("nan"), dtype=dtype or like.dtype,
@@ -34,3 +34,4 @@ def nan_outputs(monkeypatch):
     monkeypatch.setattr(triton_causal_conv1d, "_empty_output", empty_nan)
     monkeypatch.setattr(triton_gated_delta_rule_chunked, "_empty_output", empty_nan)
     monkeypatch.setattr(triton_gated_delta_rule_wy, "_empty_output", empty_nan)
+    monkeypatch.setattr(triton_paged_attention, "_empty_output", empty_nan)

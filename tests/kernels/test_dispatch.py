@@ -1,5 +1,7 @@
 """The kernel switch: CUDA tensors go to the Triton kernels unless the references are forced."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -52,3 +54,31 @@ def test_unknown_backend_is_refused(backend):
     with pytest.raises(ValueError, match="auto, torch, triton"):
         backend("cuda")
     assert kernels.get_kernel_backend() == "auto"
+
+
+@pytest.mark.parametrize("name,device_is_cuda,expected", [
+    ("auto", False, "reference"), ("torch", False, "reference"), ("triton", False, "triton"),
+    ("auto", True, "reference"), ("triton", True, "triton"),
+])
+def test_paged_attention_uses_triton_only_when_forced(backend, monkeypatch, name, device_is_cuda, expected):
+    """Not validated on a GPU yet, so "auto" keeps the reference even for CUDA tensors."""
+    if device_is_cuda and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    if name == "triton" and not device_is_cuda and HAS_CUDA:
+        pytest.skip("Triton kernels on CPU tensors need the interpreter, which is off where there is a GPU")
+    attn_ref = importlib.import_module("worker.kernels.paged_attention")
+    attn_tk = importlib.import_module("worker.kernels.triton_paged_attention")
+    seen = {impl: [calls(monkeypatch, module, op) for op in ("reshape_and_cache", "paged_attention")]
+            for impl, module in (("reference", attn_ref), ("triton", attn_tk))}
+    device = "cuda" if device_is_cuda else "cpu"
+    backend(name)
+    k_cache = torch.zeros(2, 16, 1, 16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    kv = torch.randn(3, 1, 16, device=device)
+    kernels.reshape_and_cache(kv, kv, k_cache, v_cache, torch.tensor([0, 1, 2], device=device))
+    kernels.paged_attention(torch.randn(3, 2, 16, device=device), k_cache, v_cache,
+                            torch.tensor([0, 3], dtype=torch.int32, device=device),
+                            torch.tensor([3], dtype=torch.int32, device=device),
+                            torch.zeros(1, 1, dtype=torch.int32, device=device), 0.25)
+    assert {impl: [len(ops) for ops in lists] for impl, lists in seen.items()} == {
+        impl: [1, 1] if impl == expected else [0, 0] for impl in seen}

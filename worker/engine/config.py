@@ -22,7 +22,7 @@ class EngineConfig:
     cache_memory_bytes: int = 512 << 20  # CPU: bytes for KV blocks and GDN states together
     num_kv_blocks: int | None = None  # fix the number of KV blocks (tests, debugging)
     ssm_state_dtype: str = "float32"
-    kernel_backend: str = "auto"  # Gated DeltaNet ops: "auto" (Triton on CUDA), "torch" (references), "triton"
+    kernel_backend: str = "auto"  # "auto" (Triton on CUDA; paged attention only with "triton"), "torch", "triton"
     seed: int = 0
 
     def __post_init__(self):

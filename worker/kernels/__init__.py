@@ -6,21 +6,25 @@ and, for the Gated DeltaNet path, a Triton kernel with the same parameters
 Triton kernels and everything else to the references; `set_kernel_backend("torch")` forces the
 references on a GPU for comparison, `"triton"` forces the kernels (on the CPU that needs
 TRITON_INTERPRET=1 before triton is imported).
+
+Paged attention (`reshape_and_cache`, `paged_attention`) has a Triton kernel too, but it is chosen
+only when the backend is forced to "triton": it has been checked under the interpreter only, not
+yet compiled on a GPU, so "auto" keeps the reference for it on CUDA tensors as well.
 """
 
 import importlib
 
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
+from worker.kernels import paged_attention as _attn_ref
 from worker.kernels.moe import fused_moe, select_experts
-from worker.kernels.paged_attention import paged_attention, reshape_and_cache
 
 BACKENDS = ("auto", "torch", "triton")
 _backend = "auto"
 
 
 def set_kernel_backend(name: str) -> None:
-    """Select the implementation of the Gated DeltaNet ops: "auto", "torch" or "triton"."""
+    """Select the implementation of the Gated DeltaNet ops (and, with "triton" only, of paged attention)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -70,6 +74,20 @@ def causal_conv1d_fn(x, weight, cu_seqlens, conv_states, state_indices, num_acce
 def causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation="silu"):
     impl = _triton_module("causal_conv1d") if _use_triton(x) else _conv_ref
     return impl.causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation=activation)
+
+
+def _attention_impl():
+    # Not under "auto": the Triton paged attention has not been validated on a GPU yet.
+    return _triton_module("paged_attention") if _backend == "triton" else _attn_ref
+
+
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping):
+    return _attention_impl().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    return _attention_impl().paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                             scale)
 
 
 __all__ = [
