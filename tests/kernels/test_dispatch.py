@@ -58,10 +58,9 @@ def test_unknown_backend_is_refused(backend):
 
 @pytest.mark.parametrize("name,device_is_cuda,expected", [
     ("auto", False, "reference"), ("torch", False, "reference"), ("triton", False, "triton"),
-    ("auto", True, "reference"), ("triton", True, "triton"),
+    ("auto", True, "triton"), ("torch", True, "reference"),
 ])
-def test_paged_attention_uses_triton_only_when_forced(backend, monkeypatch, name, device_is_cuda, expected):
-    """Not validated on a GPU yet, so "auto" keeps the reference even for CUDA tensors."""
+def test_paged_attention_backend(backend, monkeypatch, name, device_is_cuda, expected):
     if device_is_cuda and not HAS_CUDA:
         pytest.skip("needs a CUDA device")
     if name == "triton" and not device_is_cuda and HAS_CUDA:
@@ -80,5 +79,27 @@ def test_paged_attention_uses_triton_only_when_forced(backend, monkeypatch, name
                             torch.tensor([0, 3], dtype=torch.int32, device=device),
                             torch.tensor([3], dtype=torch.int32, device=device),
                             torch.zeros(1, 1, dtype=torch.int32, device=device), 0.25)
+    assert {impl: [len(ops) for ops in lists] for impl, lists in seen.items()} == {
+        impl: [1, 1] if impl == expected else [0, 0] for impl in seen}
+
+
+@pytest.mark.parametrize("name,device_is_cuda,expected", [
+    ("auto", False, "reference"), ("torch", False, "reference"), ("triton", False, "triton"),
+    ("auto", True, "triton"), ("torch", True, "reference"),
+])
+def test_moe_backend(backend, monkeypatch, name, device_is_cuda, expected):
+    if device_is_cuda and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    if name == "triton" and not device_is_cuda and HAS_CUDA:
+        pytest.skip("Triton kernels on CPU tensors need the interpreter, which is off where there is a GPU")
+    moe_ref = importlib.import_module("worker.kernels.moe.reference")
+    moe_tk = importlib.import_module("worker.kernels.moe.triton")
+    seen = {impl: [calls(monkeypatch, module, op) for op in ("select_experts", "fused_moe")]
+            for impl, module in (("reference", moe_ref), ("triton", moe_tk))}
+    device = "cuda" if device_is_cuda else "cpu"
+    backend(name)
+    x = torch.randn(3, 16, device=device)
+    weights, ids = kernels.select_experts(torch.randn(3, 4, device=device), 2, True)
+    kernels.fused_moe(x, torch.randn(4, 32, 16, device=device), torch.randn(4, 16, 16, device=device), weights, ids)
     assert {impl: [len(ops) for ops in lists] for impl, lists in seen.items()} == {
         impl: [1, 1] if impl == expected else [0, 0] for impl in seen}

@@ -128,6 +128,8 @@ GPU_CASES = [
     pytest.param([(1, 1), (1, 700), (1, 2049), (1, 33)] * 8, id="decode-32"),
     pytest.param([(4, 4 + c) for c in (0, 100, 1000, 4000)] * 4, id="verify-k3"),
     pytest.param([(1000, 1000), (500, 2500), (63, 63), (1, 300), (4, 90), (0, 5)], id="chunked-prefill-mixed"),
+    pytest.param([(1, 20000)], id="decode-1-long"),
+    pytest.param([(3, 9000), (1, 1), (3, 3)], id="verify-k2-split"),
 ]
 
 
@@ -168,3 +170,16 @@ def test_engine_greedy_tokens_with_triton_kernels_on_cpu(checkpoint_factory, aut
     assert not calls
     assert run("triton") == expected
     assert calls, "the engine did not reach the Triton paged attention"
+
+
+@pytest.mark.parametrize("seqs", [CASES[0], CASES[2], CASES[-1]])
+def test_paged_attention_split_keys(seqs, device, monkeypatch):
+    """Keys cut into ranges per chunk (flash-decoding), as decode at small batch runs on a GPU."""
+    monkeypatch.setattr(tk, "PROGRAMS_PER_SM", 4096)
+    monkeypatch.setattr(tk, "MIN_KEYS_PER_SPLIT", 1)
+    splits = []
+    choose = tk._num_splits
+    monkeypatch.setattr(tk, "_num_splits", lambda *a: splits.append(choose(*a)) or splits[-1])
+    check_paged_attention(seqs, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
+                          device=device, seed=11)
+    assert splits and splits[0] > 1

@@ -63,13 +63,15 @@ class MTPProposer:
         block_tables = inputs.ctx.attn.block_tables[sampled]
         for step in range(1, self.num_spec_tokens):
             positions = positions + 1
-            ctx = StepContext(self._single_row_metadata(positions, block_tables))
+            ctx = StepContext(self._single_row_metadata(positions, block_tables,
+                                                        inputs.ctx.attn.max_context_len + step))
             with forward_context(ctx):
                 hidden = self.model.forward_mtp(drafts[-1], positions, hidden, step)
             drafts.append(self.model.compute_logits(hidden).argmax(dim=-1))
         return torch.stack(drafts, dim=1)
 
-    def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor) -> AttentionMetadata:
+    def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor,
+                             max_context_len: int) -> AttentionMetadata:
         n = positions.shape[0]
         blocks = block_tables.gather(1, (positions // self.block_size)[:, None].to(block_tables.dtype)).squeeze(1)
         return AttentionMetadata(
@@ -78,7 +80,7 @@ class MTPProposer:
             slot_mapping=blocks.long() * self.block_size + positions % self.block_size,
             block_tables=block_tables,
             max_seqlen_q=1,
-            max_context_len=0,  # unknown on the host without a sync; the reference kernels don't need it
+            max_context_len=max_context_len,  # the target step's bound plus the chained steps
         )
 
 

@@ -1,15 +1,11 @@
 """Ops of the model. Layers call them through this module, which picks the implementation.
 
-Each op exists twice: a torch reference (any device, the source of truth; `worker.kernels.<op module>`)
-and, for the Gated DeltaNet path, a Triton kernel with the same parameters
-(`worker.kernels.triton_<op module>`). With the backend "auto" (the default), CUDA tensors go to the
-Triton kernels and everything else to the references; `set_kernel_backend("torch")` forces the
-references on a GPU for comparison, `"triton"` forces the kernels (on the CPU that needs
-TRITON_INTERPRET=1 before triton is imported).
-
-Paged attention (`reshape_and_cache`, `paged_attention`) has a Triton kernel too, but it is chosen
-only when the backend is forced to "triton": it has been checked under the interpreter only, not
-yet compiled on a GPU, so "auto" keeps the reference for it on CUDA tensors as well.
+Each op exists twice: a torch reference (any device, the source of truth) and a Triton kernel with
+the same parameters: `worker.kernels.<op>` beside `worker.kernels.triton_<op>` for the Gated DeltaNet
+ops and paged attention, `worker.kernels.moe.{reference,triton}` for the sparse MoE. With the
+backend "auto" (the default), CUDA tensors go to the Triton kernels and everything else to the
+references; `set_kernel_backend("torch")` forces the references on a GPU for comparison, `"triton"`
+forces the kernels (on the CPU that needs TRITON_INTERPRET=1 before triton is imported).
 """
 
 import importlib
@@ -17,14 +13,14 @@ import importlib
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import paged_attention as _attn_ref
-from worker.kernels.moe import fused_moe, select_experts
+from worker.kernels.moe import reference as _moe_ref
 
 BACKENDS = ("auto", "torch", "triton")
 _backend = "auto"
 
 
 def set_kernel_backend(name: str) -> None:
-    """Select the implementation of the Gated DeltaNet ops (and, with "triton" only, of paged attention)."""
+    """Select the implementation of every op: "auto" (Triton on CUDA tensors), "torch" or "triton"."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -76,18 +72,29 @@ def causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, ac
     return impl.causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation=activation)
 
 
-def _attention_impl():
-    # Not under "auto": the Triton paged attention has not been validated on a GPU yet.
-    return _triton_module("paged_attention") if _backend == "triton" else _attn_ref
+def _moe_impl(x):
+    return importlib.import_module("worker.kernels.moe.triton") if _use_triton(x) else _moe_ref
+
+
+def select_experts(router_logits, top_k, renormalize, shared_gate=False):
+    return _moe_impl(router_logits).select_experts(router_logits, top_k, renormalize, shared_gate=shared_gate)
+
+
+def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids):
+    return _moe_impl(hidden_states).fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+def _attention_impl(x):
+    return _triton_module("paged_attention") if _use_triton(x) else _attn_ref
 
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping):
-    return _attention_impl().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    return _attention_impl(key).reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
-    return _attention_impl().paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                             scale)
+def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len=0):
+    return _attention_impl(query).paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                                  scale, max_context_len)
 
 
 __all__ = [

@@ -29,6 +29,7 @@ def paged_attention(
     context_lens: torch.Tensor,  # [B]
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
+    max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); the kernel's tiling only
 ) -> torch.Tensor:  # [T, H, D]
     out = torch.zeros_like(query)
     block_size = k_cache.shape[1]

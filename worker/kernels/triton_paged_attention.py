@@ -3,15 +3,17 @@
 reshape_and_cache: one program per token copies its [H_kv, D] key and value rows into the slot;
 a negative slot (PAD) writes nothing.
 
-paged_attention: one program per (chunk of BM query tokens of one sequence, KV head). The program
-packs its BM tokens x the H / H_kv query heads of that KV head into the rows of one tile, so the
-keys and values of a GQA group are read once, and walks the sequence's block table one tile of
-BN = max(block_size, 16) keys at a time (one cache block, or several small ones) with an online
-softmax in fp32 (exp2, the scale folded into log2 e).
-Only the blocks a chunk's last query can see are visited. Chunks are numbered per sequence from
-cu_seqlens_q[b] // BM + b (the GDN kernels' `_find_sequence`), so a grid of T // BM + B programs
-covers every chunk with no host sync; BM is a tile choice from T / B only, so decode (q_len 1),
-verify (1 + k) and chunked prefill all run the same kernel and stay capturable in CUDA graphs.
+paged_attention: one program per (chunk of BM query tokens of one sequence, KV head, key split).
+The program packs its BM tokens x the H / H_kv query heads of that KV head into the rows of one
+tile, so the keys and values of a GQA group are read once, and walks the sequence's block table one
+tile of BN keys at a time (one cache block, or several) with an online softmax in fp32 (exp2, the
+scale folded into log2 e). Only the keys a chunk's last query can see are visited.
+Chunks are numbered per sequence from cu_seqlens_q[b] // BM + b (the GDN kernels' `_find_sequence`),
+so a grid of T // BM + B chunks covers every chunk with no host sync; BM is a tile choice from T / B
+only, so decode (q_len 1), verify (1 + k) and chunked prefill all run the same kernel and stay
+capturable in CUDA graphs. When the chunks are too few to fill the GPU (decode at small batch),
+each chunk's keys are cut into SPLITS ranges (flash-decoding); the splits' partial results are
+merged by a second kernel in split order, so the result does not depend on scheduling.
 """
 
 import math
@@ -20,13 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
+from worker.kernels.triton_gated_delta_rule_chunked import _interpreting, _num_sms
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision, _find_sequence
 
+TILE_BYTES = 32 * 1024  # query rows x head dim x element size per program: fp32 at D = 256 takes 32 rows
 MAX_ROWS = 64  # query rows (tokens x heads of a GQA group) per program
 MIN_ROWS = 16  # tl.dot needs at least 16 rows ...
 MIN_KEYS = 16  # ... and columns: smaller cache blocks are read several to a key tile
-
+KEY_TILE_BYTES = 16 * 1024  # keys per tile x head dim x element size: 32 keys of 256 in bf16
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256
+PROGRAMS_PER_SM = 4  # the decode grid is split along the keys until it has this many programs per SM
 
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """Every buffer a kernel must fill; tests replace this with a NaN fill."""
@@ -59,41 +65,43 @@ def _reshape_and_cache_kernel(
 
 
 @triton.jit
-def _attend_block(q, k_cache, v_cache, table, blk, kv_len, q_pos, m_i, l_i, acc, qk_scale, d, dmask, kvh,
-                  stride_c_b, stride_c_s, stride_c_h, BS: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
-    """Online-softmax update of (m_i, l_i, acc) with keys blk * BN .. blk * BN + BN - 1 (BN / BS cache blocks)."""
-    kpos = blk * BN + tl.arange(0, BN)
+def _attend_tile(q, k_cache, v_cache, table, kpos, kv_len, q_pos, m_i, l_i, acc, qk_scale, d, dmask, kvh,
+                 stride_c_b, stride_c_s, stride_c_h, BS: tl.constexpr, DOT: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) with the keys at positions kpos [BN]."""
     kmask = kpos < kv_len
     page = tl.load(table + kpos // BS, mask=kmask, other=0).to(tl.int64)
     row = page * stride_c_b + (kpos % BS) * stride_c_s  # k and v caches share one layout (checked on the host)
-    k = tl.load(k_cache + row[:, None] + kvh * stride_c_h + d[None, :], mask=kmask[:, None] & dmask[None, :],
-                other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale  # [BM*BG, BN], log2 units
+    kv_mask = kmask[:, None] & dmask[None, :]
+    k = tl.load(k_cache + row[:, None] + kvh * stride_c_h + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale  # [rows, BN], log2 units
     visible = (kpos[None, :] <= q_pos[:, None]) & kmask[None, :]
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache + row[:, None] + kvh * stride_c_h + d[None, :], mask=kmask[:, None] & dmask[None, :],
-                other=0.0)
+    v = tl.load(v_cache + row[:, None] + kvh * stride_c_h + d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _paged_attention_kernel(
-    query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+    query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml,
     qk_scale,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
-    B, GROUP, D,
+    T, H, B, GROUP, D,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, LOG_B: tl.constexpr,
-    DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLITS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Rows r of the tile are (token r // BG of the chunk, query head r % BG of the KV head's group)."""
+    """Rows r of the tile are (token r // BG of the chunk, query head r % BG of the KV head's group).
+
+    With SPLITS > 1 the chunk's keys are cut into SPLITS ranges of whole key tiles, one per
+    program; each writes its unnormalised (acc, max, sum) to part_* and the combine kernel merges."""
     chunk = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     n = _find_sequence(cu_seqlens_q, chunk, B, BM, LOG_B)
     start = tl.load(cu_seqlens_q + n)
     end = tl.load(cu_seqlens_q + n + 1)
@@ -110,32 +118,57 @@ def _paged_attention_kernel(
     dmask = d < D
     head = kvh * GROUP + g
     tok = (start + i).to(tl.int64)
-    o_ptr = out + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
-    if kv_len == 0:  # the reference leaves zeros
-        tl.store(o_ptr, tl.zeros([BM * BG, BD], dtype=out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-        return
     q = tl.load(query + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(k_cache.dtype.element_ty)
     q_pos = kv_len - q_len + i  # the last key each row sees
     last = tl.minimum(cs - start + BM, q_len)  # one past the chunk's last query
-    kv_end = kv_len - q_len + last  # keys any row of the chunk sees
-    m_i = tl.full([BM * BG], -1.0e30, dtype=tl.float32)  # finite, so fully masked blocks give exp2(-inf) = 0
+    kv_end = tl.maximum(kv_len - q_len + last, 0)  # keys any row of the chunk sees
+    num_tiles = (kv_end + BN - 1) // BN
+    per_split = (num_tiles + SPLITS - 1) // SPLITS
+    tile = split * per_split
+    tile_end = tl.minimum(tile + per_split, num_tiles)
+    m_i = tl.full([BM * BG], -1.0e30, dtype=tl.float32)  # finite, so fully masked tiles give exp2(-inf) = 0
     l_i = tl.zeros([BM * BG], dtype=tl.float32)
     acc = tl.zeros([BM * BG, BD], dtype=tl.float32)
     table = block_tables + n.to(tl.int64) * stride_bt_b
-    num_blocks = (kv_end + BN - 1) // BN
+    kn = tl.arange(0, BN)
     if INTERPRET:  # the interpreter cannot index a range by loaded bounds
-        blk = 0
-        while blk < num_blocks:
-            m_i, l_i, acc = _attend_block(q, k_cache, v_cache, table, blk, kv_len, q_pos, m_i, l_i, acc, qk_scale, d,
-                                          dmask, kvh, stride_c_b, stride_c_s, stride_c_h, BS, BN, DOT)
-            blk += 1
+        while tile < tile_end:
+            m_i, l_i, acc = _attend_tile(q, k_cache, v_cache, table, tile * BN + kn, kv_len, q_pos, m_i, l_i, acc,
+                                         qk_scale, d, dmask, kvh, stride_c_b, stride_c_s, stride_c_h, BS, DOT)
+            tile += 1
     else:
-        for blk in range(0, num_blocks):
-            m_i, l_i, acc = _attend_block(q, k_cache, v_cache, table, blk, kv_len, q_pos, m_i, l_i, acc, qk_scale, d,
-                                          dmask, kvh, stride_c_b, stride_c_s, stride_c_h, BS, BN, DOT)
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key (q_len > kv_len) stays 0
-    tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        for t in range(tile, tile_end):
+            m_i, l_i, acc = _attend_tile(q, k_cache, v_cache, table, t * BN + kn, kv_len, q_pos, m_i, l_i, acc,
+                                         qk_scale, d, dmask, kvh, stride_c_b, stride_c_s, stride_c_h, BS, DOT)
+    omask = rmask[:, None] & dmask[None, :]
+    if SPLITS == 1:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key stays 0 (the reference's zeros)
+        tl.store(out + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :],
+                 acc.to(out.dtype.element_ty), mask=omask)
+    else:
+        row = (split * T + tok) * H + head  # part_acc [SPLITS, T, H, BD], part_ml [SPLITS, T, H, 2]
+        tl.store(part_acc + row[:, None] * BD + d[None, :], acc, mask=omask)
+        tl.store(part_ml + row * 2, m_i, mask=rmask)
+        tl.store(part_ml + row * 2 + 1, l_i, mask=rmask)
+
+
+@triton.jit
+def _combine_splits_kernel(part_acc, part_ml, out, stride_o_t, stride_o_h, T, H, D,
+                           SPLITS: tl.constexpr, BD: tl.constexpr):
+    """out[t, h] = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m), m = max_s m_s, in split order."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    row = (s * T + t) * H + h
+    m_s = tl.load(part_ml + row * 2)
+    l_s = tl.load(part_ml + row * 2 + 1)
+    scale = tl.exp2(m_s - tl.max(m_s, 0))
+    total = tl.sum(l_s * scale, 0)
+    d = tl.arange(0, BD)
+    acc = tl.load(part_acc + row[:, None] * BD + d[None, :])
+    o = tl.sum(acc * scale[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + t * stride_o_t + h * stride_o_h + d, o.to(out.dtype.element_ty), mask=d < D)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -154,17 +187,32 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _query_tile(T: int, B: int, group: int) -> tuple[int, int]:
+def _query_tile(T: int, B: int, group: int, D: int, elem_bytes: int) -> tuple[int, int]:
     """(BM tokens, BG heads) per program: BM from the mean query length T / B (a tile choice, not a
-    bound: any sequence longer than BM gets more chunks), BM * BG rows between MIN_ROWS and MAX_ROWS."""
+    bound: any sequence longer than BM gets more chunks), BM * BG rows between MIN_ROWS and a cap
+    that keeps the query and accumulator tiles in registers (fp32 at D = 256 overflowed them)."""
     BG = triton.next_power_of_2(group)
-    max_tokens = max(1, MAX_ROWS // BG)
+    max_rows = max(MIN_ROWS, min(MAX_ROWS, TILE_BYTES // (triton.next_power_of_2(D) * elem_bytes)))
+    max_tokens = max(1, max_rows // BG)
     BM = min(max_tokens, triton.next_power_of_2(max(1, triton.cdiv(T, max(B, 1)))))
     BM = max(BM, triton.cdiv(MIN_ROWS, BG))
     return BM, BG
 
 
-def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def _key_tile(block_size: int, D: int, elem_bytes: int) -> int:
+    return max(block_size, MIN_KEYS, KEY_TILE_BYTES // (triton.next_power_of_2(D) * elem_bytes))
+
+
+def _num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
+    """Key ranges per chunk: enough programs to fill the GPU, at least MIN_KEYS_PER_SPLIT keys each
+    when the longest context is known (0: unknown). From shapes and host metadata only."""
+    want = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), num_programs)
+    if max_context_len > 0:
+        want = min(want, triton.cdiv(max_context_len, MIN_KEYS_PER_SPLIT))
+    return min(MAX_SPLITS, triton.next_power_of_2(max(1, want)))
+
+
+def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len):
     T, H, D = query.shape
     HKV, BS = k_cache.shape[2], k_cache.shape[1]
     B = context_lens.shape[0]
@@ -172,18 +220,28 @@ def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
     if T == 0 or B == 0:
         return out
     group = H // HKV
-    BM, BG = _query_tile(T, B, group)
-    log_b = max(1, math.ceil(math.log2(B + 1)))
-    _paged_attention_kernel[(T // BM + B, HKV)](
-        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+    elem = k_cache.element_size()
+    BM, BG = _query_tile(T, B, group, D, elem)
+    BD = triton.next_power_of_2(D)
+    num_chunks = T // BM + B
+    splits = _num_splits(num_chunks * HKV, max_context_len, query.device)
+    part_acc = part_ml = out  # unused with one split
+    if splits > 1:
+        part_acc = torch.empty(splits, T, H, BD, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(splits, T, H, 2, dtype=torch.float32, device=query.device)
+    _paged_attention_kernel[(num_chunks, HKV, splits)](
+        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml,
         scale * math.log2(math.e),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        B, group, D,
-        BM=BM, BG=BG, BS=BS, BN=max(BS, MIN_KEYS), BD=triton.next_power_of_2(D), LOG_B=log_b,
-        DOT=_dot_precision(k_cache.dtype), INTERPRET=_interpreting(),
-        num_warps=4 if D <= 128 else 8,
+        T, H, B, group, D,
+        BM=BM, BG=BG, BS=BS, BN=_key_tile(BS, D, elem), BD=BD, LOG_B=max(1, math.ceil(math.log2(B + 1))),
+        SPLITS=splits, DOT=_dot_precision(k_cache.dtype), INTERPRET=_interpreting(),
+        num_warps=4 if D <= 128 else 8, num_stages=2 if elem == 4 else 3,
     )
+    if splits > 1:
+        _combine_splits_kernel[(T, H)](part_acc, part_ml, out, out.stride(0), out.stride(1), T, H, D,
+                                       SPLITS=splits, BD=BD, num_warps=4)
     return out
 
 
@@ -223,6 +281,7 @@ def paged_attention(
     context_lens: torch.Tensor,  # [B]
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
+    max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); tiling only
 ) -> torch.Tensor:  # [T, H, D]
     """Query i of a sequence with KV length L and q_len queries sees keys 0 .. L - q_len + i."""
     _check(query.dim() == 3, f"query must be [T, H, D], got {tuple(query.shape)}")
@@ -239,4 +298,5 @@ def paged_attention(
            f"block_tables must be [{B}, max_blocks], got {tuple(block_tables.shape)}")
     _check(block_tables.stride(1) == 1 or block_tables.shape[1] <= 1, "block_tables must be contiguous in its rows")
     query = _inner_contiguous(query)
-    return _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                            max_context_len)

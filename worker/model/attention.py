@@ -49,7 +49,8 @@ class GatedAttention(nn.Module):
         query, key = self.rotary(positions, query, key)
         kernels.reshape_and_cache(key, value, self.k_cache, self.v_cache, meta.slot_mapping)
         out = kernels.paged_attention(
-            query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale
+            query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
+            meta.max_context_len,
         )
         out = out.reshape(tokens, -1) * torch.sigmoid(gate.reshape(tokens, -1))
         return self.o_proj(out)

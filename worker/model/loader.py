@@ -17,11 +17,15 @@ from tqdm import tqdm
 from worker.config import ModelConfig
 from worker.model.layers.checkpoint_tensor import CheckpointTensor
 from worker.model.layers.linear import default_weight_loader
+from worker.model.moe import SHARED
 from worker.model.qwen3_next import Qwen3NextForCausalLM
 
 logger = logging.getLogger(__name__)
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+# A shared expert as wide as the routed ones is stored as their last expert, its gate as the router's last row.
+_SHARED_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp)\.shared_expert\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_SHARED_GATE_KEY = re.compile(r"^(?P<prefix>.*\.mlp)\.shared_expert_gate\.weight$")
 _IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -56,25 +60,28 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from e
 
 
-def _target(name: str) -> tuple[str, object]:
+def _target(name: str, params: dict) -> tuple[str, object]:
     """Checkpoint name -> (parameter name, shard_id)."""
     match = _EXPERT_KEY.match(name)
     if match:
         param = "w2" if match["proj"] == "down_proj" else "w13"
         return f"{match['prefix']}.{param}", (int(match["expert"]), match["proj"])
+    if name not in params:
+        match = _SHARED_EXPERT_KEY.match(name)
+        if match:
+            param = "w2" if match["proj"] == "down_proj" else "w13"
+            return f"{match['prefix']}.experts.{param}", (SHARED, match["proj"])
+        match = _SHARED_GATE_KEY.match(name)
+        if match:
+            return f"{match['prefix']}.gate.weight", SHARED
     return name, None
 
 
-def _expected_shards(model: torch.nn.Module, num_experts: int) -> set[tuple[str, object]]:
-    expected = set()
-    for name, _ in model.named_parameters():
-        if name.endswith(".experts.w13"):
-            expected |= {(name, (e, p)) for e in range(num_experts) for p in ("gate_proj", "up_proj")}
-        elif name.endswith(".experts.w2"):
-            expected |= {(name, (e, "down_proj")) for e in range(num_experts)}
-        else:
-            expected.add((name, None))
-    return expected
+def _expected_shards(model: torch.nn.Module) -> set[tuple[str, object]]:
+    """(parameter, shard_id) pairs the checkpoint must fill; a parameter filled from several tensors
+    lists their shard ids in `expected_shards`."""
+    return {(name, shard) for name, param in model.named_parameters()
+            for shard in getattr(param, "expected_shards", [None])}
 
 
 def load_model(
@@ -100,7 +107,7 @@ def load_model(
     if config.tie_word_embeddings:
         files.pop("lm_head.weight", None)
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = _expected_shards(model, config.num_experts)
+    expected = _expected_shards(model)
     if config.tie_word_embeddings:
         expected.discard(("lm_head.weight", None))
     loaded: set[tuple[str, object]] = set()
@@ -117,16 +124,24 @@ def load_model(
                 _load_tensor(params, name, f, dtype, loaded)
                 bar.update()
     bar.close()
-    missing = sorted(f"{name}{'' if shard is None else f' (expert {shard[0]} {shard[1]})'}"
-                     for name, shard in expected - loaded)
+    missing = sorted(f"{name}{_describe_shard(shard)}" for name, shard in expected - loaded)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{model_dir}: missing weights: {shown}")
     return model.eval()
 
 
+def _describe_shard(shard) -> str:
+    if shard is None:
+        return ""
+    if shard == SHARED:
+        return " (shared expert gate row)"
+    expert, proj = shard
+    return f" ({'shared expert' if expert == SHARED else f'expert {expert}'} {proj})"
+
+
 def _load_tensor(params, name, handle, dtype, loaded) -> None:
-    target, shard_id = _target(name)
+    target, shard_id = _target(name, params)
     param = params.get(target)
     if param is None:
         if not _IGNORED_KEYS.search(name):

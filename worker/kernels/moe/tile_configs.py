@@ -1,0 +1,60 @@
+"""Tile configs of the fused MoE kernels: tuned per (E, H, I, dtype, device) as JSON data, else a default.
+
+A file `configs/E={E},H={H},I={I},dtype={dtype},device={device}.json` maps a token count to
+{"BLOCK_M": ..., "gate_up": {...}, "down": {...}}; both GEMMs share BLOCK_M (the pairs are grouped
+into blocks of that size once). I is the per-rank intermediate size, so tp 1, 2 and 4 of one model
+have a file each. `benchmarks/tune_moe.py` writes them; the token count nearest the asked one wins.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+def config_file_name(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: str) -> str:
+    return f"E={num_experts},H={hidden},I={inter},dtype={str(dtype).removeprefix('torch.')},device={device}.json"
+
+
+@functools.cache
+def _load(name: str) -> dict[int, dict] | None:
+    path = CONFIG_DIR / name
+    if not path.is_file():
+        return None
+    return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+
+
+def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
+    """Memory-bound small batches: one 16-row block per expert, narrow N tiles for many programs;
+    large batches: tensor-core tiles grouped along M for L2 reuse. fp32 halves K to fit shared memory."""
+    if num_tokens <= 32:
+        cfg = {"BLOCK_M": 16, "gate_up": dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+               "down": dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)}
+    elif num_tokens <= 512:
+        cfg = {"BLOCK_M": 32, "gate_up": dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4),
+               "down": dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)}
+    else:
+        cfg = {"BLOCK_M": 64, "gate_up": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+               "down": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)}
+    if dtype == torch.float32:
+        for gemm in ("gate_up", "down"):
+            cfg[gemm] = dict(cfg[gemm], BLOCK_K=32, num_stages=min(cfg[gemm]["num_stages"], 3))
+    return cfg
+
+
+def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+               device: torch.device) -> dict:
+    table = _load(config_file_name(num_experts, hidden, inter, dtype, device_name(device)))
+    if not table:
+        return default_config(num_tokens, dtype)
+    nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
+    return table[nearest]
