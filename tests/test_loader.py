@@ -11,6 +11,9 @@ from transformers import AutoConfig
 
 from tests.helpers import read_checkpoint
 from worker.config import ConfigError, ModelConfig
+from worker.engine.cache_tensors import CacheShapes, allocate_and_bind
+from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.model.context import forward_context
 from worker.model.loader import CheckpointError, load_model
 
 
@@ -323,3 +326,30 @@ def test_invalid_config_values(checkpoint_copy, edit, words):
     assert isinstance(err.value, ValueError)
     for word in words:
         assert word in str(err.value), f"{word!r} not in: {err.value}"
+
+
+def test_dummy_load_format_makes_a_working_model_from_the_config_alone(checkpoint_factory, tmp_path):
+    """Random weights from config.json only (no safetensors read): finite logits, the same model
+    each time, an MTP layer, and norm weights in their conventions' ranges."""
+    source = checkpoint_factory("tiny-dense-mix")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    first = load_model(tmp_path, load_format="dummy")
+    second = load_model(tmp_path, load_format="dummy")
+    assert first.mtp is not None
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), name
+    params = dict(first.named_parameters())
+    assert params["model.layers.0.input_layernorm.weight"].abs().max() < 0.2  # zero-centred: y * (1 + w)
+    assert (params["model.layers.0.linear_attn.norm.weight"] - 1).abs().max() < 0.2  # plain: y * w
+    ids = torch.tensor(json.loads((tmp_path / "config.json").read_text())["bos_token_id"]).repeat(5)
+    shapes = CacheShapes.for_model(first, 16, 0, torch.float32, torch.float32)
+    allocate_and_bind(first, shapes, 4, 1, "cpu")
+    input_ids, positions, ctx = build_step_inputs([SequenceSlice(ids.tolist(), 0, [0], state_group=0)], 16, 1, "cpu")
+    with torch.inference_mode(), forward_context(ctx):
+        logits = first.compute_logits(first(input_ids, positions))
+    assert torch.isfinite(logits).all() and logits.std() > 0.1
+
+
+def test_unknown_load_format_is_refused(checkpoint_factory):
+    with pytest.raises(ValueError, match="load_format must be one of auto, dummy"):
+        load_model(checkpoint_factory("tiny"), load_format="pt")

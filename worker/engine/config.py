@@ -22,8 +22,9 @@ class EngineConfig:
     cache_memory_bytes: int = 512 << 20  # CPU: bytes for KV blocks and GDN states together
     num_kv_blocks: int | None = None  # fix the number of KV blocks (tests, debugging)
     ssm_state_dtype: str = "float32"
-    kernel_backend: str = "auto"  # "auto" (Triton on CUDA; paged attention only with "triton"), "torch", "triton"
+    kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "torch" (the references), "triton"
     seed: int = 0
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -43,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
 

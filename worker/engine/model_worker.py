@@ -28,7 +28,8 @@ class ModelWorker:
         self.device = device
         set_kernel_backend(config.kernel_backend)
         self.model_config = ModelConfig.from_pretrained(config.model)
-        self.model = load_model(config.model, config.torch_dtype, device, self.model_config, progress=True)
+        self.model = load_model(config.model, config.torch_dtype, device, self.model_config, progress=True,
+                                load_format=config.load_format)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         k = config.speculative_tokens

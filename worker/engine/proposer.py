@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from worker.engine.host_io import index_tensor
 from worker.engine.plan import StepPlan
 from worker.model.context import AttentionMetadata, StepContext, forward_context
 
@@ -55,7 +56,7 @@ class MTPProposer:
         next_ids[inputs.anchor_rows] = inputs.anchor_next_ids
         with forward_context(StepContext(inputs.ctx.attn)):
             mtp_hidden = self.model.forward_mtp(next_ids, inputs.positions, inputs.hidden_states)
-        sampled = torch.tensor(inputs.sampled, dtype=torch.long, device=next_ids.device)
+        sampled = index_tensor(inputs.sampled, next_ids.device)
         rows = inputs.anchor_rows[sampled]
         hidden = mtp_hidden[rows]
         drafts = [self.model.compute_logits(hidden).argmax(dim=-1)]

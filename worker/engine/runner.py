@@ -1,11 +1,13 @@
 """Runs one step plan: flat inputs -> target forward -> sample / verify -> drafts for the next step.
 
-The only device-to-host copy per step is the one that brings back the emitted tokens (with the new
-drafts and logprobs in the same transfer).
+The step never waits for the device but once: host inputs go through pinned memory without
+blocking, and the emitted tokens, new drafts and logprobs come back as one packed non-blocking copy
+into pinned memory followed by one event wait (worker.engine.host_io).
 """
 
 import torch
 
+from worker.engine.host_io import PendingHostCopy, index_tensor, to_device
 from worker.engine.plan import SequenceOutput, StepOutput, StepPlan
 from worker.engine.proposer import ProposalInputs, Proposer
 from worker.engine.sampler import RequestSampling, sample, verify_drafts
@@ -51,13 +53,13 @@ class ModelRunner:
         decodes = [s for s in plan.sequences if s.is_decode]
         num_dec_rows = len(decodes) * emitted.q_len
         prefill_rows = [emitted.last_row(i) for i in emitted.sampled_prefills]
-        row_index = torch.tensor(list(range(num_dec_rows)) + prefill_rows, dtype=torch.long, device=self.device)
+        row_index = index_tensor(list(range(num_dec_rows)) + prefill_rows, self.device)
         logits = self.model.compute_logits(hidden[row_index]).float()
         if decodes:
             rows = [self.requests[s.request_id] for s in decodes]
             dec_logits = logits[:num_dec_rows]
             if self.num_spec_tokens:
-                drafts = torch.tensor([s.token_ids[1:] for s in decodes], dtype=torch.long, device=self.device)
+                drafts = to_device([s.token_ids[1:] for s in decodes], torch.long, self.device)
                 result = verify_drafts(dec_logits.view(len(decodes), emitted.q_len, -1), drafts, rows, self.generator)
                 emitted.set_verified(result)
             else:
@@ -114,32 +116,34 @@ class _Emitted:
 
     def anchors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (row of the last accepted position, the token after it), for every sequence of the plan."""
-        rows = torch.tensor([self.last_row(i) for i in range(len(self.plan.sequences))], dtype=torch.long, device=device)
-        next_ids = torch.tensor([s.next_token_id if s.next_token_id is not None else -1 for s in self.plan.sequences],
-                                dtype=torch.long, device=device)
+        rows = index_tensor([self.last_row(i) for i in range(len(self.plan.sequences))], device)
+        next_ids = index_tensor([s.next_token_id if s.next_token_id is not None else -1 for s in self.plan.sequences],
+                                device)
         if self.num_decodes:
-            starts = torch.tensor(self.starts[: self.num_decodes], dtype=torch.long, device=device)
+            starts = index_tensor(self.starts[: self.num_decodes], device)
             rows[: self.num_decodes] = starts + self.num_accepted
             next_ids[: self.num_decodes] = self.decode_tokens.gather(1, self.num_accepted[:, None]).squeeze(1)
         if self.sampled_prefills:
-            next_ids[torch.tensor(self.sampled_prefills, device=device)] = self.prefill_tokens
+            next_ids[index_tensor(self.sampled_prefills, device)] = self.prefill_tokens
         return rows, next_ids
 
-    def _to_host(self):
+    def _to_host(self, drafts: torch.Tensor | None = None):
+        """The step's one wait: every result tensor in one packed copy (drafts too, when given)."""
         if self._host is None:
-            def cpu(x):
-                return None if x is None else x.tolist()
-
-            def cpu_pair(pair):
-                return None if pair is None else (cpu(pair[0]), cpu(pair[1]))
-
             dec_lp, dec_top = self.decode_logprobs or (None, None)
             pre_lp, pre_top = self.prefill_logprobs or (None, None)
-            self._host = dict(
-                decode_tokens=cpu(self.decode_tokens), num_accepted=cpu(self.num_accepted),
-                prefill_tokens=cpu(self.prefill_tokens), decode_lp=cpu(dec_lp), decode_top=cpu_pair(dec_top),
-                prefill_lp=cpu(pre_lp), prefill_top=cpu_pair(pre_top),
-            )
+            self._host = PendingHostCopy(dict(
+                decode_tokens=self.decode_tokens, num_accepted=self.num_accepted, prefill_tokens=self.prefill_tokens,
+                decode_lp=dec_lp, decode_top_values=None if dec_top is None else dec_top[0],
+                decode_top_ids=None if dec_top is None else dec_top[1], prefill_lp=pre_lp,
+                prefill_top_values=None if pre_top is None else pre_top[0],
+                prefill_top_ids=None if pre_top is None else pre_top[1], drafts=drafts,
+            )).result()
+            for part in ("decode", "prefill"):
+                values, ids = self._host.pop(f"{part}_top_values"), self._host.pop(f"{part}_top_ids")
+                self._host[f"{part}_top"] = None if values is None else (values, ids)
+        elif drafts is not None:  # tokens already fetched (a proposer that reads them on the host)
+            self._host["drafts"] = PendingHostCopy({"drafts": drafts}).result()["drafts"]
         return self._host
 
     def host_tokens(self) -> list[list[int]]:
@@ -152,8 +156,8 @@ class _Emitted:
         return tokens
 
     def to_output(self, drafts: torch.Tensor | None, requests: dict) -> StepOutput:
-        host = self._to_host()
-        draft_lists = drafts.tolist() if drafts is not None else None
+        host = self._to_host(drafts)
+        draft_lists = host.get("drafts")
         draft_row = {seq_index: row for row, seq_index in enumerate(self.sampled)}
         prefill_row = {seq_index: row for row, seq_index in enumerate(self.sampled_prefills)}
         tokens = self.host_tokens()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from worker.engine.host_io import index_tensor, to_device
 from worker.engine.sampling_params import SamplingParams
 
 # Temperatures below this are clamped so that logits / temperature stays finite.
@@ -111,7 +112,7 @@ class _ExtraTokens:
         row_index = [r for r, ids in enumerate(extra_tokens) for _ in ids]
         token_ids = [t for ids in extra_tokens for t in ids]
         as_long = dict(dtype=torch.int64, device=device)
-        return cls(torch.tensor(row_index, **as_long), torch.tensor(token_ids, **as_long),
+        return cls(to_device(row_index, **as_long), to_device(token_ids, **as_long),
                    torch.ones(len(token_ids), dtype=torch.float32, device=device))
 
     @classmethod
@@ -131,12 +132,12 @@ class _ExtraTokens:
 
 
 def _ids_tensor(token_ids: list[int], vocab_size: int, device) -> Tensor:
-    ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
+    ids = to_device(token_ids, torch.int64, torch.device(device))
     return ids.clamp_(0, vocab_size - 1)
 
 
 def _row_tensor(values: list, device, dtype=torch.float32) -> Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return to_device(values, dtype, torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def _apply_penalties(logits: Tensor, rows: list[RequestSampling],
     states = [rows[i].penalty_state(vocab_size, device) for i in penalised]
     prompt_mask = torch.stack([mask for mask, _ in states])  # [P, V]
     counts = torch.stack([c for _, c in states])  # [P, V], a copy: extras are added below
-    index = torch.tensor(penalised, dtype=torch.int64, device=device)
+    index = index_tensor(penalised, device)
     if extra is not None and extra.row_index.numel():
         _add_extra_counts(counts, index, num_rows, extra)
     params = [rows[i].params for i in penalised]
@@ -196,7 +197,7 @@ def _mask_stops_before_min_tokens(logits: Tensor, rows: list[RequestSampling],
         return logits
     logits = logits.clone()
     as_long = dict(dtype=torch.int64, device=logits.device)
-    logits[torch.tensor(row_index, **as_long), torch.tensor(token_ids, **as_long)] = float("-inf")
+    logits[to_device(row_index, **as_long), to_device(token_ids, **as_long)] = float("-inf")
     return logits
 
 
@@ -300,7 +301,7 @@ def target_probs(logits: Tensor, rows: list[RequestSampling],
     probs = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[1]).float()
     sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
+        index = index_tensor(sampled, logits.device)
         probs[index] = _filtered_probs(logits[index], [rows[i] for i in sampled])
     return probs
 
@@ -352,7 +353,7 @@ def sample(logits: Tensor, rows: list[RequestSampling],
     token_ids = processed.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
+        index = index_tensor(sampled, logits.device)
         sampled_rows = [rows[i] for i in sampled]
         probs = _filtered_probs(processed[index], sampled_rows)
         uniforms = _draw_uniforms(sampled_rows, 1, logits.device, default_generator)
@@ -391,7 +392,7 @@ def verify_drafts(logits: Tensor, draft_ids: Tensor, rows: list[RequestSampling]
     accepted = draft_ids == argmax_ids[:, :-1]  # [N, Q-1], right for greedy sequences
     sampled = [n for n, row in enumerate(rows) if not row.params.is_greedy]
     if sampled:
-        index = torch.tensor(sampled, device=device)
+        index = index_tensor(sampled, device)
         sampled_rows = [rows[n] for n in sampled]
         probs = _filtered_probs(processed[index].view(-1, vocab_size),
                                 [row for row in sampled_rows for _ in range(num_query)])

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.host_io import to_device
 from worker.model.context import PAD_SLOT, AttentionMetadata, GDNMetadata, StepContext
 
 
@@ -51,8 +52,10 @@ def build_step_inputs(slices: list[SequenceSlice], block_size: int, decode_query
     max_blocks = max((len(s.block_table) for s in slices), default=0) or 1
     tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in slices]
 
+    device = torch.device(device)
+
     def tensor(data, dtype):
-        return torch.tensor(data, dtype=dtype, device=device)
+        return to_device(data, dtype, device)
 
     attn = AttentionMetadata(
         cu_seqlens_q=tensor(cu, torch.int32),

@@ -17,10 +17,13 @@ from tqdm import tqdm
 from worker.config import ModelConfig
 from worker.model.layers.checkpoint_tensor import CheckpointTensor
 from worker.model.layers.linear import default_weight_loader
+from worker.model.dummy_weights import init_dummy_weights
 from worker.model.moe import SHARED
 from worker.model.qwen3_next import Qwen3NextForCausalLM
 
 logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "dummy")
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 # A shared expert as wide as the routed ones is stored as their last expert, its gate as the router's last row.
@@ -84,26 +87,39 @@ def _expected_shards(model: torch.nn.Module) -> set[tuple[str, object]]:
             for shard in getattr(param, "expected_shards", [None])}
 
 
+def _build(config: ModelConfig, num_mtp: int, dtype: torch.dtype, device) -> Qwen3NextForCausalLM:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen3NextForCausalLM(config, num_mtp_layers=num_mtp)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     config: ModelConfig | None = None,
     progress: bool = False,
+    load_format: str = "auto",
 ) -> Qwen3NextForCausalLM:
+    """load_format "auto": the folder's safetensors; "dummy": random weights from config.json alone
+    (with an MTP layer, as the released Qwen3-Next checkpoints have), for benchmarks."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_pretrained(model_dir)
+    if load_format == "dummy":
+        model = _build(config, config.num_mtp_layers or 1, dtype, device)
+        init_dummy_weights(model)
+        return model.eval()
     files = checkpoint_files(model_dir)
     num_mtp = 0
     if any(name.startswith("mtp.") for name in files):
         num_mtp = config.num_mtp_layers or 1
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3NextForCausalLM(config, num_mtp_layers=num_mtp)
-    finally:
-        torch.set_default_dtype(previous)
+    model = _build(config, num_mtp, dtype, device)
     if config.tie_word_embeddings:
         files.pop("lm_head.weight", None)
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -44,7 +44,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            help="CPU only: memory for KV blocks and GDN states")
     option("--seed", env="NEXTSERVE_SEED", default=0, type=int, help="sampling seed of requests without one")
     option("--kernel-backend", env="NEXTSERVE_KERNEL_BACKEND", default="auto", choices=["auto", "torch", "triton"],
-           help="Gated DeltaNet ops: auto (Triton on CUDA), torch (the references, for comparison), triton")
+           help="kernels: auto (Triton on CUDA), torch (the references, for comparison), triton")
+    option("--load-format", env="NEXTSERVE_LOAD_FORMAT", default="auto", choices=["auto", "dummy"],
+           help="auto: the checkpoint's safetensors; dummy: random weights from config.json (benchmarks)")
 
 
 def _option_adder(parser: argparse.ArgumentParser):
@@ -92,6 +94,7 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len or None,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
+        load_format=args.load_format,
     )
 
 

@@ -1,0 +1,61 @@
+"""Whole engine steps on CUDA never wait for the device, but for the one event wait on the step's
+results: under `torch.cuda.set_sync_debug_mode("error")` any other synchronising call (`.item()`,
+`.tolist()`, a blocking copy, `nonzero`) raises. Qwen3-Next-80B's per-layer shapes (4 layers: 3 GDN
++ 1 attention, plus the MTP layer) with random weights made on the device."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from worker.engine.config import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.engine.sampling_params import SamplingParams
+from worker.tools.model_shapes import write_shape_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@contextmanager
+def syncs_are_errors():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_shape_config(tmp_path_factory.mktemp("qwen3-next-80b-4l"), num_layers=4)
+
+
+def make_engine(model_dir, k: int) -> LLMEngine:
+    config = EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
+                          speculative_tokens=k, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048,
+                          gpu_memory_utilization=0.5)
+    return LLMEngine(config)
+
+
+def add_requests(engine: LLMEngine, num: int, prompt_len: int, params: SamplingParams) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for i in range(num):
+        prompt = torch.randint(0, 150000, (prompt_len,), generator=gen).tolist()
+        engine.add_request(f"r{i}", prompt, params)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+@pytest.mark.parametrize("k", [0, 2], ids=["decode", "verify-k2"])
+def test_steps_never_sync(model_dir, k, sampling):
+    engine = make_engine(model_dir, k)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if sampling == "greedy" else 0.8,
+                            top_p=0.9 if sampling == "sampled" else 1.0, logprobs=2)
+    add_requests(engine, 4, 128, params)
+    outputs = []
+    with syncs_are_errors():
+        outputs += engine.step()  # the prefill step (512 tokens: all four prompts at once)
+        for _ in range(8):
+            outputs += engine.step()
+    assert any(out.new_token_ids for out in outputs)
+    engine.shutdown()
