@@ -1,0 +1,106 @@
+"""Paged attention (Triton) against torch's scaled_dot_product_attention (flash backend) on the same
+data laid out contiguously, printed as JSON.
+
+    python benchmarks/bench_attention.py [--out FILE]
+
+Qwen3-Next's attention per rank at tp 1: 16 query heads, 2 KV heads, head dim 256, bf16, block
+size 16, shuffled block tables. Decode (one query per sequence) at batch 1..256 with contexts of
+1k, 8k and 32k tokens (skipped where the caches would pass MAX_KV_GB), and one 4k-token causal
+prefill. Both sides are timed as CUDA-graph replays; decode also reports the KV bytes read over the
+copy rate measured in the same run.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_bench import card, ceilings, git_commit, graph_time_us  # noqa: E402
+from worker.kernels import triton_paged_attention as tk  # noqa: E402
+
+H, HKV, D, BLOCK = 16, 2, 256, 16
+BATCHES = [1, 4, 16, 64, 256]
+CONTEXTS = [1024, 8192, 32768]
+MAX_KV_GB = 8.0
+DTYPE = torch.bfloat16
+
+
+def paged_case(batch: int, context: int, q_len: int, gen):
+    """Contiguous k, v [B, HKV, L, D] and the same data in a shuffled paged cache."""
+    blocks_per_seq = math.ceil(context / BLOCK)
+    num_blocks = batch * blocks_per_seq
+    k = torch.randn(batch, HKV, context, D, device="cuda", dtype=DTYPE, generator=gen)
+    v = torch.randn(batch, HKV, context, D, device="cuda", dtype=DTYPE, generator=gen)
+    order = torch.randperm(num_blocks, device="cuda", generator=gen)
+    tables = order.view(batch, blocks_per_seq).to(torch.int32)
+    k_cache = torch.empty(num_blocks, BLOCK, HKV, D, device="cuda", dtype=DTYPE)
+    v_cache = torch.empty_like(k_cache)
+    padded = blocks_per_seq * BLOCK
+    for src, dst in ((k, k_cache), (v, v_cache)):
+        full = F.pad(src, (0, 0, 0, padded - context)).view(batch, HKV, blocks_per_seq, BLOCK, D)
+        dst[tables.long().view(-1)] = full.permute(0, 2, 3, 1, 4).reshape(-1, BLOCK, HKV, D)
+    q = torch.randn(batch * q_len, H, D, device="cuda", dtype=DTYPE, generator=gen)
+    meta = dict(cu_seqlens_q=torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32),
+                context_lens=torch.full((batch,), context, device="cuda", dtype=torch.int32),
+                block_tables=tables, scale=D**-0.5, max_context_len=context)
+    return q, k, v, k_cache, v_cache, meta
+
+
+def sdpa(q, k, v, batch, q_len, causal):
+    qs = q.view(batch, q_len, H, D).transpose(1, 2)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(qs, k, v, is_causal=causal, enable_gqa=True)
+
+
+def compare(q, k, v, k_cache, v_cache, meta, batch, q_len, causal):
+    ours = tk.paged_attention(q, k_cache, v_cache, **meta)
+    theirs = sdpa(q, k, v, batch, q_len, causal).transpose(1, 2).reshape(ours.shape)
+    err = float((ours.float() - theirs.float()).norm() / theirs.float().norm())
+    ours_us = graph_time_us(lambda: tk.paged_attention(q, k_cache, v_cache, **meta))
+    sdpa_us = graph_time_us(lambda: sdpa(q, k, v, batch, q_len, causal))
+    return dict(us=round(ours_us, 2), sdpa_us=round(sdpa_us, 2), sdpa_over_ours=round(sdpa_us / ours_us, 3),
+                rel_error_vs_sdpa=err)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rates = ceilings()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for context in CONTEXTS:
+        for batch in BATCHES:
+            kv_bytes = 2 * batch * context * HKV * D * 2
+            if kv_bytes / 1e9 > MAX_KV_GB:
+                continue
+            case = paged_case(batch, context, 1, gen)
+            row = dict(kind="decode", batch=batch, context=context, kv_bytes=kv_bytes,
+                       **compare(*case, batch, 1, causal=False))
+            row["fraction_of_copy"] = round(kv_bytes / row["us"] / 1e3 / rates["copy_GBps"], 3)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            del case
+            torch.cuda.empty_cache()
+    case = paged_case(1, 4096, 4096, gen)
+    row = dict(kind="prefill", batch=1, context=4096, q_len=4096, **compare(*case, 1, 4096, causal=True))
+    row["TFLOPs"] = round(2 * 2 * H * D * 4096 * 4096 / 2 / row["us"] / 1e6, 1)
+    rows.append(row)
+    result = dict(benchmark="bench_attention", card=card(), commit=git_commit(), command=" ".join(sys.argv),
+                  ceilings=rates, shape=dict(heads=H, kv_heads=HKV, head_dim=D, block_size=BLOCK, dtype="bfloat16"),
+                  rows=rows)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

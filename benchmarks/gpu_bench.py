@@ -1,0 +1,68 @@
+"""Measuring helpers shared by the GPU benchmarks: the card's own ceilings and graph-replay timing.
+
+Ceilings are measured in the same process as what they judge: the device-to-device copy rate
+(bytes read plus written) and a large bf16 matrix product's rate, on random data.
+"""
+
+import subprocess
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def card() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return dict(name=props.name, sms=props.multi_processor_count, memory_GiB=round(props.total_memory / 2**30, 1),
+                torch=torch.__version__, cuda=torch.version.cuda)
+
+
+def graph_time_us(fn, replays: int = 20, inner: int = 1) -> float:
+    """Median time of one call of fn (which itself makes `inner` calls), captured in a CUDA graph and
+    replayed, so launch gaps stay out. fn must only launch work on the current stream."""
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_GBps(num_bytes: int = 2 << 30) -> float:
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = graph_time_us(lambda: dst.copy_(src), replays=10)
+    del src, dst
+    return 2 * num_bytes / us / 1e3
+
+
+def gemm_TFLOPs(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    us = graph_time_us(lambda: a @ b, replays=10)
+    return 2 * n**3 / us / 1e6
+
+
+def ceilings() -> dict:
+    return dict(copy_GBps=round(copy_bandwidth_GBps(), 1), bf16_gemm_TFLOPs=round(gemm_TFLOPs(), 1))

@@ -1,0 +1,130 @@
+"""Sweep the fused MoE's tile configs on this GPU and write them as data (worker/kernels/moe/configs).
+
+    python benchmarks/tune_moe.py [--inter 512 256 128] [--out-dir DIR]
+
+For each per-rank intermediate size (tp 1, 2, 4 of Qwen3-Next-80B: 512 routed experts + the
+shared one, hidden 2048, bf16) and token count, every candidate BLOCK_M groups the pairs once;
+the gate_up and down kernels are then timed per candidate tile (CUDA-graph replays over ROTATE
+routing sets) and the BLOCK_M with the smallest sum of the two bests wins. Candidates that do not
+compile (shared memory) are skipped. Prints the chosen configs and their times as JSON.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_bench import card, git_commit, graph_time_us  # noqa: E402
+from worker.kernels.moe import triton as tk  # noqa: E402
+from worker.kernels.moe.align import moe_align_block_size  # noqa: E402
+from worker.kernels.moe.tile_configs import CONFIG_DIR, config_file_name, device_name  # noqa: E402
+from worker.kernels.triton_gated_delta_rule_wy import _dot_precision  # noqa: E402
+
+E, H, TOP_K = 513, 2048, 10
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+ROTATE = 8
+
+
+def gemm(bn, bk, warps, stages, group=1):
+    return dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
+
+
+SMALL = [gemm(bn, bk, 4, s) for bn, bk, s in [(16, 128, 4), (32, 128, 4), (32, 256, 3), (64, 128, 4), (32, 64, 5),
+                                              (64, 64, 5), (16, 256, 4), (64, 256, 3)]]
+MID = [gemm(bn, bk, w, s, 4) for bn, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3),
+                                                  (128, 128, 8, 3), (32, 128, 4, 4)]]
+LARGE = [gemm(bn, bk, w, s, 8) for bn, bk, w, s in [(128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3),
+                                                    (128, 128, 8, 3), (64, 64, 4, 4), (256, 32, 8, 4)]]
+
+
+def candidates(tokens: int):
+    """(BLOCK_M, tiles) to try at this token count."""
+    if tokens <= 64:
+        return [(16, SMALL)]
+    if tokens <= 512:
+        return [(bm, MID) for bm in (16, 32, 64)]
+    return [(bm, LARGE) for bm in (64, 128)]
+
+
+def time_kernel(launch) -> float | None:
+    try:
+        return graph_time_us(launch, replays=10, inner=ROTATE)
+    except Exception as exc:  # noqa: BLE001 - out of resources and the like: not a candidate
+        print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
+def tune_point(tokens, inter, w13, w2, gen) -> dict:
+    x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    routes = [tk.select_experts(torch.randn(tokens, E, device="cuda", generator=gen), TOP_K, True, shared_gate=True)
+              for _ in range(ROTATE)]
+    num_pairs = tokens * (TOP_K + 1)
+    inter_buf = torch.randn(num_pairs, inter, device="cuda", dtype=torch.bfloat16, generator=gen)
+    y = torch.empty(num_pairs, H, device="cuda", dtype=torch.bfloat16)
+    dot = _dot_precision(x.dtype)
+    best = None
+    for bm, tiles in candidates(tokens):
+        aligned = [moe_align_block_size(ids, E, bm) for _, ids in routes]
+        weights = [w.reshape(-1) for w, _ in routes]
+        num_blocks = aligned[0][1].shape[0]
+
+        def up_launch(cfg):
+            args = tk._gemm_args(cfg)
+            return lambda: [tk._gate_up_kernel[tk._launch_grid(num_blocks, inter, args["BN"])](
+                x, w13, inter_buf, s, e, n, inter, H, num_pairs, num_blocks, x.stride(0), w13.stride(0),
+                w13.stride(1), inter_buf.stride(0), S=TOP_K + 1, BM=bm, DOT=dot, INTERPRET=False, **args)
+                for s, e, n in aligned]
+
+        def down_launch(cfg):
+            args = tk._gemm_args(cfg)
+            return lambda: [tk._down_kernel[tk._launch_grid(num_blocks, H, args["BN"])](
+                inter_buf, w2, y, w, s, e, n, H, inter, num_pairs, num_blocks, inter_buf.stride(0), w2.stride(0),
+                w2.stride(1), y.stride(0), BM=bm, DOT=dot, INTERPRET=False, **args)
+                for (s, e, n), w in zip(aligned, weights)]
+
+        up = [(t, cfg) for cfg in tiles if (t := time_kernel(up_launch(cfg))) is not None]
+        down = [(t, cfg) for cfg in tiles if (t := time_kernel(down_launch(cfg))) is not None]
+        if not up or not down:
+            continue
+        (up_us, up_cfg), (down_us, down_cfg) = min(up, key=lambda p: p[0]), min(down, key=lambda p: p[0])
+        if best is None or up_us + down_us < best["us"]:
+            best = dict(us=up_us + down_us, gate_up_us=up_us, down_us=down_us,
+                        config={"BLOCK_M": bm, "gate_up": up_cfg, "down": down_cfg})
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inter", type=int, nargs="*", default=[512, 256, 128])
+    parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    parser.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
+    parser.add_argument("--report", default=None, help="also write the sweep's JSON here")
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    report = dict(benchmark="tune_moe", card=card(), commit=git_commit(), command=" ".join(sys.argv), points=[])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for inter in args.inter:
+        w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=torch.bfloat16, generator=gen) * H**-0.5
+        w2 = torch.randn(E, H, inter, device="cuda", dtype=torch.bfloat16, generator=gen) * inter**-0.5
+        table = {}
+        for tokens in args.tokens:
+            best = tune_point(tokens, inter, w13, w2, gen)
+            table[str(tokens)] = best["config"]
+            report["points"].append(dict(inter=inter, tokens=tokens, **best))
+            print(json.dumps(report["points"][-1]), file=sys.stderr)
+        name = config_file_name(E, H, inter, torch.bfloat16, device_name(torch.device("cuda")))
+        (args.out_dir / name).write_text(json.dumps(table, indent=1) + "\n")
+        del w13, w2
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
