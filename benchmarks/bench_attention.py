@@ -30,6 +30,10 @@ BATCHES = [1, 4, 16, 64, 256]
 CONTEXTS = [1024, 8192, 32768]
 MAX_KV_GB = 8.0
 DTYPE = torch.bfloat16
+# --sweep: launch shapes tried against the default on a few cases, (BN keys, warps, stages, split factor).
+SWEEP = [(32, 8, 3, 1), (32, 4, 3, 1), (64, 4, 2, 1), (64, 8, 2, 1), (64, 8, 3, 1), (16, 4, 4, 1), (32, 4, 4, 1),
+         (128, 8, 2, 1), (32, 8, 3, 2), (64, 8, 2, 2), (32, 8, 3, 4)]
+SWEEP_CASES = [(1, 32768), (4, 8192), (16, 8192), (64, 1024), (256, 1024), (256, 8192)]
 
 
 def paged_case(batch: int, context: int, q_len: int, gen):
@@ -69,9 +73,34 @@ def compare(q, k, v, k_cache, v_cache, meta, batch, q_len, causal):
                 rel_error_vs_sdpa=err)
 
 
+def sweep(case, batch, q_len, causal) -> dict:
+    """Time each SWEEP launch shape on one case; -> the default's time and the best shape."""
+    q, k, v, k_cache, v_cache, meta = case
+    T, H_, D_ = q.shape
+    context = meta["max_context_len"]
+    base = tk.default_tile(T, batch, H_, HKV, D_, BLOCK, 2, context, q.device)
+    tried = []
+    for bn, warps, stages, split_factor in SWEEP:
+        tile = dict(base, BN=bn, num_warps=warps, num_stages=stages,
+                    SPLITS=min(256, base["SPLITS"] * split_factor) if q_len == 1 else 1)
+        args = (q, k_cache, v_cache, meta["cu_seqlens_q"], meta["context_lens"], meta["block_tables"],
+                meta["scale"], context)
+        try:
+            us = graph_time_us(lambda: tk._paged_attention(*args, tile=tile), replays=10)
+        except Exception as exc:  # noqa: BLE001 - out of resources: not a candidate
+            print(f"  skipped {tile}: {type(exc).__name__}", file=sys.stderr)
+            continue
+        tried.append((us, tile))
+    best_us, best_tile = min(tried, key=lambda p: p[0])
+    return dict(default_tile=base, best_us=round(best_us, 2), best_tile=best_tile,
+                tried=[(round(us, 2), {key: t[key] for key in ("BN", "num_warps", "num_stages", "SPLITS")})
+                       for us, t in tried])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep", action="store_true", help="also try other launch shapes on SWEEP_CASES")
     args = parser.parse_args()
     rates = ceilings()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -85,6 +114,8 @@ def main():
             row = dict(kind="decode", batch=batch, context=context, kv_bytes=kv_bytes,
                        **compare(*case, batch, 1, causal=False))
             row["fraction_of_copy"] = round(kv_bytes / row["us"] / 1e3 / rates["copy_GBps"], 3)
+            if args.sweep and (batch, context) in SWEEP_CASES:
+                row["sweep"] = sweep(case, batch, 1, causal=False)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
             del case
@@ -92,6 +123,8 @@ def main():
     case = paged_case(1, 4096, 4096, gen)
     row = dict(kind="prefill", batch=1, context=4096, q_len=4096, **compare(*case, 1, 4096, causal=True))
     row["TFLOPs"] = round(2 * 2 * H * D * 4096 * 4096 / 2 / row["us"] / 1e6, 1)
+    if args.sweep:
+        row["sweep"] = sweep(case, 1, 4096, causal=True)
     rows.append(row)
     result = dict(benchmark="bench_attention", card=card(), commit=git_commit(), command=" ".join(sys.argv),
                   ceilings=rates, shape=dict(heads=H, kv_heads=HKV, head_dim=D, block_size=BLOCK, dtype="bfloat16"),

@@ -50,9 +50,13 @@ def graph_time_us(fn, replays: int = 20, inner: int = 1) -> float:
 
 
 def copy_bandwidth_GBps(num_bytes: int = 2 << 30) -> float:
+    """An eager device-to-device copy, timed with events (a copy captured in a CUDA graph measured
+    2.75 TB/s on an H200 here, below what kernels reach: it is reported beside, not used)."""
+    from triton.testing import do_bench
+
     src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    us = graph_time_us(lambda: dst.copy_(src), replays=10)
+    us = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") * 1e3
     del src, dst
     return 2 * num_bytes / us / 1e3
 
@@ -64,5 +68,13 @@ def gemm_TFLOPs(n: int = 8192) -> float:
     return 2 * n**3 / us / 1e6
 
 
+def graph_copy_GBps(num_bytes: int = 2 << 30) -> float:
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = graph_time_us(lambda: dst.copy_(src), replays=10)
+    return 2 * num_bytes / us / 1e3
+
+
 def ceilings() -> dict:
-    return dict(copy_GBps=round(copy_bandwidth_GBps(), 1), bf16_gemm_TFLOPs=round(gemm_TFLOPs(), 1))
+    return dict(copy_GBps=round(copy_bandwidth_GBps(), 1), graph_copy_GBps=round(graph_copy_GBps(), 1),
+                bf16_gemm_TFLOPs=round(gemm_TFLOPs(), 1))

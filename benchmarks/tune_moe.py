@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_bench import card, git_commit, graph_time_us  # noqa: E402
 from worker.kernels.moe import triton as tk  # noqa: E402
 from worker.kernels.moe.align import moe_align_block_size  # noqa: E402
-from worker.kernels.moe.tile_configs import CONFIG_DIR, config_file_name, device_name  # noqa: E402
+from worker.kernels.moe.tile_configs import CONFIG_DIR, config_file_name  # noqa: E402
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision  # noqa: E402
 
 E, H, TOP_K = 513, 2048, 10
@@ -41,6 +41,12 @@ LARGE = [gemm(bn, bk, w, s, 8) for bn, bk, w, s in [(128, 64, 4, 4), (128, 64, 8
                                                     (128, 128, 8, 3), (64, 64, 4, 4), (256, 32, 8, 4)]]
 
 
+GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in [(4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4),
+                                                                     (16, 256, 4), (16, 128, 4), (8, 128, 2),
+                                                                     (16, 512, 8)]]
+PAIRS_MAX_TOKENS = 16  # the pair-by-pair GEMV path is tried up to here
+
+
 def candidates(tokens: int):
     """(BLOCK_M, tiles) to try at this token count."""
     if tokens <= 64:
@@ -57,6 +63,37 @@ def time_kernel(launch) -> float | None:
         print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
         torch.cuda.synchronize()
         return None
+
+
+def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
+    """The best gate_up and down GEMV tiles of the decode path (decode.py), each timed alone."""
+    from worker.kernels.moe import decode
+
+    tokens, S = routes[0][1].shape
+    out = torch.empty_like(x)
+
+    def up_launch(cfg):
+        return lambda: [decode._gate_up_pairs_kernel[(tokens * S, -(-inter // cfg["BLOCK_N"]))](
+            x, w13, inter_buf, ids, inter, H, x.stride(0), w13.stride(0), w13.stride(1), inter_buf.stride(0),
+            S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, num_warps=cfg["num_warps"])
+            for _, ids in routes]
+
+    def down_launch(cfg):
+        return lambda: [decode._down_tokens_kernel[(tokens, -(-H // cfg["BLOCK_N"]))](
+            inter_buf, w2, out, w.reshape(-1), ids, H, inter, inter_buf.stride(0), w2.stride(0), w2.stride(1),
+            out.stride(0), S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, num_warps=cfg["num_warps"])
+            for w, ids in routes]
+
+    up = [(t, cfg) for cfg in GEMV if (t := time_kernel(up_launch(cfg))) is not None]
+    down = [(t, cfg) for cfg in GEMV if (t := time_kernel(down_launch(cfg))) is not None]
+    if not up or not down:
+        return None
+    return {"path": "pairs", "gate_up": min(up, key=lambda p: p[0])[1], "down": min(down, key=lambda p: p[0])[1]}
+
+
+def whole_us(x, w13, w2, routes, cfg) -> float:
+    return graph_time_us(lambda: [tk.fused_moe(x, w13, w2, w, i, config=cfg) for w, i in routes], replays=10,
+                         inner=ROTATE)
 
 
 def tune_point(tokens, inter, w13, w2, gen) -> dict:
@@ -95,7 +132,23 @@ def tune_point(tokens, inter, w13, w2, gen) -> dict:
         if best is None or up_us + down_us < best["us"]:
             best = dict(us=up_us + down_us, gate_up_us=up_us, down_us=down_us,
                         config={"BLOCK_M": bm, "gate_up": up_cfg, "down": down_cfg})
+    if tokens <= PAIRS_MAX_TOKENS:  # the two paths compared whole (launches included)
+        pairs = tune_pairs(x, inter, w13, w2, routes, inter_buf)
+        best["grouped_us"] = whole_us(x, w13, w2, routes, best["config"])
+        if pairs is not None:
+            best["pairs_us"] = whole_us(x, w13, w2, routes, pairs)
+            if best["pairs_us"] < best["grouped_us"]:
+                best["config"] = pairs
     return best
+
+
+def write_configs(report: dict, out_dir: Path) -> None:
+    """One file per intermediate size: token count -> the chosen config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = report["card"]["name"].replace(" ", "_")
+    for inter in sorted({p["inter"] for p in report["points"]}):
+        table = {str(p["tokens"]): p["config"] for p in report["points"] if p["inter"] == inter}
+        (out_dir / config_file_name(E, H, inter, torch.bfloat16, device)).write_text(json.dumps(table, indent=1) + "\n")
 
 
 def main():
@@ -104,22 +157,23 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
     parser.add_argument("--report", default=None, help="also write the sweep's JSON here")
+    parser.add_argument("--from-report", type=Path, default=None,
+                        help="write the config files from an earlier sweep's JSON (no GPU needed)")
     args = parser.parse_args()
+    if args.from_report:
+        write_configs(json.loads(args.from_report.read_text()), args.out_dir)
+        return
     gen = torch.Generator(device="cuda").manual_seed(0)
     report = dict(benchmark="tune_moe", card=card(), commit=git_commit(), command=" ".join(sys.argv), points=[])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     for inter in args.inter:
         w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=torch.bfloat16, generator=gen) * H**-0.5
         w2 = torch.randn(E, H, inter, device="cuda", dtype=torch.bfloat16, generator=gen) * inter**-0.5
-        table = {}
         for tokens in args.tokens:
             best = tune_point(tokens, inter, w13, w2, gen)
-            table[str(tokens)] = best["config"]
             report["points"].append(dict(inter=inter, tokens=tokens, **best))
             print(json.dumps(report["points"][-1]), file=sys.stderr)
-        name = config_file_name(E, H, inter, torch.bfloat16, device_name(torch.device("cuda")))
-        (args.out_dir / name).write_text(json.dumps(table, indent=1) + "\n")
         del w13, w2
+    write_configs(report, args.out_dir)
     text = json.dumps(report, indent=1)
     print(text)
     if args.report:

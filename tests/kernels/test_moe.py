@@ -89,7 +89,7 @@ def tile_config(block_m: int, block_n: int, block_k: int) -> dict:
     return {"BLOCK_M": block_m, "gate_up": gemm, "down": gemm}
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 63, 130])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 63, 130])
 def test_fused_moe(tokens, device):
     """Odd hidden and intermediate sizes (masked tiles), the shared expert fused as the last slot."""
     check_fused_moe(tokens, experts=8, hidden=80, inter=48, top_k=2, dtype=torch.float32, device=device,
@@ -101,6 +101,15 @@ def test_fused_moe(tokens, device):
 def test_fused_moe_tile_configs(block_m, block_n, block_k, device):
     check_fused_moe(37, experts=6, hidden=64, inter=40, top_k=3, dtype=torch.float32, device=device, seed=block_m,
                     config=tile_config(block_m, block_n, block_k))
+
+
+@pytest.mark.parametrize("block_n,block_k", [(4, 32), (8, 64), (16, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fused_moe_pairs_path(tokens, block_n, block_k, device):
+    """The decode path: one GEMV per pair, then per token over its slots (masked N and K tails)."""
+    gemv = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=2)
+    check_fused_moe(tokens, experts=6, hidden=72, inter=40, top_k=3, dtype=torch.float32, device=device,
+                    seed=tokens + block_n, config={"path": "pairs", "gate_up": gemv, "down": gemv})
 
 
 def test_shape_errors_are_clear(device):

@@ -212,19 +212,27 @@ def _num_splits(num_programs: int, max_context_len: int, device: torch.device) -
     return min(MAX_SPLITS, triton.next_power_of_2(max(1, want)))
 
 
-def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len):
+def default_tile(T: int, B: int, H: int, HKV: int, D: int, block_size: int, elem_bytes: int, max_context_len: int,
+                 device: torch.device) -> dict:
+    """Launch shape of one call, from shapes and host metadata only (so a CUDA graph can fix it)."""
+    BM, BG = _query_tile(T, B, H // HKV, D, elem_bytes)
+    splits = _num_splits((T // BM + B) * HKV, max_context_len, device)
+    return dict(BM=BM, BG=BG, BN=_key_tile(block_size, D, elem_bytes), SPLITS=splits,
+                num_warps=4 if D <= 128 else 8, num_stages=2 if elem_bytes == 4 else 3)
+
+
+def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len,
+                     tile: dict | None = None):
     T, H, D = query.shape
     HKV, BS = k_cache.shape[2], k_cache.shape[1]
     B = context_lens.shape[0]
     out = _empty_output(query)
     if T == 0 or B == 0:
         return out
-    group = H // HKV
-    elem = k_cache.element_size()
-    BM, BG = _query_tile(T, B, group, D, elem)
+    tile = tile or default_tile(T, B, H, HKV, D, BS, k_cache.element_size(), max_context_len, query.device)
+    BM, splits = tile["BM"], tile["SPLITS"]
     BD = triton.next_power_of_2(D)
     num_chunks = T // BM + B
-    splits = _num_splits(num_chunks * HKV, max_context_len, query.device)
     part_acc = part_ml = out  # unused with one split
     if splits > 1:
         part_acc = torch.empty(splits, T, H, BD, dtype=torch.float32, device=query.device)
@@ -234,10 +242,10 @@ def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
         scale * math.log2(math.e),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        T, H, B, group, D,
-        BM=BM, BG=BG, BS=BS, BN=_key_tile(BS, D, elem), BD=BD, LOG_B=max(1, math.ceil(math.log2(B + 1))),
+        T, H, B, H // HKV, D,
+        BM=BM, BG=tile["BG"], BS=BS, BN=max(tile["BN"], BS), BD=BD, LOG_B=max(1, math.ceil(math.log2(B + 1))),
         SPLITS=splits, DOT=_dot_precision(k_cache.dtype), INTERPRET=_interpreting(),
-        num_warps=4 if D <= 128 else 8, num_stages=2 if elem == 4 else 3,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     if splits > 1:
         _combine_splits_kernel[(T, H)](part_acc, part_ml, out, out.stride(0), out.stride(1), T, H, D,

@@ -2,7 +2,7 @@
 
 A file `configs/E={E},H={H},I={I},dtype={dtype},device={device}.json` maps a token count to
 {"BLOCK_M": ..., "gate_up": {...}, "down": {...}}; both GEMMs share BLOCK_M (the pairs are grouped
-into blocks of that size once). I is the per-rank intermediate size, so tp 1, 2 and 4 of one model
+into blocks of that size once). `"path": "pairs"` (no BLOCK_M) selects the decode kernels instead. I is the per-rank intermediate size, so tp 1, 2 and 4 of one model
 have a file each. `benchmarks/tune_moe.py` writes them; the token count nearest the asked one wins.
 """
 
@@ -34,8 +34,11 @@ def _load(name: str) -> dict[int, dict] | None:
 
 
 def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
-    """Memory-bound small batches: one 16-row block per expert, narrow N tiles for many programs;
+    """A few tokens: the pair-by-pair GEMV path (decode.py). Memory-bound small batches: one 16-row block per expert, narrow N tiles for many programs;
     large batches: tensor-core tiles grouped along M for L2 reuse. fp32 halves K to fit shared memory."""
+    if num_tokens <= 4:
+        return {"path": "pairs", "gate_up": dict(BLOCK_N=8, BLOCK_K=256, num_warps=4),
+                "down": dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)}
     if num_tokens <= 32:
         cfg = {"BLOCK_M": 16, "gate_up": dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
                "down": dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)}

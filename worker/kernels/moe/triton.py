@@ -3,7 +3,8 @@
 select_experts: one program per token: fp32 softmax, top-k by repeated arg-max (ties to the lower
 id), renormalisation, and the shared expert's sigmoid gate as slot top_k.
 
-fused_moe, in four launches and no host sync:
+fused_moe for decode-sized batches (tile config `"path": "pairs"`): two GEMV launches, decode.py.
+Otherwise in four launches and no host sync:
 1. align: the T*S (token, slot) pairs grouped by expert into blocks of BLOCK_M (align.py);
 2. gate_up: a grouped GEMM over those blocks, each program one (block, BLOCK_N columns) tile of the
    gate and of the up projection, SwiGLU in the epilogue -> inter [T*S, I];
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.moe.align import moe_align_block_size
+from worker.kernels.moe.decode import fused_moe_pairs
 from worker.kernels.moe.tile_configs import get_config
 from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision
@@ -235,10 +237,14 @@ def fused_moe(
     x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
     weights = topk_weights.float().contiguous().view(-1)
     cfg = config or get_config(T, E, H, I, x.dtype, x.device)
+    num_pairs = T * S
+    if cfg.get("path") == "pairs":
+        inter = _empty_output(x, (num_pairs, I))
+        fused_moe_pairs(x, w13, w2, weights, topk_ids.contiguous(), out, inter, cfg, _interpreting())
+        return out
     BM = cfg["BLOCK_M"]
     sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, E, BM)
     num_blocks = expert_ids.shape[0]
-    num_pairs = T * S
     inter = _empty_output(x, (num_pairs, I))
     y = _empty_output(x, (num_pairs, H))
     dot, interpret = _dot_precision(x.dtype), _interpreting()
