@@ -43,7 +43,8 @@ LARGE = [gemm(bn, bk, w, s, 8) for bn, bk, w, s in [(128, 64, 4, 4), (128, 64, 8
 
 GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in [(4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4),
                                                                      (16, 256, 4), (16, 128, 4), (8, 128, 2),
-                                                                     (16, 512, 8)]]
+                                                                     (16, 512, 8), (4, 2048, 8), (2, 2048, 4),
+                                                                     (8, 1024, 8), (4, 1024, 4)]]
 PAIRS_MAX_TOKENS = 16  # the pair-by-pair GEMV path is tried up to here
 
 

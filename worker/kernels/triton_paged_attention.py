@@ -29,8 +29,13 @@ TILE_BYTES = 32 * 1024  # query rows x head dim x element size per program: fp32
 MAX_ROWS = 64  # query rows (tokens x heads of a GQA group) per program
 MIN_ROWS = 16  # tl.dot needs at least 16 rows ...
 MIN_KEYS = 16  # ... and columns: smaller cache blocks are read several to a key tile
-KEY_TILE_BYTES = 16 * 1024  # keys per tile x head dim x element size: 32 keys of 256 in bf16
-MAX_SPLITS = 64
+# Keys per tile x head dim x element size, and warps / pipelining depth, as the H200 sweep chose
+# (benchmarks/results/attention_h200.json): decode-sized query tiles read 64 keys of 256 in bf16 with
+# 4 warps, 2 stages; prefill tiles (64 query rows) 32 keys, 4 warps, 4 stages. fp32 keeps smaller tiles.
+DECODE_KEY_TILE_BYTES = 32 * 1024
+PREFILL_KEY_TILE_BYTES = 16 * 1024
+MAX_KEYS = 128
+MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256
 PROGRAMS_PER_SM = 4  # the decode grid is split along the keys until it has this many programs per SM
 
@@ -199,8 +204,8 @@ def _query_tile(T: int, B: int, group: int, D: int, elem_bytes: int) -> tuple[in
     return BM, BG
 
 
-def _key_tile(block_size: int, D: int, elem_bytes: int) -> int:
-    return max(block_size, MIN_KEYS, KEY_TILE_BYTES // (triton.next_power_of_2(D) * elem_bytes))
+def _key_tile(block_size: int, D: int, elem_bytes: int, tile_bytes: int) -> int:
+    return max(block_size, MIN_KEYS, min(MAX_KEYS, tile_bytes // (triton.next_power_of_2(D) * elem_bytes)))
 
 
 def _num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
@@ -216,9 +221,13 @@ def default_tile(T: int, B: int, H: int, HKV: int, D: int, block_size: int, elem
                  device: torch.device) -> dict:
     """Launch shape of one call, from shapes and host metadata only (so a CUDA graph can fix it)."""
     BM, BG = _query_tile(T, B, H // HKV, D, elem_bytes)
-    splits = _num_splits((T // BM + B) * HKV, max_context_len, device)
-    return dict(BM=BM, BG=BG, BN=_key_tile(block_size, D, elem_bytes), SPLITS=splits,
-                num_warps=4 if D <= 128 else 8, num_stages=2 if elem_bytes == 4 else 3)
+    tile = dict(BM=BM, BG=BG, SPLITS=_num_splits((T // BM + B) * HKV, max_context_len, device))
+    if elem_bytes == 4:
+        return dict(tile, BN=_key_tile(block_size, D, 4, PREFILL_KEY_TILE_BYTES), num_warps=4 if D <= 128 else 8,
+                    num_stages=2)
+    if BM * BG >= MAX_ROWS:
+        return dict(tile, BN=_key_tile(block_size, D, elem_bytes, PREFILL_KEY_TILE_BYTES), num_warps=4, num_stages=4)
+    return dict(tile, BN=_key_tile(block_size, D, elem_bytes, DECODE_KEY_TILE_BYTES), num_warps=4, num_stages=2)
 
 
 def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len,
