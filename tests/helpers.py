@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.near_ties import RoutingWatch, assert_no_near_tie, has_router
 from worker.engine.cache_tensors import CacheShapes, allocate_and_bind
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
 from worker.model.context import forward_context
@@ -97,8 +98,16 @@ def load_ours(model_dir) -> torch.nn.Module:
 
 @torch.no_grad()
 def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
-    """HF logits [len, vocab] for one sequence run from scratch (row p predicts token p+1)."""
-    return hf_model(torch.tensor([token_ids])).logits[0]
+    """HF logits [len, vocab] for one sequence run from scratch (row p predicts token p+1).
+
+    Fails if HF routes any position on a near-tie: every caller compares what follows from these
+    logits with our model, so the fixed test data must be tie-free (see tests/near_ties.py)."""
+    if not has_router(hf_model):
+        return hf_model(torch.tensor([token_ids])).logits[0]
+    with RoutingWatch(hf_model) as watch:
+        logits = hf_model(torch.tensor([token_ids])).logits[0]
+    assert_no_near_tie(watch.near_ties(), f"HF routing of a {len(token_ids)}-token sequence")
+    return logits
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

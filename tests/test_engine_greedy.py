@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.engine_helpers import assert_pool_full, greedy, hf_greedy, make_llm, make_prompts
+from tests.engine_helpers import assert_equal_to_reference, assert_pool_full, greedy, hf_greedy, make_llm, make_prompts
 
 PROMPT_LENGTHS = [1, 2, 3, 5, 9, 17, 30, 47, 64, 90, 120, 150, 190, 230, 270, 300]
 MAX_TOKENS = 64
@@ -15,7 +15,9 @@ def model_dir(checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def prompts():
-    return make_prompts(PROMPT_LENGTHS)
+    # Seed 37: transformers' greedy continuations hold no routing or greedy near-tie, so every token
+    # is compared (seed 0 left 265 of the 1,024 after a near-tie).
+    return make_prompts(PROMPT_LENGTHS, seed=37)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,8 @@ ENGINE_SETUPS = {
 def test_greedy_equals_transformers(model_dir, prompts, reference, setup):
     llm = make_llm(model_dir, **ENGINE_SETUPS[setup])
     outputs = llm.generate(prompts, greedy(MAX_TOKENS))
-    for n, out, ref in zip(PROMPT_LENGTHS, outputs, reference):
-        assert out.token_ids == ref, f"prompt of {n} tokens diverges"
-        assert out.finish_reason == "length"
+    assert_equal_to_reference(outputs, reference)
+    assert all(out.finish_reason == "length" for out in outputs)
     if setup == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
     assert_pool_full(llm)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.engine_helpers import assert_pool_full, greedy, make_llm, make_prompts
+from tests.near_ties import RoutingWatch, assert_no_near_tie, greedy_near_ties
 from worker import SamplingParams
 from worker.engine.sampling_params import SamplingParams as Params
 
@@ -98,8 +99,10 @@ def test_logprobs_are_the_models_log_softmax(model_dir, llm, prompt, continuatio
 
     out = llm.generate([prompt], greedy(6, logprobs=3))[0]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
+    with torch.no_grad(), RoutingWatch(hf) as watch:
         logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
+    assert_no_near_tie(watch.near_ties(), "HF routing")
+    assert_no_near_tie(greedy_near_ties(logits, depth=3), "HF's top-3 order")
     expected = logits.log_softmax(-1)
     assert len(out.logprobs) == 6
     for i, (token, (logprob, top)) in enumerate(zip(out.token_ids, out.logprobs)):

@@ -7,7 +7,8 @@ filled with the checkpoint's `mtp.*` tensors, following the MTP definition:
     row i = fc(cat(pre_fc_norm_embedding(embed(t_{i+1})), pre_fc_norm_hidden(h_i)))   at position i
     -> decoder layer (causal) -> mtp.norm -> lm_head  predicts t_{i+2}
 
-where h_i is HF's target hidden state after the final norm.
+where h_i is HF's target hidden state after the final norm. Both references fail on a routing
+near-tie (tests/near_ties.py); the prompt is tie-free on every preset.
 """
 
 import copy
@@ -22,6 +23,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
 )
 
 from tests.helpers import ModelDriver, load_hf, load_ours, max_diff, read_checkpoint
+from tests.near_ties import RoutingWatch, assert_no_near_tie
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
 from worker.model.context import forward_context
 
@@ -98,9 +100,10 @@ def test_mtp_matches_reference_and_chains(setup):
     hf, ours, ref = setup
     vocab = ours.config.vocab_size
     prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=torch.Generator().manual_seed(5)).tolist()
-    with torch.no_grad():
+    with torch.no_grad(), RoutingWatch(hf) as watch:
         hf_hidden = hf.model(torch.tensor([prompt])).last_hidden_state[0]  # after the final norm
         embed = hf.model.embed_tokens
+    assert_no_near_tie(watch.near_ties(), "HF routing of the prompt")
 
     driver = ModelDriver(ours)
     seq = driver.new_sequence()
@@ -111,13 +114,17 @@ def test_mtp_matches_reference_and_chains(setup):
 
     # First draft step: rows 0..n-1.
     ours_out = run_mtp(driver, seq, shifted, 0, driver.last_hidden)
-    ref_out = ref(embed(torch.tensor(shifted)), hf_hidden)
+    with RoutingWatch(ref) as watch:
+        ref_out = ref(embed(torch.tensor(shifted)), hf_hidden)
+    assert_no_near_tie(watch.near_ties(), "reference MTP routing")
     diff = max_diff(ours.compute_logits(ours_out), hf.lm_head(ref_out))
     assert diff < ATOL, f"MTP logits: max |ours - reference| = {diff:.3g}"
 
     # Chained second step: the draft d1 at position n, fed the MTP's own post-norm output of row n-1.
     draft = int(ours.compute_logits(ours_out[-1:]).argmax())
     ours_chained = run_mtp(driver, seq, [draft], PROMPT_LEN, ours_out[-1:], step=1)
-    ref_chained = ref(embed(torch.tensor(shifted + [draft])), torch.cat([hf_hidden, ref_out[-1:]]))[-1:]
+    with RoutingWatch(ref) as watch:
+        ref_chained = ref(embed(torch.tensor(shifted + [draft])), torch.cat([hf_hidden, ref_out[-1:]]))[-1:]
+    assert_no_near_tie(watch.near_ties(), "reference MTP routing, chained step")
     diff = max_diff(ours.compute_logits(ours_chained), hf.lm_head(ref_chained))
     assert diff < ATOL, f"chained MTP step logits: max |ours - reference| = {diff:.3g}"

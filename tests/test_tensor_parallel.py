@@ -21,11 +21,8 @@ def model_dir(checkpoint_factory):
 
 
 def generate(model_dir, tp, k, params):
-    llm = LLM(model_dir, tensor_parallel_size=tp, speculative_tokens=k, cache_memory_bytes=32 << 20)
-    try:
+    with LLM(model_dir, tensor_parallel_size=tp, speculative_tokens=k, cache_memory_bytes=32 << 20) as llm:
         return llm.generate(PROMPTS, params)
-    finally:
-        llm.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +51,11 @@ def _rank_logits(rank, size, port, model_dir, result):
     from worker.engine.step_inputs import SequenceSlice, build_step_inputs
     from worker.model.context import forward_context
     from worker.model.loader import load_model
-    from worker.parallel.group import join_group
+    from worker.parallel.group import connect_store, join_group
 
     torch.set_num_threads(1)
     if size > 1:
-        join_group(EngineConfig(model=str(model_dir), tensor_parallel_size=size), rank, port)
+        join_group(EngineConfig(model=str(model_dir), tensor_parallel_size=size), rank, connect_store(rank, port))
     model = load_model(model_dir)
     allocate_and_bind(model, CacheShapes.for_model(model, 16, 0, torch.float32), 64, len(PROMPTS), "cpu")
     slices, start = [], 0
@@ -79,7 +76,7 @@ def _rank_logits(rank, size, port, model_dir, result):
 
 
 def _logits_with(model_dir, size):
-    from worker.parallel.group import free_port
+    from tests.serving.conftest import free_port
 
     context = mp.get_context("spawn")
     result, port = context.Queue(), free_port()

@@ -260,7 +260,7 @@ def test_eos_ids_agree_between_tokenizer_and_configs(checkpoint):
 def test_builtin_model_is_written_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("NEXTSERVE_CACHE", str(tmp_path))
     first = builtin_model_dir()
-    assert first == tmp_path / "builtin-tiny-v1"
+    assert first == tmp_path / "builtin-tiny-v2"
     assert (first / "model.safetensors.index.json").exists()
 
     def must_not_rewrite(*args, **kwargs):
@@ -268,4 +268,4 @@ def test_builtin_model_is_written_once_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tc, "write_tiny_checkpoint", must_not_rewrite)
     assert builtin_model_dir() == first
-    assert [p.name for p in tmp_path.iterdir()] == ["builtin-tiny-v1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["builtin-tiny-v2"]

@@ -86,7 +86,7 @@ def test_worker_metrics_count_the_traffic(traffic, stack):
     for gauge in ("kv_blocks_used", "gdn_slot_groups_used", "running_sequences", "waiting_sequences",
                   "kv_cache_usage_ratio"):
         assert value(after, f"nextserve_worker_{gauge}") == 0, gauge
-    assert value(after, "nextserve_worker_model_info", dtype="float32", model="builtin-tiny-v1",
+    assert value(after, "nextserve_worker_model_info", dtype="float32", model="builtin-tiny-v2",
                  speculative_tokens=str(K), tensor_parallel_size="1") == 1
 
 

@@ -27,11 +27,8 @@ def report(**fields) -> None:
 
 
 def run(model_dir, prompts, params, **kwargs):
-    llm = LLM(model_dir, **kwargs)
-    try:
+    with LLM(model_dir, **kwargs) as llm:
         return llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
 
 
 @pytest.fixture(scope="module")

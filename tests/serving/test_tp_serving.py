@@ -2,12 +2,12 @@
 the group down cleanly."""
 
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from nextserve.v1 import generation_pb2, generation_pb2_grpc
+from tests.processes import alive, child_pids, cmdline
 from tests.serving.conftest import free_port, start_router, start_worker
 
 PROMPTS = [[5, 17, 300, 42], list(range(100, 160))]
@@ -18,32 +18,6 @@ def tp_model_dir(tmp_path_factory):
     from worker.tools.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-tp"), preset="tiny-tp", dtype="float32")
-
-
-def _proc_children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_nextserve_serve_tp2_streams_the_single_rank_tokens(spawn, tp_model_dir, channel_to):
@@ -69,9 +43,9 @@ def test_killing_one_rank_takes_the_group_down(spawn, tp_model_dir, channel_to):
     worker_port, router_port = free_port(), free_port()
     worker = start_worker(spawn, tp_model_dir, worker_port, "-tp", "2")
     start_router(spawn, tp_model_dir, router_port, [worker_port])
-    descendants = _proc_children(worker.pid)
-    ranks = [pid for pid in descendants if "spawn_main" in _cmdline(pid) and "resource_tracker" not in _cmdline(pid)]
-    assert len(ranks) == 1, [(_cmdline(p)) for p in descendants]
+    descendants = child_pids(worker.pid)
+    ranks = [pid for pid in descendants if "worker.parallel.rank_main" in cmdline(pid)]
+    assert len(ranks) == 1, [(cmdline(p)) for p in descendants]
     stub = generation_pb2_grpc.GenerationStub(channel_to(router_port))
     stream = stub.Generate(generation_pb2.GenerateRequest(token_ids=[1, 2, 3], max_tokens=4000, temperature=0.0,
                                                           ignore_eos=True))
@@ -88,4 +62,16 @@ def test_killing_one_rank_takes_the_group_down(spawn, tp_model_dir, channel_to):
     worker.proc.wait(10)
     assert time.monotonic() - killed_at < 10
     time.sleep(0.5)
-    assert not [pid for pid in descendants if _alive(pid)], "processes of the worker group outlived it"
+    assert not [pid for pid in descendants if alive(pid)], "processes of the worker group outlived it"
+
+
+def test_worker_exits_non_zero_naming_a_rank_that_dies_while_loading(spawn, tp_model_dir):
+    """Not NOT_SERVING forever: the worker process exits with the rank, its exit code and its last lines."""
+    started = time.monotonic()
+    worker = spawn(["worker", "--model", str(tp_model_dir), "--port", str(free_port()), "--cache-memory-mb", "64",
+                    "-tp", "2"], "worker", env={"NEXTSERVE_TEST_RANK_FAULT": "1:load:exit"})
+    assert worker.proc.wait(60) != 0
+    assert time.monotonic() - started < 30
+    output = worker.output()
+    assert "worker cannot start: tensor-parallel rank 1 exited with code 3 during start-up" in output, output[-3000:]
+    assert "test fault: rank 1 fails at load" in output

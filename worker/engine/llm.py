@@ -14,15 +14,35 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput"]
 
 
 class LLM:
+    """An engine in this process (and, with tensor_parallel_size > 1, its ranks in child processes).
+
+        with LLM(model_dir, tensor_parallel_size=2) as llm:
+            outputs = llm.generate(prompts, SamplingParams(max_tokens=32))
+
+    `shutdown()` stops the ranks and releases the model; it is idempotent, and also runs when the LLM
+    is garbage-collected or the interpreter exits. A new LLM can be built after it.
+    """
+
     def __init__(self, model: str | Path | None = None, proposer: Proposer | None = None, **engine_args):
         if model is None:
             from worker.tools.tiny_checkpoint import builtin_model_dir
 
             model = builtin_model_dir()
         self.model_dir = Path(model)
-        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args), proposer)
+        self.engine: LLMEngine | None = LLMEngine(EngineConfig(model=str(model), **engine_args), proposer)
         self._tokenizer = None
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):
@@ -34,6 +54,8 @@ class LLM:
 
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
+        if self.engine is None:
+            raise RuntimeError("this LLM was shut down; build a new one")
         params = params or SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):

@@ -1,6 +1,7 @@
 """The engine: scheduler + cache manager + runner, one `step()` at a time."""
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -74,15 +75,22 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, proposer: Proposer | None = None):
         self.config = config
         self.ranks = None
+        self._stop_ranks = None
         agree = None
         if config.tensor_parallel_size > 1:
             from worker.parallel.group import launch_ranks
 
             ModelConfig.from_pretrained(config.model).check_tensor_parallel(config.tensor_parallel_size)
             self.ranks = launch_ranks(config)
+            # Stops the ranks once: on shutdown(), when this engine is garbage-collected, or at exit.
+            self._stop_ranks = weakref.finalize(self, self.ranks.shutdown)
             agree = self.ranks.agree_on_cache_plan
         self.device = torch.device(config.device if config.tensor_parallel_size == 1 else _rank_device(config, 0))
-        self.worker = ModelWorker(config, self.device, agree, proposer)
+        try:
+            self.worker = ModelWorker(config, self.device, agree, proposer)
+        except BaseException:
+            self.shutdown()
+            raise
         self.model_config, self.model = self.worker.model_config, self.worker.model
         self.max_model_len, self.shapes, self.cache_plan = (
             self.worker.max_model_len, self.worker.shapes, self.worker.cache_plan)
@@ -109,10 +117,10 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks (a no-op with one rank)."""
-        if self.ranks is not None:
-            self.ranks.shutdown()
-            self.ranks = None
+        """Stop the other tensor-parallel ranks (a no-op with one rank, or once they are stopped)."""
+        if self._stop_ranks is not None:
+            self._stop_ranks()
+        self.ranks = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]

@@ -1,9 +1,11 @@
-"""Starting, joining, watching and stopping the ranks of a tensor-parallel worker group.
+"""Joining, watching and stopping the ranks of a tensor-parallel worker group.
 
-Rank 0 (the caller) spawns ranks 1..N-1. Model collectives run on the default process group (NCCL
-on GPUs, gloo on the CPU); step plans travel over a separate gloo group. A rank that dies takes the
-group down: children die with their parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees
-a child gone, so the router reports UNAVAILABLE instead of waiting on a collective that never ends.
+Rank 0 (the caller) starts ranks 1..N-1 (worker/parallel/launch.py) and hosts the TCPStore they
+rendezvous on. Model collectives run on the default process group (NCCL on GPUs, gloo on the CPU);
+step plans travel over a separate gloo group. Until every rank has loaded its shard, a rank that
+dies makes rank 0 raise RankStartupError; after that, a rank that dies takes the group down:
+children die with their parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees a child
+gone, so the router reports UNAVAILABLE instead of waiting on a collective that never ends.
 
 Sampling: every rank samples from the same all-gathered logits with the same per-request generators
 (seeded identically), so no token broadcast is needed. A broadcast would add a collective and a
@@ -13,46 +15,48 @@ settings (temperature, top_p) are bit-identical across ranks.
 """
 
 import ctypes
+import gc
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from worker.distributed import set_tp
 from worker.engine.config import EngineConfig
 from worker.engine.memory import CachePlan
 from worker.parallel import plan_codec
+from worker.parallel.launch import JOIN_TIMEOUT_S, LOAD_TIMEOUT_S, RankProcess, spawn_ranks, wait_for_ranks
 
 logger = logging.getLogger(__name__)
-JOIN_TIMEOUT = timedelta(minutes=30)  # ranks load their shards before the first collective
+# Collectives once the group is up. Start-up waits are bounded separately (launch.py), with the
+# ranks watched, because NCCL does not notice a dead peer by itself.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 STOP_TIMEOUT_S = 10.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def connect_store(rank: int, port: int) -> dist.TCPStore:
+    """Rank 0 hosts the rendezvous store (port 0: any free port, read back from `.port`); the others
+    connect to it, retrying until JOIN_TIMEOUT_S."""
+    return dist.TCPStore("127.0.0.1", port, is_master=rank == 0, timeout=timedelta(seconds=JOIN_TIMEOUT_S),
+                         wait_for_workers=False)
 
 
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else "cpu")
 
 
-def join_group(config: EngineConfig, rank: int, port: int):
+def join_group(config: EngineConfig, rank: int, store: dist.Store):
     """Join the default group and the plan group; -> the plan group (gloo)."""
     size = config.tensor_parallel_size
     backend = "nccl" if config.device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=JOIN_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
     set_tp(rank, size)
     return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
 
@@ -112,40 +116,47 @@ class BroadcastingRunner:
 
 
 class RankGroup:
-    def __init__(self, config: EngineConfig, processes: list, channel: PlanChannel):
+    def __init__(self, config: EngineConfig, processes: list[RankProcess], store: dist.TCPStore,
+                 channel: PlanChannel):
         self.config = config
         self.processes = processes
+        self.store = store
         self.channel = channel
+        self._started = False
         self._stopping = False
-        threading.Thread(target=self._watch, name="rank-monitor", daemon=True).start()
 
     def agree_on_cache_plan(self, plan: CachePlan) -> CachePlan:
-        return agree_on_cache_plan(plan, self.channel.group)
+        """The last step of start-up (every rank calls it once its shard is loaded); from here on a
+        dying rank takes the process down."""
+        wait_for_ranks(self.store, self.processes, "loaded", LOAD_TIMEOUT_S)
+        plan = agree_on_cache_plan(plan, self.channel.group)
+        self._started = True
+        threading.Thread(target=self._watch, name="rank-monitor", daemon=True).start()
+        return plan
 
     def broadcasting_runner(self, runner) -> BroadcastingRunner:
         return BroadcastingRunner(runner, self.channel)
 
     def _watch(self) -> None:
         while not self._stopping:
-            for rank, process in enumerate(self.processes, start=1):
-                if not process.is_alive() and not self._stopping:
-                    logger.error("tensor-parallel rank %d exited (code %s); taking the worker group down",
-                                 rank, process.exitcode)
+            for process in self.processes:
+                if process.exit_code is not None and not self._stopping:
+                    logger.error("tensor-parallel rank %d %s; taking the worker group down", process.rank,
+                                 process.describe_exit())
                     os._exit(1)
             time.sleep(0.2)
 
     def shutdown(self) -> None:
+        """Tell the ranks to stop and wait for them (bounded); before start-up ended, just kill them."""
         self._stopping = True
-        try:
-            self.channel.send(plan_codec.PlanEncoder().encode(_empty_plan(), shutdown=True))
-        except Exception:  # a rank may already be gone; the joins below bound the wait
-            logger.warning("could not tell every rank to stop")
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        if self._started:
+            try:
+                self.channel.send(plan_codec.PlanEncoder().encode(_empty_plan(), shutdown=True))
+            except Exception:  # a rank may already be gone; the waits below bound the stop
+                logger.warning("could not tell every rank to stop")
+        deadline = time.monotonic() + (STOP_TIMEOUT_S if self._started else 0.0)
         for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
+            process.stop(max(0.0, deadline - time.monotonic()))
         destroy_process_group(STOP_TIMEOUT_S)
         set_tp(0, 1)
 
@@ -168,18 +179,24 @@ def _empty_plan():
 
 
 def launch_ranks(config: EngineConfig) -> RankGroup:
-    """Called on rank 0: spawn ranks 1..N-1, join the group with them."""
-    from worker.parallel.rank_main import run_rank
-
-    port = free_port()
-    context = mp.get_context("spawn")
-    processes = []
-    for rank in range(1, config.tensor_parallel_size):
-        process = context.Process(target=run_rank, args=(config, rank, port, os.getpid()), name=f"tp-rank-{rank}",
-                                  daemon=True)
-        process.start()
-        processes.append(process)
-    group = join_group(config, 0, port)
+    """Called on rank 0: start ranks 1..N-1 and form the group with them (RankStartupError if one
+    exits or hangs)."""
+    if dist.is_initialized():
+        gc.collect()  # a dropped LLM whose ranks are still up is shut down by its finalizer
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already running in this process (an LLM that was not shut down?); "
+                           "call shutdown() on it before starting another tensor-parallel LLM")
+    store = connect_store(0, 0)
+    processes = spawn_ranks(config, store.port)
+    try:
+        wait_for_ranks(store, processes, "joined", JOIN_TIMEOUT_S)
+        group = join_group(config, 0, store)
+    except BaseException:
+        for process in processes:
+            process.kill()
+        destroy_process_group(STOP_TIMEOUT_S)
+        set_tp(0, 1)
+        raise
     logger.info("tensor-parallel group of %d ranks joined (%s)", config.tensor_parallel_size,
                 "nccl" if config.device.startswith("cuda") else "gloo")
-    return RankGroup(config, processes, PlanChannel(group))
+    return RankGroup(config, processes, store, PlanChannel(group))

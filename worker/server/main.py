@@ -182,9 +182,11 @@ def main(argv=None) -> None:
         run = asyncio.run
     else:
         run = uvloop.run
+    from worker.parallel.launch import RankStartupError
+
     try:
         run(serve(args))
-    except OSError as e:  # e.g. the metrics port is taken
+    except (OSError, RankStartupError) as e:  # e.g. the metrics port is taken, a rank died while loading
         logger.error("worker cannot start: %s", e)
         logging.shutdown()
         os._exit(1)

@@ -4,6 +4,7 @@ The files mirror Qwen/Qwen3-Next-80B-A3B-*: a transformers-4.x style config.json
 generation_config.json, sharded safetensors with per-expert MoE weights plus an
 index, mtp.* weights for multi-token prediction, and a byte-level BPE tokenizer
 with ChatML special tokens (trained on corpus.txt, which ships next to this file).
+The weights (worker/tools/tiny_weights.py) are the same bytes on every machine.
 
     python -m worker.tools.tiny_checkpoint OUT_DIR [--preset tiny] [--seed 0]
 """
@@ -11,19 +12,19 @@ with ChatML special tokens (trained on corpus.txt, which ships next to this file
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from worker.tools.tiny_tokenizer import ENDOFTEXT, IM_END, write_json, write_tokenizer
+from worker.tools.tiny_weights import is_moe_layer, layer_types, materialize, tensor_specs
+
+# layer_types and is_moe_layer are re-exported: callers read presets through this module.
+__all__ = ["PRESETS", "builtin_model_dir", "is_moe_layer", "layer_types", "write_tiny_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,32 +133,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-# Scale of every projection relative to 1/sqrt(fan_in): large enough that each sublayer
-# visibly moves the residual stream, so a bug in any layer changes the logits.
-PROJECTION_GAIN = 1.0
-# Spread of the final logits: top-1/top-2 gaps average ~0.8, so greedy near-ties are rare.
-TARGET_LOGIT_STD = 3.0
-
-
 # ---------------------------------------------------------------- config
-
-def layer_types(config: dict) -> list[str]:
-    if config.get("layer_types"):
-        return list(config["layer_types"])
-    interval = config.get("full_attention_interval", 4)
-    return [
-        "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-        for i in range(config["num_hidden_layers"])
-    ]
-
-
-def is_moe_layer(config: dict, layer_index: int) -> bool:
-    return (
-        layer_index not in config.get("mlp_only_layers", [])
-        and config["num_experts"] > 0
-        and (layer_index + 1) % config["decoder_sparse_step"] == 0
-    )
-
 
 def build_config(preset: str, dtype: str, token_ids: dict[str, int]) -> dict:
     config = dict(PRESETS[preset])
@@ -178,161 +154,7 @@ def build_generation_config(token_ids: dict[str, int]) -> dict:
     }
 
 
-# ---------------------------------------------------------------- weights
-
-Init = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    init: Init
-
-
-def _normal(std: float, mean: float = 0.0) -> Init:
-    return lambda shape, gen: torch.randn(shape, generator=gen) * std + mean
-
-
-def _distinct_uniform(low: float, high: float) -> Init:
-    """Uniform in [low, high), one draw from the middle of each of numel equal slices, shuffled.
-
-    Plain random draws for a 2-head vector can round to the same bfloat16 value; a
-    per-head parameter must differ between heads so that head-indexing bugs show.
-    """
-
-    def init(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        count = math.prod(shape)
-        slot = torch.randperm(count, generator=gen).float()
-        within_slot = 0.1 + 0.8 * torch.rand(count, generator=gen)
-        return (low + (slot + within_slot) * (high - low) / count).reshape(shape)
-
-    return init
-
-
-def _log_of(init: Init) -> Init:
-    return lambda shape, gen: init(shape, gen).log()
-
-
-def _linear(name: str, out_features: int, in_features: int, gain: float = PROJECTION_GAIN) -> TensorSpec:
-    return TensorSpec(name, (out_features, in_features), _normal(gain / math.sqrt(in_features)))
-
-
-def _zero_centred_norm(name: str, dim: int) -> TensorSpec:
-    # Qwen3-Next RMSNorm scales by (1 + weight); random offsets catch a missing "1 +".
-    return TensorSpec(name, (dim,), _normal(0.1))
-
-
-def _full_attention(prefix: str, c: dict) -> list[TensorSpec]:
-    hidden, head_dim = c["hidden_size"], c["head_dim"]
-    q_width, kv_width = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    return [
-        # Twice the query width: each head's query is followed by its output gate.
-        _linear(f"{prefix}.q_proj.weight", 2 * q_width, hidden),
-        _linear(f"{prefix}.k_proj.weight", kv_width, hidden),
-        _linear(f"{prefix}.v_proj.weight", kv_width, hidden),
-        _linear(f"{prefix}.o_proj.weight", hidden, q_width),
-        _zero_centred_norm(f"{prefix}.q_norm.weight", head_dim),
-        _zero_centred_norm(f"{prefix}.k_norm.weight", head_dim),
-    ]
-
-
-def _linear_attention(prefix: str, c: dict) -> list[TensorSpec]:
-    hidden = c["hidden_size"]
-    nk, nv = c["linear_num_key_heads"], c["linear_num_value_heads"]
-    dk, dv = c["linear_key_head_dim"], c["linear_value_head_dim"]
-    values_per_key = nv // nk
-    conv_channels = 2 * nk * dk + nv * dv
-    return [
-        _linear(f"{prefix}.in_proj_qkvz.weight", nk * (2 * dk + 2 * values_per_key * dv), hidden),
-        _linear(f"{prefix}.in_proj_ba.weight", 2 * nv, hidden),
-        TensorSpec(f"{prefix}.conv1d.weight", (conv_channels, 1, c["linear_conv_kernel_dim"]), _normal(0.3)),
-        # Mamba-style negative bias: softplus(dt_bias) in ~[0.05, 0.3], so with A in [1, 16]
-        # the per-token decay exp(-A * softplus) spans ~0.01..0.95 and some heads remember
-        # many tokens, which makes recurrent-state handling matter for the logits.
-        TensorSpec(f"{prefix}.dt_bias", (nv,), _distinct_uniform(-3.0, -1.0)),
-        TensorSpec(f"{prefix}.A_log", (nv,), _log_of(_distinct_uniform(1.0, 16.0))),
-        # The gated norm multiplies by weight directly (no "1 +"), so centre it on one.
-        TensorSpec(f"{prefix}.norm.weight", (dv,), _normal(0.1, mean=1.0)),
-        _linear(f"{prefix}.out_proj.weight", hidden, nv * dv),
-    ]
-
-
-def _dense_mlp(prefix: str, hidden: int, intermediate: int) -> list[TensorSpec]:
-    return [
-        _linear(f"{prefix}.gate_proj.weight", intermediate, hidden),
-        _linear(f"{prefix}.up_proj.weight", intermediate, hidden),
-        _linear(f"{prefix}.down_proj.weight", hidden, intermediate),
-    ]
-
-
-def _sparse_moe(prefix: str, c: dict) -> list[TensorSpec]:
-    hidden = c["hidden_size"]
-    # Router logits with unit spread so top-k picks are decisive, not near-ties.
-    specs = [_linear(f"{prefix}.gate.weight", c["num_experts"], hidden, gain=1.0)]
-    for expert in range(c["num_experts"]):
-        specs += _dense_mlp(f"{prefix}.experts.{expert}", hidden, c["moe_intermediate_size"])
-    specs += _dense_mlp(f"{prefix}.shared_expert", hidden, c["shared_expert_intermediate_size"])
-    specs.append(_linear(f"{prefix}.shared_expert_gate.weight", 1, hidden, gain=1.0))
-    return specs
-
-
-def _decoder_layer(prefix: str, c: dict, layer_type: str, moe: bool) -> list[TensorSpec]:
-    hidden = c["hidden_size"]
-    if layer_type == "linear_attention":
-        mixer = _linear_attention(f"{prefix}.linear_attn", c)
-    elif layer_type == "full_attention":
-        mixer = _full_attention(f"{prefix}.self_attn", c)
-    else:
-        raise ValueError(f"unknown layer type {layer_type!r}")
-    mlp = _sparse_moe(f"{prefix}.mlp", c) if moe else _dense_mlp(f"{prefix}.mlp", hidden, c["intermediate_size"])
-    return [
-        _zero_centred_norm(f"{prefix}.input_layernorm.weight", hidden),
-        *mixer,
-        _zero_centred_norm(f"{prefix}.post_attention_layernorm.weight", hidden),
-        *mlp,
-    ]
-
-
-def _mtp(c: dict) -> list[TensorSpec]:
-    hidden = c["hidden_size"]
-    return [
-        _linear("mtp.fc.weight", hidden, 2 * hidden),
-        _zero_centred_norm("mtp.pre_fc_norm_embedding.weight", hidden),
-        _zero_centred_norm("mtp.pre_fc_norm_hidden.weight", hidden),
-        *_decoder_layer("mtp.layers.0", c, "full_attention", moe=c["num_experts"] > 0),
-        _zero_centred_norm("mtp.norm.weight", hidden),
-    ]
-
-
-def tensor_specs(config: dict, mtp: bool = True) -> list[TensorSpec]:
-    """Every tensor of the checkpoint, in model order."""
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), _normal(1.0))]
-    for i, layer_type in enumerate(layer_types(config)):
-        specs += _decoder_layer(f"model.layers.{i}", config, layer_type, is_moe_layer(config, i))
-    specs.append(_zero_centred_norm("model.norm.weight", hidden))
-    specs.append(_linear("lm_head.weight", vocab, hidden, gain=TARGET_LOGIT_STD))
-    if mtp:
-        specs += _mtp(config)
-    return specs
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    # Seeding each tensor from its own name keeps values stable when other tensors are
-    # added or dropped (e.g. --no-mtp leaves the main model's weights unchanged).
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def materialize(specs: list[TensorSpec], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    generator = torch.Generator()
-    tensors = {}
-    for spec in specs:
-        generator.manual_seed(_tensor_seed(seed, spec.name))
-        tensors[spec.name] = spec.init(spec.shape, generator).to(dtype).contiguous()
-    return tensors
-
+# ---------------------------------------------------------------- files
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
@@ -400,7 +222,9 @@ def write_tiny_checkpoint(
     return out_dir
 
 
-BUILTIN_MODEL_NAME = "builtin-tiny-v1"
+# The version names the weights' bytes: v1 came from torch.randn and differed by CPU, v2 is portable.
+# A cache holding an older version is left alone, never served.
+BUILTIN_MODEL_NAME = "builtin-tiny-v2"
 
 
 def builtin_model_dir() -> Path:
