@@ -17,6 +17,7 @@ from router.errors import InvalidArgument
 from router.http.fields import Body, parse_json_object, renamed
 from router.http.generation import FINISH_REASONS, Envelope, choice_request_ids, prepare_prompts, respond, stop_reason
 from router.http.logprobs import chat_logprobs
+from router.http.state import state_of
 from router.http.request_fields import check_model, read_common, read_streaming
 from router.tokenizer import RouterTokenizer
 from router.validation import parse_generate_request
@@ -145,5 +146,5 @@ async def chat_completions(api, request: web.Request) -> web.StreamResponse:
     [prepared] = await prepare_prompts(path, [spec], [request_id], limits, rename)
     choice = ChatChoice(0, path.tokenizer, len(prepared.prompt_token_ids), with_logprobs)
     envelope = Envelope.new("chatcmpl", "chat.completion", "chat.completion.chunk", api.model_name,
-                            request["request_id"])
+                            state_of(request).request_id)
     return await respond(path, api.metrics, request, [prepared], [choice], envelope, streaming)

@@ -16,6 +16,7 @@ from router.http.generation import (
     FINISH_REASONS, Envelope, choice_request_ids, prepare_prompts, respond, stop_reason,
 )
 from router.http.logprobs import CompletionLogprobs
+from router.http.state import state_of
 from router.http.request_fields import check_model, read_common, read_streaming
 from router.tokenizer import RouterTokenizer
 from router.validation import MAX_LOGPROBS, parse_generate_request
@@ -32,16 +33,17 @@ def read_prompts(body: Body) -> tuple[list[str | list[int]], list[str]]:
         raise InvalidArgument("prompt", "must be a non-empty string or a non-empty list")
     if all(is_int(item) for item in prompt):
         return [[check_int(t, f"prompt[{i}]", INT64) for i, t in enumerate(prompt)]], ["prompt"]
+    texts = isinstance(prompt[0], str)
     prompts, names = [], []
     for index, item in enumerate(prompt):
         name = f"prompt[{index}]"
-        if isinstance(item, list) and item and all(is_int(t) for t in item):
-            prompts.append([check_int(t, f"{name}[{i}]", INT64) for i, t in enumerate(item)])
-        elif isinstance(item, str):
+        if texts and isinstance(item, str):
             prompts.append(item)
+        elif not texts and isinstance(item, list) and item and all(is_int(t) for t in item):
+            prompts.append([check_int(t, f"{name}[{i}]", INT64) for i, t in enumerate(item)])
         else:
-            raise InvalidArgument(name, "must be a string or a non-empty list of token ids (all prompts of one "
-                                        "shape: strings, token ids, or lists of token ids)")
+            raise InvalidArgument(name, "must be like the other prompts: a list of strings, a list of token ids, "
+                                        "or a list of non-empty token-id lists")
         names.append(name)
     return prompts, names
 
@@ -158,5 +160,5 @@ async def completions(api, request: web.Request) -> web.StreamResponse:
             prompt_text = prompt if isinstance(prompt, str) else path.tokenizer.decode(prompt, skip_special_tokens=False)
         choices.append(CompletionChoice(index, path.tokenizer, ready.prompt_token_ids, prompt_text, echo,
                                         logprobs is not None))
-    envelope = Envelope.new("cmpl", "text_completion", "text_completion", api.model_name, request["request_id"])
+    envelope = Envelope.new("cmpl", "text_completion", "text_completion", api.model_name, state_of(request).request_id)
     return await respond(path, api.metrics, request, prepared, choices, envelope, streaming)

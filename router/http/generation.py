@@ -22,6 +22,7 @@ from router.http.errors import internal_reply, reply_for
 from router.http.prompt_runs import PromptRuns
 from router.http.request_fields import Streaming
 from router.http.sse import EventStream
+from router.http.state import state_of
 from router.request_path import PreparedRequest, RequestPath
 from router.validation import GenerateSpec, RequestLimits
 
@@ -85,8 +86,9 @@ def usage_of(choices: list[Choice]) -> dict:
 def choice_request_ids(request: web.Request, count: int) -> list[tuple[str, str]]:
     """(request id, the client's id or "") per prompt: the X-Request-Id header's (suffixed by the
     prompt's index when there are several), or a fresh one."""
-    client = request["client_request_id"]
-    base = client or request["request_id"]
+    state = state_of(request)
+    client = state.client_request_id
+    base = client or state.request_id
     if count == 1:
         return [(base, client)]
     return [(f"{base}-{index}", f"{client}-{index}" if client else "") for index in range(count)]
@@ -105,8 +107,9 @@ async def prepare_prompts(path: RequestPath, specs: list[GenerateSpec], ids: lis
 
 async def respond(path: RequestPath, metrics, request: web.Request, prepared: list[PreparedRequest],
                   choices: list[Choice], envelope: Envelope, streaming: Streaming) -> web.StreamResponse:
-    headers = {"X-Request-Id": request["request_id"]}
-    async with PromptRuns(path, prepared, metrics, request["timers"]) as runs:
+    state = state_of(request)
+    headers = {"X-Request-Id": state.request_id}
+    async with PromptRuns(path, prepared, metrics, state.timers) as runs:
         if not streaming.stream:
             async for index, response in runs.responses():
                 choices[index].on_response(response)
@@ -124,13 +127,13 @@ async def respond(path: RequestPath, metrics, request: web.Request, prepared: li
             raise  # the client went away: nothing left to tell it
         except RouterError as e:
             reply = reply_for(e)
-            request["status_name"] = reply.status_name
-            logger.warning("request %s: stream ended by %s: %s", request["request_id"], reply.status_name, e.message)
+            state.status_name = reply.status_name
+            logger.warning("request %s: stream ended by %s: %s", state.request_id, reply.status_name, e.message)
             await events.send(reply.body)
         except Exception:
-            logger.exception("request %s: stream failed with an unexpected error", request["request_id"])
-            reply = internal_reply(request["request_id"])
-            request["status_name"] = reply.status_name
+            logger.exception("request %s: stream failed with an unexpected error", state.request_id)
+            reply = internal_reply(state.request_id)
+            state.status_name = reply.status_name
             await events.send(reply.body)
         await events.close()
         return events.response

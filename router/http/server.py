@@ -25,7 +25,8 @@ from router.errors import InvalidArgument, RouterError
 from router.http import info
 from router.http.chat import chat_completions
 from router.http.completions import completions
-from router.http.errors import HttpError, body, internal_reply, reply_for
+from router.http.errors import body, internal_reply, reply_for
+from router.http.state import attach_state, state_of
 from router.metrics import RouterMetrics
 from router.request_log import current_request_id
 from router.request_path import RequestPath
@@ -95,15 +96,15 @@ class HttpApi:
         started = time.perf_counter()
         resource = request.match_info.route.resource
         method = resource.canonical if resource is not None else "unmatched"
-        request["timers"], request["status_name"] = [], None
+        state = attach_state(request)
         status_name = "INTERNAL"
         try:
-            request["client_request_id"] = request.headers.get("X-Request-Id", "")
-            request["request_id"] = self._start_request(request["client_request_id"])
+            state.client_request_id = request.headers.get("X-Request-Id", "")
+            state.request_id = self._start_request(state.client_request_id)
             if self._api_key is not None and request.path not in OPEN_PATHS:
                 self._api_key.check((key.lower(), value) for key, value in request.headers.items())
             response = await handler(request)
-            status_name = request["status_name"] or "OK"
+            status_name = state.status_name or "OK"
             return response
         except RouterError as e:
             reply = reply_for(e)
@@ -124,7 +125,7 @@ class HttpApi:
             reply = internal_reply(current_request_id.get())
             return self._error_response(request, reply.status, reply.body)
         finally:
-            self.metrics.record(method, status_name, started, request["timers"])
+            self.metrics.record(method, status_name, started, state.timers)
 
     @staticmethod
     def _start_request(client_request_id: str) -> str:
@@ -135,7 +136,8 @@ class HttpApi:
 
     @staticmethod
     def _error_response(request: web.Request, status: int, payload: dict) -> web.StreamResponse:
-        if request.get("stream_opened"):
+        state = state_of(request)
+        if state.stream_opened:
             raise ConnectionResetError("the event stream already started")  # aiohttp closes the connection
-        headers = {"X-Request-Id": request["request_id"]} if "request_id" in request else None
+        headers = {"X-Request-Id": state.request_id} if state.request_id else None
         return web.json_response(payload, status=status, headers=headers)

@@ -6,6 +6,8 @@ import json
 
 from aiohttp import web
 
+from router.http.state import state_of
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -28,7 +30,7 @@ class EventStream:
             **(headers or {}),
         })
         await response.prepare(request)
-        request["stream_opened"] = True
+        state_of(request).stream_opened = True
         return cls(response)
 
     async def send(self, payload: dict) -> None:

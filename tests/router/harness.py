@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextserve.v1 import generation_pb2, generation_pb2_grpc
 from router.app import build_router
 from router.config import RouterConfig
+from router.metrics import RouterMetrics
 from router.request_path import RequestPath
 from router.workers import WorkerPool
 
@@ -28,6 +29,7 @@ class RunningRouter:
     port: int
     channel: grpc.aio.Channel
     path: RequestPath
+    metrics: RouterMetrics
     http_port: int | None = None
 
     @property
@@ -82,7 +84,7 @@ async def running_router(model_dir, addresses: list[str], wait_ready: bool = Tru
         if wait_ready:
             await wait_until(lambda: router.pool.num_ready == len(addresses), what="workers ready")
         yield RunningRouter(config, router.grpc_server, router.pool, router.port, channel, router.path,
-                            router.http_port)
+                            router.metrics, router.http_port)
     finally:
         await channel.close()
         await router.grpc_server.stop(grace=None)
