@@ -16,24 +16,10 @@ from nextserve.v1 import generation_pb2, generation_pb2_grpc
 from tests.engine_helpers import make_prompts
 from tests.helpers import hf_logits, load_hf
 from tests.router.http_helpers import parse_events
-from tests.serving.conftest import Process, free_port
+from tests.serving.conftest import free_port
 
 MIN_MARGIN = 1e-3  # the reference's top-1 / top-2 logit gap that makes a greedy comparison meaningful
 NUM_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, model_dir):
-    """`nextserve serve` with the HTTP API; prefill chunks of 64 tokens. -> (http port, grpc port)."""
-    grpc_port, http_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("openai") / "serve.log"
-    server = Process(["serve", "--host", "127.0.0.1", "--port", str(grpc_port), "--http-port", str(http_port),
-                      "--cache-memory-mb", "64", "--max-num-batched-tokens", "64"], log)
-    try:
-        server.wait_serving(f"127.0.0.1:{grpc_port}")
-        yield http_port, grpc_port
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
