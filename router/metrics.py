@@ -94,9 +94,9 @@ class RouterMetrics:
             self._server.server_close()
             self._server = None
 
-    def timer(self) -> "StreamTimer":
-        """A timer for one generation stream, started now."""
-        return StreamTimer(self, time.perf_counter())
+    def timer(self, started: float | None = None) -> "StreamTimer":
+        """A timer for one generation stream, from `started` (a time.perf_counter(); default: now)."""
+        return StreamTimer(self, time.perf_counter() if started is None else started)
 
     def record(self, method: str, code: str, started: float, timers: list["StreamTimer"] = ()) -> None:
         """Count one finished request (its streams' timers, if it generated) and write its access-log line."""

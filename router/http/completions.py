@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from nextserve.v1 import generation_pb2
+
 from router.errors import InvalidArgument
 from router.http.fields import INT64, Body, check_int, is_int, parse_json_object, renamed
 from router.http.generation import (
@@ -130,12 +132,15 @@ async def completions(api, request: web.Request) -> web.StreamResponse:
     common = read_common(body)
     prompts, names = read_prompts(body)
     path = api.path
+    max_prompts = path.config.max_in_flight + path.config.max_queue  # more would be refused by admission anyway
+    if len(prompts) > max_prompts:
+        raise InvalidArgument("prompt", f"at most {max_prompts} prompts per request on this server, got {len(prompts)}")
     limits = path.limits()
     ids = choice_request_ids(request, len(prompts))
     rename = prompt_field_renamer(names)
     specs = []
     for index, prompt in enumerate(prompts):
-        generate = type(common)()
+        generate = generation_pb2.GenerateRequest()
         generate.CopyFrom(common)
         if isinstance(prompt, str):
             if not prompt:

@@ -109,7 +109,7 @@ async def respond(path: RequestPath, metrics, request: web.Request, prepared: li
                   choices: list[Choice], envelope: Envelope, streaming: Streaming) -> web.StreamResponse:
     state = state_of(request)
     headers = {"X-Request-Id": state.request_id}
-    async with PromptRuns(path, prepared, metrics, state.timers) as runs:
+    async with PromptRuns(path, prepared, metrics, state.timers, state.started) as runs:
         if not streaming.stream:
             async for index, response in runs.responses():
                 choices[index].on_response(response)

@@ -23,11 +23,12 @@ _DONE = object()
 
 class PromptRuns:
     def __init__(self, path: RequestPath, prepared: list[PreparedRequest], metrics: RouterMetrics,
-                 timers: list[StreamTimer]):
+                 timers: list[StreamTimer], started: float):
         self._path = path
         self._prepared = prepared
         self._metrics = metrics
         self._timers = timers  # the HTTP request's, recorded when it ends
+        self._started = started  # when the HTTP request came in
         self._feed: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._buffered: list = []
@@ -44,7 +45,7 @@ class PromptRuns:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _run(self, index: int, prepared: PreparedRequest) -> None:
-        timer = self._metrics.timer()
+        timer = self._metrics.timer(self._started)
         self._timers.append(timer)
         try:
             async with self._path.run(prepared) as stream:

@@ -97,6 +97,7 @@ class HttpApi:
         resource = request.match_info.route.resource
         method = resource.canonical if resource is not None else "unmatched"
         state = attach_state(request)
+        state.started = started
         status_name = "INTERNAL"
         try:
             state.client_request_id = request.headers.get("X-Request-Id", "")

@@ -11,6 +11,7 @@ from router.metrics import StreamTimer
 
 @dataclass
 class RequestState:
+    started: float = 0.0  # time.perf_counter() when the request came in (time to first token counts from it)
     client_request_id: str = ""  # the X-Request-Id header, or ""
     request_id: str = ""  # that, or a fresh one
     timers: list[StreamTimer] = field(default_factory=list)  # one per generation stream, for the metrics

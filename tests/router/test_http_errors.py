@@ -82,10 +82,11 @@ def test_bad_fields_get_400_naming_the_field_and_the_router_keeps_serving(model_
             not_found = await call(router.http_url, "/v1/nothing", {})
             wrong_method = await call(router.http_url, COMPLETIONS, method="GET")
             still = await call(router.http_url, COMPLETIONS, {"prompt": "hi", "max_tokens": 2, "model": "tiny-x"})
+            too_many = await call(router.http_url, COMPLETIONS, {"prompt": [[1]] * 1281})  # 256 in flight + 1024 queued
         await worker.stop()
-        return replies, raw, streamed, long_id, unknown_model, not_found, wrong_method, still, worker.engine
+        return replies, raw, streamed, long_id, unknown_model, not_found, wrong_method, still, too_many, worker.engine
 
-    replies, raw, streamed, long_id, unknown_model, not_found, wrong_method, still, engine = run(scenario())
+    replies, raw, streamed, long_id, unknown_model, not_found, wrong_method, still, too_many, engine = run(scenario())
     for (path, payload, field), (status, body, _) in zip(BAD_FIELDS, replies):
         assert status == 400, (path, payload, body)
         error = body["error"]
@@ -101,6 +102,7 @@ def test_bad_fields_get_400_naming_the_field_and_the_router_keeps_serving(model_
     assert not_found[0] == 404 and not_found[1]["error"]["code"] == "not_found"
     assert wrong_method[0] == 405 and wrong_method[1]["error"]["code"] == "method_not_allowed"
     assert still[0] == 404  # "tiny-x" is not the served model's name
+    assert too_many[0] == 400 and "at most 1280 prompts" in too_many[1]["error"]["message"]
     assert engine.adds == [], "no bad request reached the worker"
 
 
