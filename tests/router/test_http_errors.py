@@ -169,3 +169,47 @@ def test_unexpected_errors_are_500_without_details_and_the_router_survives(model
     assert "r-9" in body["error"]["message"] and "tokenizer bug" not in body["error"]["message"]
     assert headers["X-Request-Id"] == "r-9"
     assert fine[0] == 200
+
+
+ODD_VALUES = [None, True, False, 0, 1, -1, 2, 1.5, -0.0, 1e300, 2**70, "", "x", "hi", [], [1, 2], [[1]], ["a"],
+              {}, {"a": 1}, [None], [1.5], [True], "\u0000", "𝔘"]
+FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+          "stop", "seed", "logprobs", "top_logprobs", "echo", "stream", "stream_options", "n", "ignore_eos",
+          "repetition_penalty", "stop_token_ids", "min_tokens", "presence_penalty", "skip_special_tokens", "model",
+          "add_generation_prompt", "response_format", "tools", "best_of", "logit_bias", "suffix", "tokens"]
+
+
+def test_random_bodies_never_get_a_500(model_dir):
+    import random
+
+    rng = random.Random(13)
+    paths = [COMPLETIONS, CHAT, "/tokenize", "/detokenize"]
+    bodies = []
+    for _ in range(160):
+        body = {field: rng.choice(ODD_VALUES) for field in rng.sample(FIELDS, rng.randrange(1, 8))}
+        if rng.random() < 0.5:
+            body.setdefault("prompt", "hi")
+            body["messages"] = USER if rng.random() < 0.5 else body.get("messages")
+        bodies.append((rng.choice(paths), body))
+
+    async def scenario():
+        worker = await fake(tokens_per_step=16, step_interval_s=0.001)
+        async with running_router(model_dir, [worker.address], http_port=0) as router:
+            replies = []
+            for path, payload in bodies:
+                if payload.get("stream") is True:
+                    replies.append(await stream(router.http_url, path, payload))
+                else:
+                    replies.append(await call(router.http_url, path, payload))
+            healthy = await call(router.http_url, "/health", method="GET")
+        await worker.stop()
+        return replies, healthy
+
+    replies, healthy = run(scenario(), timeout=120)
+    statuses = [reply[0] for reply in replies]
+    assert set(statuses) <= {200, 400, 404}, [(b, r) for b, r in zip(bodies, replies) if r[0] not in (200, 400, 404)]
+    assert statuses.count(200) >= 5 and statuses.count(400) >= 100  # both paths exercised (seeded)
+    for (path, payload), reply in zip(bodies, replies):
+        if reply[0] == 200 and path in (COMPLETIONS, CHAT) and payload.get("stream") is True:
+            assert all("error" not in event for event in reply[2][:-1]), (payload, reply)
+    assert healthy[0] == 200
