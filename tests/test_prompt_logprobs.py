@@ -100,7 +100,7 @@ def test_chunks_and_a_recompute_score_each_prompt_token_once_in_rows_of_the_chun
         scorer.track(plan)
         hidden = torch.cat([torch.arange(s.start_position, s.start_position + len(s.token_ids)).float()[:, None] + 1
                             for s in plan.sequences])
-        return scorer.compute(plan, hidden, logits)
+        return scorer.compute(plan, hidden, logits).to_host()
 
     new = [NewRequest("a", prompt, SamplingParams(prompt_logprobs=1))]
     first = run(StepPlan(1, [_chunk("a", prompt, 0, 6)], new))

@@ -9,7 +9,9 @@ reduced to the target's logprob and the top n before the next. With tensor paral
 the same bookkeeping, so the collectives line up.
 
 After a preemption the prompt is prefilled again; positions already scored are skipped, so each
-prompt token is scored exactly once whatever the chunking.
+prompt token is scored exactly once whatever the chunking. `compute` leaves its results on the
+device; `attach` copies them to the host after the step's own token copy, so a step that scores a
+prompt waits for the device no earlier than any other step (and steps that score none do nothing).
 """
 
 from dataclasses import dataclass
@@ -38,6 +40,30 @@ class _Rows:
     spans: list[tuple[int, int, int]]  # (sequence index in the plan, first row, number of rows)
 
 
+@dataclass
+class Scored:
+    """One step's scores, still on the device: per row the target's logprob and the top n."""
+
+    rows: _Rows
+    num_tops: dict[int, int]  # sequence index -> its request's n
+    chosen: torch.Tensor  # [R]
+    top_values: torch.Tensor | None  # [R, n], n the largest asked this step
+    top_ids: torch.Tensor | None
+
+    def to_host(self) -> dict[int, list]:
+        """{sequence index: [(logprob, [(token_id, logprob), ...top n])]} in prompt order."""
+        chosen = self.chosen.tolist()
+        top_values = self.top_values.tolist() if self.top_values is not None else None
+        top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+        results = {}
+        for index, first, count in self.rows.spans:
+            num_top = self.num_tops[index]
+            results[index] = [
+                (chosen[row], list(zip(top_ids[row][:num_top], top_values[row][:num_top])) if num_top else [])
+                for row in range(first, first + count)]
+        return results
+
+
 class PromptLogprobs:
     """Per-request bookkeeping and the chunked computation; one per runner (so one per rank)."""
 
@@ -62,15 +88,15 @@ class PromptLogprobs:
         return len(self._requests)
 
     def compute(self, plan: StepPlan, hidden_states: torch.Tensor,
-                compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, list]:
-        """hidden_states [T, H] of the step -> {sequence index: [(logprob, [(token_id, logprob), ...top n])]}
-        for the prompt tokens this step scores, in prompt order."""
+                compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> Scored | None:
+        """hidden_states [T, H] of the step -> the scores of the prompt tokens it predicts (None: none)."""
         if not self._requests:
-            return {}
+            return None
         rows = self._rows(plan)
         if not rows.hidden_rows:
-            return {}
-        num_top = max(self._requests[plan.sequences[i].request_id].num_top for i, _, _ in rows.spans)
+            return None
+        num_tops = {i: self._requests[plan.sequences[i].request_id].num_top for i, _, _ in rows.spans}
+        num_top = max(num_tops.values())
         device = hidden_states.device
         hidden_rows = torch.tensor(rows.hidden_rows, dtype=torch.long, device=device)
         targets = torch.tensor(rows.target_ids, dtype=torch.long, device=device)
@@ -83,7 +109,8 @@ class PromptLogprobs:
                 values, ids = logprobs.topk(num_top, dim=-1)
                 top_values.append(values)
                 top_ids.append(ids)
-        return self._to_host(plan, rows, chosen, top_values, top_ids)
+        return Scored(rows, num_tops, torch.cat(chosen), torch.cat(top_values) if top_values else None,
+                      torch.cat(top_ids) if top_ids else None)
 
     def _rows(self, plan: StepPlan) -> _Rows:
         rows = _Rows([], [], [])
@@ -103,22 +130,10 @@ class PromptLogprobs:
             first_row_of_sequence += len(entry.token_ids)
         return rows
 
-    def _to_host(self, plan: StepPlan, rows: _Rows, chosen, top_values, top_ids) -> dict[int, list]:
-        chosen = torch.cat(chosen).tolist()
-        top_values = torch.cat(top_values).tolist() if top_values else None
-        top_ids = torch.cat(top_ids).tolist() if top_ids else None
-        results = {}
-        for index, first, count in rows.spans:
-            num_top = self._requests[plan.sequences[index].request_id].num_top
-            entries = []
-            for row in range(first, first + count):
-                top = [] if not num_top else list(zip(top_ids[row][:num_top], top_values[row][:num_top]))
-                entries.append((chosen[row], top))
-            results[index] = entries
-        return results
-
     @staticmethod
-    def attach(output: StepOutput, computed: dict[int, list]) -> None:
+    def attach(output: StepOutput, scored: Scored | None) -> None:
         """Put each sequence's scored prompt tokens on its SequenceOutput."""
-        for index, entries in computed.items():
+        if scored is None:
+            return
+        for index, entries in scored.to_host().items():
             output.sequences[index].prompt_logprobs = entries
