@@ -194,7 +194,8 @@ def test_random_bodies_never_get_a_500(model_dir):
 
     async def scenario():
         worker = await fake(tokens_per_step=16, step_interval_s=0.001)
-        async with running_router(model_dir, [worker.address], http_port=0) as router:
+        async with running_router(model_dir, [worker.address], http_port=0, max_request_bytes=8192) as router:
+            too_large = await call(router.http_url, COMPLETIONS, {"prompt": "x" * 9000})
             replies = []
             for path, payload in bodies:
                 if payload.get("stream") is True:
@@ -203,9 +204,10 @@ def test_random_bodies_never_get_a_500(model_dir):
                     replies.append(await call(router.http_url, path, payload))
             healthy = await call(router.http_url, "/health", method="GET")
         await worker.stop()
-        return replies, healthy
+        return too_large, replies, healthy
 
-    replies, healthy = run(scenario(), timeout=120)
+    too_large, replies, healthy = run(scenario(), timeout=120)
+    assert too_large[0] == 413 and too_large[1]["error"]["code"] == "request_too_large"
     statuses = [reply[0] for reply in replies]
     assert set(statuses) <= {200, 400, 404}, [(b, r) for b, r in zip(bodies, replies) if r[0] not in (200, 400, 404)]
     assert statuses.count(200) >= 5 and statuses.count(400) >= 100  # both paths exercised (seeded)
