@@ -32,6 +32,7 @@ class RouterConfig:
     workers: list[str]
     host: str = "0.0.0.0"
     port: int = 50051  # 0: the OS picks a free port (logged at start)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on host:http_port; None: off, 0: a free port
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:metrics_port; None: off, 0: a free port
     max_in_flight: int = 256  # requests streaming through this router at once
     max_queue: int = 1024  # requests waiting for one of those slots; beyond: RESOURCE_EXHAUSTED
@@ -62,8 +63,10 @@ class RouterConfig:
         self.worker_addresses = [parse_worker_address(address) for address in self.workers]
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535 (0: pick a free port), got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in 0..65535 (0: pick a free port), got {self.metrics_port}")
+        for name in ("http_port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in 0..65535 (0: pick a free port), got {value}")
         for name in ("max_in_flight", "max_stop_strings", "max_stop_string_bytes", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

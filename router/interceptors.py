@@ -8,12 +8,12 @@ never dies on a request).
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 
 import grpc
 
+from router.api_key import ApiKey
 from router.errors import (
     InvalidArgument, ResourceExhausted, RouterError, Unauthenticated, Unavailable, WorkerRefused,
 )
@@ -96,32 +96,21 @@ async def _abort_with(context, method: str, error: Exception) -> None:
                         f"internal error in the router (request id {request_id}); the router log has the details")
 
 
-def _presented_key(metadata) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-            return value[7:].strip()
-        if key == "x-api-key" and isinstance(value, str):
-            return value.strip()
-    return None
-
-
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer KEY` or `x-api-key: KEY` on the protected services. Health
     checks and reflection stay open, so orchestrators and grpcurl need no secret."""
 
     def __init__(self, api_key: str, protected_services: tuple[str, ...]):
-        self._api_key = api_key.encode()
+        self._api_key = ApiKey(api_key)
         self._prefixes = tuple(f"/{service}/" for service in protected_services)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
-        presented = _presented_key(handler_call_details.invocation_metadata)
-        if presented is not None and hmac.compare_digest(presented.encode(), self._api_key):
+        reason = self._api_key.refusal(handler_call_details.invocation_metadata)
+        if reason is None:
             return handler
-        reason = ("missing API key: send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'"
-                  if presented is None else "wrong API key")
         if handler.unary_unary is not None:
             async def deny_unary(request, context):
                 raise Unauthenticated(reason)

@@ -1,8 +1,8 @@
-"""`nextserve router` / `python -m router`: the public gRPC server in front of the worker groups.
+"""`nextserve router` / `python -m router`: the public gRPC (and optional HTTP) API in front of the worker groups.
 
 Flags and their `NEXTSERVE_ROUTER_*` environment variables are read once, in `main`. `serve` runs
-until SIGTERM or SIGINT, then drains: it stops accepting RPCs and gives in-flight streams
-`drain_s` seconds to finish before cancelling them (which aborts them on the workers).
+until SIGTERM or SIGINT, then drains: it stops accepting requests on both APIs and gives in-flight
+streams `drain_s` seconds to finish before cancelling them (which aborts them on the workers).
 """
 
 from __future__ import annotations
@@ -13,23 +13,11 @@ import logging
 import os
 import signal
 from dataclasses import MISSING
-from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from nextserve.v1 import generation_pb2_grpc
-from router.admission import Admission
+from router.app import build_router
 from router.config import RouterConfig
-from router.health import GENERATION_SERVICE, readiness_publisher
-from router.interceptors import ApiKeyInterceptor, ErrorInterceptor
 from router.metrics import RouterMetrics
 from router.request_log import configure_logging
-from router.server import GenerationServicer
-from router.tokenizer import RouterTokenizer
-from router.worker_connection import Timing
-from router.workers import WorkerPool
 
 logger = logging.getLogger("nextserve.router")
 
@@ -37,18 +25,20 @@ logger = logging.getLogger("nextserve.router")
 _FLAGS = {
     "--host": ("host", str, "address to listen on"),
     "--port": ("port", int, "port to listen on; 0 picks a free one (logged)"),
+    "--http-port": ("http_port", int, "also serve the OpenAI-compatible HTTP API on this port of --host "
+                                      "(0: pick a free one, logged; unset: no HTTP API)"),
     "--metrics-port": ("metrics_port", int, "serve Prometheus /metrics over HTTP on this port of --host "
                                             "(0: pick a free one; unset: no metrics)"),
     "--model": ("model", str, "the model folder (tokenizer.json, tokenizer_config.json), same as the workers'"),
     "--max-in-flight": ("max_in_flight", int, "requests streaming at once"),
-    "--max-queue": ("max_queue", int, "requests waiting for a slot; beyond that RESOURCE_EXHAUSTED"),
+    "--max-queue": ("max_queue", int, "requests waiting for a slot; beyond that RESOURCE_EXHAUSTED (HTTP 429)"),
     "--max-prompt-tokens": ("max_prompt_tokens", int, "refuse longer prompts (default: the model's limit)"),
     "--max-stop-strings": ("max_stop_strings", int, "stop strings per request"),
     "--max-stop-string-bytes": ("max_stop_string_bytes", int, "bytes per stop string"),
-    "--max-request-bytes": ("max_request_bytes", int, "largest request message accepted"),
-    "--api-key": ("api_key", str, "require 'authorization: Bearer KEY' or 'x-api-key: KEY' on Generation "
-                                  "(prefer the environment variable: flags show in `ps`)"),
-    "--tls-cert": ("tls_cert", str, "PEM certificate chain (with --tls-key: serve TLS)"),
+    "--max-request-bytes": ("max_request_bytes", int, "largest request message (or HTTP body) accepted"),
+    "--api-key": ("api_key", str, "require 'authorization: Bearer KEY' or 'x-api-key: KEY' on Generation and "
+                                  "the HTTP API but /health (prefer the environment variable: flags show in `ps`)"),
+    "--tls-cert": ("tls_cert", str, "PEM certificate chain (with --tls-key: serve TLS, on the HTTP port too)"),
     "--tls-key": ("tls_key", str, "PEM private key"),
     "--reconnect-min-s": ("reconnect_min_s", float, "first wait before reconnecting to a failed worker"),
     "--reconnect-max-s": ("reconnect_max_s", float, "longest wait between reconnection attempts"),
@@ -93,62 +83,16 @@ def config_from_args(argv: list[str] | None = None) -> RouterConfig:
         parser.error(str(e))
 
 
-def build_server(config: RouterConfig, metrics: RouterMetrics | None = None) -> tuple[grpc.aio.Server, WorkerPool]:
-    """The router's gRPC server (services, health, reflection, interceptors; no port bound yet) and
-    its worker pool (not started). Call from inside the event loop that will run them. `metrics`
-    (default: a fresh RouterMetrics) counts the RPCs; serving it over HTTP is the caller's choice."""
-    metrics = metrics or RouterMetrics()
-    tokenizer = RouterTokenizer(config.model)
-    timing = Timing(config.reconnect_min_s, config.reconnect_max_s, config.worker_timeout_s)
-    pool = WorkerPool(config.workers, tokenizer.vocab_size, timing)
-    # The metrics interceptor is the outermost, so it sees the statuses the error interceptor chose.
-    interceptors = [metrics.interceptor(), ErrorInterceptor()]
-    if config.api_key:
-        interceptors.append(ApiKeyInterceptor(config.api_key, (GENERATION_SERVICE,)))
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", config.max_request_bytes),
-        ("grpc.so_reuseport", 0),  # two routers must not silently share a port
-    ])
-    admission = Admission(config.max_in_flight, config.max_queue)
-    metrics.track(admission, pool)
-    servicer = GenerationServicer(config, tokenizer, pool, admission)
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    pool.add_readiness_listener(readiness_publisher(health_servicer))
-    reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return server, pool
-
-
-def bind(server: grpc.aio.Server, config: RouterConfig) -> int:
-    """Bind the configured address (TLS if a cert is given); returns the port (the chosen one for 0)."""
-    address = f"{config.host}:{config.port}"
-    try:
-        if config.tls_cert:
-            credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
-                                                        Path(config.tls_cert).read_bytes())])
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"could not listen on {address}: the port is in use, or the host is not an address of "
-                      f"this machine (--host / --port)")
-    return port
-
-
 async def serve(config: RouterConfig) -> None:
     """Run the router until SIGTERM / SIGINT, then drain and return."""
     metrics = RouterMetrics()
-    server, pool = build_server(config, metrics)
-    port = bind(server, config)
+    router = build_router(config, metrics)
     metrics_port = None if config.metrics_port is None else metrics.serve(config.host, config.metrics_port)
-    await pool.start()
-    await server.start()
+    await router.start()
     logger.info("router listening on %s:%d, workers=%s, model=%s max_in_flight=%d max_queue=%d tls=%s api_key=%s "
-                "metrics_port=%s", config.host, port, config.workers, config.model, config.max_in_flight,
-                config.max_queue, "on" if config.tls_cert else "off", "on" if config.api_key else "off",
+                "http_port=%s metrics_port=%s", config.host, router.port, config.workers, config.model,
+                config.max_in_flight, config.max_queue, "on" if config.tls_cert else "off",
+                "on" if config.api_key else "off", "off" if router.http_port is None else router.http_port,
                 "off" if metrics_port is None else metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -156,9 +100,8 @@ async def serve(config: RouterConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("router draining: no new requests; in-flight streams get %.1f s", config.drain_s)
-    await pool.stop_advertising()
-    await server.stop(grace=config.drain_s)
-    await pool.close()
+    await router.drain()
+    await router.close()
     metrics.close()
     logger.info("router stopped")
 

@@ -2,9 +2,10 @@
 
 `MetricsInterceptor` sits outside every other interceptor, so it sees each Generation RPC as the
 client does: its final status (after the error interceptor has mapped exceptions), the time to its
-first token and the gaps between streamed chunks. Admission and worker state are read when
-Prometheus scrapes. Each `RouterMetrics` has its own registry (never prometheus_client's global one),
-so tests can build several routers in one process.
+first token and the gaps between streamed chunks. The HTTP API records its requests through the same
+`StreamTimer` and `RouterMetrics.record`, with the same status names. Admission and worker state are
+read when Prometheus scrapes. Each `RouterMetrics` has its own registry (never prometheus_client's
+global one), so tests can build several routers in one process.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class _RouterState(Collector):
         self.pool = pool
 
     def collect(self):
-        yield GaugeMetricFamily("nextserve_router_requests_in_flight", "Generate requests streaming now",
+        yield GaugeMetricFamily("nextserve_router_requests_in_flight", "Generation requests streaming now",
                                 value=self.admission.num_in_flight)
-        yield GaugeMetricFamily("nextserve_router_requests_queued", "Generate requests waiting for an in-flight slot",
+        yield GaugeMetricFamily("nextserve_router_requests_queued", "Generation requests waiting for an in-flight slot",
                                 value=self.admission.num_waiting)
         yield GaugeMetricFamily("nextserve_router_workers_ready", "Worker groups connected and ready",
                                 value=self.pool.num_ready)
@@ -50,20 +51,21 @@ class RouterMetrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.requests = Counter("nextserve_router_requests", "Generation RPCs finished, by method and status code",
-                                ["method", "code"], registry=r)
+        self.requests = Counter("nextserve_router_requests",
+                                "Generation RPCs and HTTP API requests finished, by method (RPC name or HTTP path) "
+                                "and status code", ["method", "code"], registry=r)
         self.time_to_first_token = Histogram(
             "nextserve_router_time_to_first_token_seconds",
-            "From receiving a Generate request to sending its first token", buckets=TTFT_BUCKETS, registry=r)
+            "From receiving a generation request (Generate, an HTTP completion) to sending its first token", buckets=TTFT_BUCKETS, registry=r)
         self.inter_token_latency = Histogram(
             "nextserve_router_inter_token_latency_seconds",
-            "Gap between streamed chunks of a Generate request, per token (a chunk of n tokens counts n times, "
+            "Gap between streamed chunks of a generation, per token (a chunk of n tokens counts n times, "
             "each with gap/n)", buckets=ITL_BUCKETS, registry=r)
         self.request_duration = Histogram(
-            "nextserve_router_request_duration_seconds", "Generate requests that ended OK: receipt to end of stream",
+            "nextserve_router_request_duration_seconds", "Generation requests that ended OK: receipt to end of stream",
             buckets=DURATION_BUCKETS, registry=r)
         self.prompt_tokens = Counter("nextserve_router_prompt_tokens",
-                                     "Prompt tokens of Generate requests that streamed to their end", registry=r)
+                                     "Prompt tokens of generation requests that streamed to their end", registry=r)
         self.generation_tokens = Counter("nextserve_router_generation_tokens",
                                          "Tokens streamed to clients (cancelled requests' tokens too)", registry=r)
         self._server = None
@@ -92,9 +94,30 @@ class RouterMetrics:
             self._server.server_close()
             self._server = None
 
+    def timer(self, started: float | None = None) -> "StreamTimer":
+        """A timer for one generation stream, from `started` (a time.perf_counter(); default: now)."""
+        return StreamTimer(self, time.perf_counter() if started is None else started)
 
-class _StreamTimer:
-    """Token timing of one Generate stream."""
+    def record(self, method: str, code: str, started: float, timers: list["StreamTimer"] = ()) -> None:
+        """Count one finished request (its streams' timers, if it generated) and write its access-log line."""
+        duration = time.perf_counter() - started
+        self.requests.labels(method, code).inc()
+        prompt_tokens = [t.prompt_tokens for t in timers if t.prompt_tokens is not None]
+        if code == "OK" and timers:
+            self.request_duration.observe(duration)
+            self.prompt_tokens.inc(sum(prompt_tokens))
+        if not timers:
+            access_log.debug("%s %s in %.3f s", method, code, duration)
+            return
+        firsts = [t.first for t in timers if t.first is not None]
+        ttft = f"{min(firsts) - started:.3f}s" if firsts else "-"
+        prompt = sum(prompt_tokens) if prompt_tokens else "-"
+        access_log.info("%s %s in %.3fs: prompt_tokens=%s completion_tokens=%d ttft=%s", method, code, duration,
+                        prompt, sum(t.num_tokens for t in timers), ttft)
+
+
+class StreamTimer:
+    """Token timing of one generation stream (a Generate call, one prompt of an HTTP request)."""
 
     def __init__(self, metrics: RouterMetrics, started: float):
         self.metrics = metrics
@@ -175,14 +198,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = _ended_by_client(context)
                 raise
             finally:
-                self.metrics.requests.labels(method, code.name).inc()
-                access_log.debug("%s %s in %.3f s", method, code.name, time.perf_counter() - started)
+                self.metrics.record(method, code.name, started)
 
         return unary
 
     def _stream(self, method: str, behavior):
         async def unary_stream(request, context):
-            timer = _StreamTimer(self.metrics, time.perf_counter())
+            timer = self.metrics.timer()
             code = grpc.StatusCode.INTERNAL
             try:
                 async for response in behavior(request, context):
@@ -197,18 +219,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = _ended_by_client(context)
                 raise
             finally:
-                self._finish(method, code, timer)
+                self.metrics.record(method, code.name, timer.started, [timer])
 
         return unary_stream
-
-    def _finish(self, method: str, code: grpc.StatusCode, timer: _StreamTimer) -> None:
-        duration = time.perf_counter() - timer.started
-        self.metrics.requests.labels(method, code.name).inc()
-        if code == grpc.StatusCode.OK:
-            self.metrics.request_duration.observe(duration)
-            if timer.prompt_tokens is not None:
-                self.metrics.prompt_tokens.inc(timer.prompt_tokens)
-        ttft = "-" if timer.first is None else f"{timer.first - timer.started:.3f}s"
-        prompt = "-" if timer.prompt_tokens is None else timer.prompt_tokens
-        access_log.info("%s %s in %.3fs: prompt_tokens=%s completion_tokens=%d ttft=%s", method, code.name, duration,
-                        prompt, timer.num_tokens, ttft)

@@ -1,7 +1,7 @@
 """Turns one request's engine deltas into the GenerateResponse messages the client reads.
 
 Per delta: its token ids, their text (incrementally detokenized, with stop-string hold-back) and
-their logprobs with token texts. The last message adds the finish reason, the matched stop string or
+their logprobs with token texts (and on the first, the prompt's logprobs if asked for). The last message adds the finish reason, the matched stop string or
 token, usage and speculative statistics. When a stop string completes, tokens after the one that
 completed it are dropped and the caller aborts the request on the worker.
 """
@@ -29,6 +29,8 @@ class ResponseBuilder:
     def on_delta(self, delta: engine_pb2.RequestDelta) -> generation_pb2.GenerateResponse:
         """The message for this delta; `finished` is True once it is the last one."""
         response = generation_pb2.GenerateResponse(request_id=self.request_id)
+        for logprob in delta.prompt_logprobs:  # the first delta's, when asked for
+            response.prompt_logprobs.append(self._with_texts(logprob))
         logprobs = delta.logprobs if len(delta.logprobs) == len(delta.token_ids) else None
         texts: list[str] = []
         match: StopMatch | None = None

@@ -61,6 +61,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class GenerateSpec:
     sampling: Sampling
     stop: tuple[str, ...]
     skip_special_tokens: bool
+    # max_tokens when the request gives none (shortened to fit); None: as many as the model's length allows.
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
 
 
 def parse_generate_request(request: generation_pb2.GenerateRequest, limits: RequestLimits) -> GenerateSpec:
@@ -154,14 +157,16 @@ def _parse_sampling(request: generation_pb2.GenerateRequest, vocab_size: int) ->
         raise InvalidArgument("min_tokens", f"must be <= max_tokens ({max_tokens}), got {request.min_tokens}")
     check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
     logprobs = _optional(request, "logprobs", None)
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+    prompt_logprobs = _optional(request, "prompt_logprobs", None)
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise InvalidArgument(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
     return Sampling(
         temperature=temperature, top_k=request.top_k, top_p=top_p, min_p=request.min_p,
         repetition_penalty=repetition_penalty, presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty, seed=_optional(request, "seed", None),
         max_tokens=max_tokens, min_tokens=request.min_tokens, stop_token_ids=tuple(request.stop_token_ids),
-        ignore_eos=request.ignore_eos, logprobs=logprobs,
+        ignore_eos=request.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -193,7 +198,7 @@ def resolve_max_tokens(spec: GenerateSpec, prompt_len: int, limits: RequestLimit
     room = limits.max_model_len - prompt_len
     max_tokens = spec.sampling.max_tokens
     if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        max_tokens = room if spec.default_max_tokens is None else min(spec.default_max_tokens, room)
     elif max_tokens > room:
         raise InvalidArgument("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the "
                                             f"model's maximum length of {limits.max_model_len}; "
@@ -214,4 +219,6 @@ def to_sampling_config(sampling: Sampling, max_tokens: int) -> engine_pb2.Sampli
         config.seed = sampling.seed
     if sampling.logprobs is not None:
         config.logprobs = sampling.logprobs
+    if sampling.prompt_logprobs is not None:
+        config.prompt_logprobs = sampling.prompt_logprobs
     return config

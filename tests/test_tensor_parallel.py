@@ -1,4 +1,4 @@
-"""Tensor parallelism on the CPU (gloo): tp = 2 and 4 give tp = 1's tokens and logits.
+"""Tensor parallelism on the CPU (gloo): tp = 2 and 4 give tp = 1's tokens, logits and prompt logprobs.
 
 The tiny-tp preset is shaped so every split path runs: 4 GDN key-head groups, 2 KV heads (tp=4
 replicates them), 8 experts split along the intermediate size, a vocabulary split in 4.
@@ -27,14 +27,14 @@ def generate(model_dir, tp, k, params):
 
 @pytest.fixture(scope="module")
 def single_rank(model_dir):
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=20)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=20, prompt_logprobs=5)
     return {k: generate(model_dir, 1, k, params) for k in (0, 2)}
 
 
 @pytest.mark.parametrize("k", [0, 2], ids=["no-mtp", "mtp-k2"])
 @pytest.mark.parametrize("tp", [2, 4], ids=["tp2", "tp4"])
 def test_tokens_and_logprobs_equal_one_rank(model_dir, single_rank, tp, k):
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=20)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=20, prompt_logprobs=5)
     outputs = generate(model_dir, tp, k, params)
     for out, ref in zip(outputs, single_rank[k]):
         assert out.token_ids == ref.token_ids
@@ -42,6 +42,10 @@ def test_tokens_and_logprobs_equal_one_rank(model_dir, single_rank, tp, k):
         for (lp, top), (ref_lp, ref_top) in zip(out.logprobs, ref.logprobs):
             assert abs(lp - ref_lp) < 1e-4
             assert [t for t, _ in top] == [t for t, _ in ref_top]
+            assert max(abs(a - b) for (_, a), (_, b) in zip(top, ref_top)) < 1e-4
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ref.prompt_logprobs)
+        for (lp, top), (ref_lp, ref_top) in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert abs(lp - ref_lp) < 1e-4
             assert max(abs(a - b) for (_, a), (_, b) in zip(top, ref_top)) < 1e-4
 
 

@@ -29,6 +29,10 @@ def parse_args(argv) -> argparse.Namespace:
                         help="router port (0: pick a free one)")
     parser.add_argument("--worker-port", type=int, default=int(os.environ.get("NEXTSERVE_WORKER_PORT", "0")),
                         help="worker port on loopback (0: pick a free one)")
+    http_port = os.environ.get("NEXTSERVE_ROUTER_HTTP_PORT")
+    parser.add_argument("--http-port", type=int, default=int(http_port) if http_port else None,
+                        help="also serve the OpenAI-compatible HTTP API on this port (0: pick a free one; "
+                             "env NEXTSERVE_ROUTER_HTTP_PORT; unset: none)")
     parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for readiness")
     args, router_args = parser.parse_known_args(argv)
     args.router_args = router_args  # e.g. --api-key, --max-in-flight: passed to the router as they are
@@ -101,6 +105,7 @@ def serve_main(argv) -> None:
         logger.info("no --model given: serving the built-in tiny checkpoint at %s", model)
     worker_port = args.worker_port or free_port()
     router_port = args.port or free_port()
+    http_port = None if args.http_port is None else args.http_port or free_port()
     worker_address = f"127.0.0.1:{worker_port}"
 
     stopping = []
@@ -110,12 +115,14 @@ def serve_main(argv) -> None:
     processes = [worker]
     try:
         wait_until_serving(worker_address, processes, args.startup_timeout, stopping)
+        http_args = [] if http_port is None else ["--http-port", str(http_port)]
         router = spawn(["-m", "router", "--host", args.host, "--port", str(router_port), "--worker", worker_address,
-                        "--model", model, *args.router_args])
+                        "--model", model, *http_args, *args.router_args])
         processes.insert(0, router)
         router_address = f"127.0.0.1:{router_port}"
         wait_until_serving(router_address, processes, 120.0, stopping)
-        print(f"nextserve ready: grpc://{args.host}:{router_port} (model {model}, tp {args.tensor_parallel_size}, "
+        http = "" if http_port is None else f", http://{args.host}:{http_port}/v1"
+        print(f"nextserve ready: grpc://{args.host}:{router_port}{http} (model {model}, tp {args.tensor_parallel_size}, "
               f"speculative tokens {args.speculative_tokens})", flush=True)
         while not stopping:
             if any(p.poll() is not None for p in processes):

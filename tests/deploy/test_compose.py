@@ -86,8 +86,9 @@ def test_gpu_compose_services():
     assert set(worker["expose"]) == {"50061", "9061"}
     assert router["environment"]["NEXTSERVE_ROUTER_WORKERS"] == "worker:50061"
     published = [port.rsplit(":", 1)[-1] for port in router["ports"]]
-    assert published == ["50051", "9051"]
-    assert router["ports"][1].startswith("127.0.0.1:"), "metrics are published on loopback only"
+    assert published == ["50051", "8000", "9051"]
+    assert router["environment"]["NEXTSERVE_ROUTER_HTTP_PORT"] == 8000
+    assert router["ports"][2].startswith("127.0.0.1:"), "metrics are published on loopback only"
 
 
 def test_cpu_compose_shares_the_builtin_model_through_a_volume():

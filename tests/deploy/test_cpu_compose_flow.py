@@ -1,12 +1,13 @@
 """docker-compose.cpu.yml's two services as processes, configured only by the file's environment:
-the worker writes the built-in model into the shared folder, the router tokenizes from it, and the
-file's healthchecks pass."""
+the worker writes the built-in model into the shared folder, the router tokenizes from it and serves
+both APIs, and the file's healthchecks pass."""
 
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import yaml
@@ -57,7 +58,7 @@ def test_cpu_compose_services_work_from_their_environment(tmp_path, monkeypatch)
     volume = tmp_path / "builtin-model"  # the named volume
     volume.mkdir()
     folders = {worker_spec["volumes"][0]["target"]: str(volume)}
-    ports = {port: free_port() for port in ("50061", "9061", "50051", "9051")}
+    ports = {port: free_port() for port in ("50061", "9061", "50051", "8000", "9051")}
 
     worker = Process(["worker"], tmp_path / "worker.log", _environment(worker_spec, folders, ports))
     router = None
@@ -74,6 +75,9 @@ def test_cpu_compose_services_work_from_their_environment(tmp_path, monkeypatch)
             chunks = list(stub.Generate(generation_pb2.GenerateRequest(text="Hello", max_tokens=4, ignore_eos=True),
                                         timeout=30))
         assert sum(len(chunk.token_ids) for chunk in chunks) == 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['8000']}/health", timeout=10) as health:
+            assert health.status == 200
+        assert "http_port=" + str(ports["8000"]) in router.output()
         assert "metrics_port=" + str(ports["9061"]) in worker.output()
         assert "metrics_port=" + str(ports["9051"]) in router.output()
     finally:

@@ -29,6 +29,14 @@ class _Live:
     generated: list[int] = field(default_factory=list)
 
 
+def prompt_logprobs(prompt_token_ids, num_top: int) -> list[common_pb2.TokenLogprob]:
+    """Made-up logprobs of prompt tokens 1.. (-0.25 per position; alternatives the ids after it, less likely)."""
+    return [common_pb2.TokenLogprob(token_id=token, logprob=-0.25 * position,
+                                    top=[common_pb2.TopLogprob(token_id=token + 1 + i, logprob=-0.25 * position - 1 - i)
+                                         for i in range(num_top)])
+            for position, token in enumerate(prompt_token_ids[1:], start=1)]
+
+
 class FakeEngine(engine_pb2_grpc.EngineServicer):
     def __init__(self, vocab_size: int = 1024, max_model_len: int = 256, script: list[int] | None = None,
                  tokens_per_step: int = 1, step_interval_s: float = 0.01, eos_token_ids: tuple[int, ...] = (),
@@ -108,6 +116,8 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
             delta = engine_pb2.RequestDelta(request_id=live.add.request_id,
                                             prompt_tokens=len(live.add.prompt_token_ids))
             sampling = live.add.sampling
+            if sampling.HasField("prompt_logprobs") and not live.generated:
+                delta.prompt_logprobs.extend(prompt_logprobs(live.add.prompt_token_ids, sampling.prompt_logprobs))
             for _ in range(self.tokens_per_step):
                 token = next(live.tokens)
                 live.generated.append(token)

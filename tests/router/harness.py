@@ -11,10 +11,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextserve.v1 import generation_pb2, generation_pb2_grpc
-import router.main as router_main
+from router.app import build_router
 from router.config import RouterConfig
-from router.main import bind, build_server
-from router.server import GenerationServicer
+from router.metrics import RouterMetrics
+from router.request_path import RequestPath
 from router.workers import WorkerPool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -28,7 +28,13 @@ class RunningRouter:
     pool: WorkerPool
     port: int
     channel: grpc.aio.Channel
-    servicer: GenerationServicer
+    path: RequestPath
+    metrics: RouterMetrics
+    http_port: int | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def stub(self) -> generation_pb2_grpc.GenerationStub:
@@ -71,26 +77,17 @@ def health_is(router: RunningRouter, status: int, service: str = ""):
 async def running_router(model_dir, addresses: list[str], wait_ready: bool = True, **overrides):
     config = RouterConfig(model=str(model_dir), workers=addresses, host="127.0.0.1", port=0,
                           reconnect_min_s=0.05, reconnect_max_s=0.3, **overrides)
-    captured = []
-
-    def capture(*args, **kwargs):  # keep the servicer, so tests can watch admission without racing it
-        captured.append(GenerationServicer(*args, **kwargs))
-        return captured[-1]
-
-    router_main.GenerationServicer = capture
-    try:
-        server, pool = build_server(config)
-    finally:
-        router_main.GenerationServicer = GenerationServicer
-    port = bind(server, config)
-    await pool.start()
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    router = build_router(config)
+    await router.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
     try:
         if wait_ready:
-            await wait_until(lambda: pool.num_ready == len(addresses), what="workers ready")
-        yield RunningRouter(config, server, pool, port, channel, captured[0])
+            await wait_until(lambda: router.pool.num_ready == len(addresses), what="workers ready")
+        yield RunningRouter(config, router.grpc_server, router.pool, router.port, channel, router.path,
+                            router.metrics, router.http_port)
     finally:
         await channel.close()
-        await server.stop(grace=None)
-        await pool.close()
+        await router.grpc_server.stop(grace=None)
+        if router.http is not None:
+            await router.http.stop()
+        await router.pool.close()

@@ -163,7 +163,7 @@ def test_resource_exhausted_past_the_queue(model_dir):
             running = router.stub.Generate(generation_pb2.GenerateRequest(text="x", max_tokens=200))
             await running.read()
             queued = router.stub.Generate(generation_pb2.GenerateRequest(text="y", max_tokens=2))
-            await wait_until(lambda: router.servicer.admission.num_waiting == 1, what="second request queued")
+            await wait_until(lambda: router.path.admission.num_waiting == 1, what="second request queued")
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await router.generate(text="z", max_tokens=2)
@@ -354,10 +354,10 @@ def test_worker_refusal_and_unexpected_errors_become_statuses(model_dir):
             def broken_encode(text, add_special_tokens=True):
                 raise RuntimeError("tokenizer bug")
 
-            router.servicer.tokenizer.encode = broken_encode
+            router.path.tokenizer.encode = broken_encode
             with pytest.raises(grpc.aio.AioRpcError) as internal:
                 await router.generate(text="x", request_id="r-2")
-            del router.servicer.tokenizer.encode
+            del router.path.tokenizer.encode
             with pytest.raises(grpc.aio.AioRpcError) as still_serving:  # the router survived both
                 await router.generate(text="x")
         await refusing.stop()

@@ -1,6 +1,8 @@
 """The router and fake workers as real processes: no torch in the router, SIGTERM drain, kill -9 recovery."""
 
 import asyncio
+import http.client
+import json
 import os
 import re
 import signal
@@ -57,12 +59,13 @@ def _start_fake_worker(port: int = 0, step_interval_s: float = 0.02) -> tuple[su
 
 def test_router_process_has_no_torch_and_drains_on_sigterm(model_dir):
     worker, worker_port = _start_fake_worker(step_interval_s=0.05)
-    router = _spawn(["-c", ROUTER_PROBE, "--port", "0", "--host", "127.0.0.1", "--drain-s", "5"],
+    router = _spawn(["-c", ROUTER_PROBE, "--port", "0", "--http-port", "0", "--host", "127.0.0.1", "--drain-s", "5"],
                     env_extra={"NEXTSERVE_ROUTER_MODEL": str(model_dir),
                                "NEXTSERVE_ROUTER_WORKERS": f"127.0.0.1:{worker_port}"})
     try:
-        match = _wait_for_line(router, r"router listening on 127\.0\.0\.1:(\d+), workers=\[(.*)\]")
+        match = _wait_for_line(router, r"router listening on 127\.0\.0\.1:(\d+), workers=\[(.*)\].* http_port=(\d+)")
         assert match.group(2) == f"'127.0.0.1:{worker_port}'"
+        connection = http.client.HTTPConnection("127.0.0.1", int(match.group(3)), timeout=20)
         channel = grpc.insecure_channel(f"127.0.0.1:{match.group(1)}")
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 10
@@ -73,10 +76,16 @@ def test_router_process_has_no_torch_and_drains_on_sigterm(model_dir):
         chat = stub.Generate(generation_pb2.GenerateRequest(
             messages=[generation_pb2.ChatMessage(role="user", content="hi 世界")], max_tokens=2), timeout=10)
         assert list(chat)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        connection.request("POST", "/v1/completions", json.dumps({"prompt": "drain me too", "max_tokens": 30, "stream": True}),
+                     {"Content-Type": "application/json"})
+        sse = connection.getresponse()
+        assert sse.status == 200 and sse.readline().startswith(b"data: {")
         stream = stub.Generate(generation_pb2.GenerateRequest(text="drain me", max_tokens=30), timeout=20)
         first = next(stream)
         router.send_signal(signal.SIGTERM)
-        rest = list(stream)  # the in-flight stream finishes during the drain
+        rest = list(stream)  # the in-flight streams finish during the drain
+        events = [line for line in sse.read().split(b"\n") if line]
+        assert events[-1] == b"data: [DONE]" and len(events) == 30  # 29 more tokens, the finish among them
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 30
         with pytest.raises(grpc.RpcError) as refused:

@@ -53,6 +53,8 @@ BAD = [
     ("negative stop token", dict(stop_token_ids=[-3]), "stop_token_ids[0]", "[0, 1024)"),
     ("logprobs negative", dict(logprobs=-1), "logprobs", "[0, 20]"),
     ("logprobs too many", dict(logprobs=21), "logprobs", "[0, 20]"),
+    ("prompt_logprobs negative", dict(prompt_logprobs=-1), "prompt_logprobs", "[0, 20]"),
+    ("prompt_logprobs too many", dict(prompt_logprobs=21), "prompt_logprobs", "[0, 20]"),
     ("request_id too long", dict(request_id="x" * 129), "request_id", "at most 128"),
     ("request_id control char", dict(request_id="abc\n"), "request_id", "control characters"),
     ("request_id NUL", dict(request_id="a\x00b"), "request_id", "control characters"),
@@ -113,11 +115,11 @@ def test_valid_request_maps_to_sampling_config():
     spec = parse_generate_request(_request(
         temperature=0.0, top_k=-1, top_p=0.9, min_p=0.05, repetition_penalty=1.1, presence_penalty=-2.0,
         frequency_penalty=2.0, seed=7, max_tokens=32, min_tokens=2, stop=["\n\n"], stop_token_ids=[1002],
-        ignore_eos=True, logprobs=0, skip_special_tokens=False, request_id="req-1"), LIMITS)
+        ignore_eos=True, logprobs=0, prompt_logprobs=3, skip_special_tokens=False, request_id="req-1"), LIMITS)
     assert spec.request_id == "req-1" and spec.stop == ("\n\n",) and spec.skip_special_tokens is False
     config = to_sampling_config(spec.sampling, resolve_max_tokens(spec, 5, LIMITS))
     assert (config.temperature, config.top_k, config.max_tokens, config.min_tokens) == (0.0, -1, 32, 2)
-    assert config.seed == 7 and config.HasField("logprobs") and config.logprobs == 0
+    assert config.seed == 7 and config.HasField("logprobs") and config.logprobs == 0 and config.prompt_logprobs == 3
     assert list(config.stop_token_ids) == [1002] and config.ignore_eos
     assert config.top_p == pytest.approx(0.9) and config.repetition_penalty == pytest.approx(1.1)
 
@@ -126,7 +128,7 @@ def test_defaults():
     spec = parse_generate_request(_request(), LIMITS)
     config = to_sampling_config(spec.sampling, resolve_max_tokens(spec, 3, LIMITS))
     assert (config.temperature, config.top_p, config.repetition_penalty, config.max_tokens) == (1.0, 1.0, 1.0, 16)
-    assert not config.HasField("seed") and not config.HasField("logprobs")
+    assert not config.HasField("seed") and not config.HasField("logprobs") and not config.HasField("prompt_logprobs")
     assert spec.skip_special_tokens is True and spec.request_id == ""
 
 

@@ -112,3 +112,18 @@ def channel_to():
     yield open_channel
     for channel in channels:
         channel.close()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, model_dir):
+    """`nextserve serve` with the HTTP API on the built-in model, prefill chunks of 64 tokens, shared by
+    the HTTP API tests. -> (http port, grpc port)."""
+    grpc_port, http_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("openai") / "serve.log"
+    server = Process(["serve", "--host", "127.0.0.1", "--port", str(grpc_port), "--http-port", str(http_port),
+                      "--cache-memory-mb", "64", "--max-num-batched-tokens", "64"], log)
+    try:
+        server.wait_serving(f"127.0.0.1:{grpc_port}")
+        yield http_port, grpc_port
+    finally:
+        server.stop()

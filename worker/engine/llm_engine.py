@@ -26,6 +26,9 @@ class RequestOutput:
     token_ids: list[int]  # every generated token so far
     new_token_ids: list[int]  # generated in the last step
     logprobs: list | None = None  # per token: (logprob, [(token_id, logprob), ...])
+    # With params.prompt_logprobs, on the output that carries the first tokens and on the last: per
+    # prompt token, None for the first (nothing predicts it), then (logprob, [(token_id, logprob), ...]).
+    prompt_logprobs: list | None = None
     finished: bool = False
     finish_reason: str | None = None
     num_drafted_tokens: int = 0
@@ -157,6 +160,7 @@ class LLMEngine:
             token_ids=list(seq.output_token_ids),
             new_token_ids=seq.output_token_ids[len(seq.output_token_ids) - num_new :] if num_new else [],
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=self._prompt_logprobs(seq, num_new),
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_drafted_tokens=seq.spec.num_drafted_tokens,
@@ -165,6 +169,14 @@ class LLMEngine:
             acceptance_rate_per_position=seq.spec.acceptance_rate_per_position,
             num_preemptions=seq.num_preemptions,
         )
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence, num_new: int) -> list | None:
+        """Only where a client needs them (the first tokens, the end), not copied every step."""
+        first_tokens = num_new > 0 and num_new == len(seq.output_token_ids)
+        if seq.params.prompt_logprobs is None or not (first_tokens or seq.is_finished):
+            return None
+        return [None, *seq.prompt_logprobs]
 
     def stats(self) -> dict:
         return {

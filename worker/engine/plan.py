@@ -52,6 +52,9 @@ class SequenceOutput:
     num_accepted_drafts: int = 0
     draft_token_ids: list[int] = field(default_factory=list)  # proposals for the next step
     logprobs: list | None = None  # per emitted token: (logprob, [(token_id, logprob), ...top-n])
+    # Prompt tokens this step scored (a prefill chunk of a request with prompt_logprobs), in order:
+    # (logprob, [(token_id, logprob), ...top-n]) each.
+    prompt_logprobs: list | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 
 from worker.engine.host_io import PendingHostCopy, index_tensor, to_device
 from worker.engine.plan import SequenceOutput, StepOutput, StepPlan
+from worker.engine.prompt_logprobs import PromptLogprobs
 from worker.engine.proposer import ProposalInputs, Proposer
 from worker.engine.sampler import RequestSampling, sample, verify_drafts
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
@@ -26,6 +27,7 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.requests: dict[str, RequestSampling] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.prompt_logprobs = PromptLogprobs()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -34,6 +36,7 @@ class ModelRunner:
                 request.params, request.prompt_token_ids, self.eos_token_ids)
         for request_id in plan.finished_request_ids:  # after the new ones: a request may start and end in one plan
             self.requests.pop(request_id, None)
+        self.prompt_logprobs.track(plan)
         if not plan.sequences:
             return StepOutput([])
         q_len = 1 + self.num_spec_tokens
@@ -42,12 +45,15 @@ class ModelRunner:
         input_ids, positions, ctx = build_step_inputs(slices, self.block_size, q_len, self.device)
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)
+        prompt_logprobs = self.prompt_logprobs.compute(plan, hidden, self.model.compute_logits)
         emitted = _Emitted(plan, q_len)
         self._sample(plan, hidden, emitted)
         drafts = None
         if self.num_spec_tokens and emitted.sampled:
             drafts = self._propose(plan, ctx, input_ids, positions, hidden, emitted)
-        return emitted.to_output(drafts, self.requests)
+        output = emitted.to_output(drafts, self.requests)
+        self.prompt_logprobs.attach(output, prompt_logprobs)
+        return output
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor, emitted: "_Emitted") -> None:
         decodes = [s for s in plan.sequences if s.is_decode]

@@ -17,6 +17,7 @@ class SamplingParams:
 
     temperature 0 means greedy; top_k 0 or -1 and top_p 1 and min_p 0 switch those filters off.
     logprobs None returns no logprobs; n >= 0 returns the sampled token's logprob plus the top n.
+    prompt_logprobs likewise for the prompt's tokens (all but the first, which nothing predicts).
     """
 
     max_tokens: int = 16
@@ -32,6 +33,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
     min_tokens: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         self._check_integers()
@@ -54,8 +56,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be None or in [0, {MAX_LOGPROBS}], got {value}")
         if any(token_id < 0 for token_id in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
 
@@ -65,8 +69,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if self.logprobs is not None and not _is_int(self.logprobs):
-            raise ValueError(f"logprobs must be an int or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name} must be an int or None, got {value!r}")
         if not all(_is_int(token_id) for token_id in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
 

@@ -216,6 +216,8 @@ class Scheduler:
                 seq.num_computed_tokens += len(entry.token_ids)
                 seq.num_accepted_slot = 1
             seq.draft_token_ids = result.draft_token_ids
+            if result.prompt_logprobs:
+                seq.prompt_logprobs.extend(result.prompt_logprobs)
             num_new = self._append_tokens(seq, result)
             if num_new or seq.is_finished:
                 changed.append((seq, num_new))

@@ -56,6 +56,7 @@ class Sequence:
     arrival_index: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # prompt tokens 1.. scored so far (params.prompt_logprobs)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # tokens whose KV and GDN state are in the cache

@@ -28,6 +28,7 @@ def sampling_params(config: engine_pb2.SamplingConfig) -> SamplingParams:
         stop_token_ids=list(config.stop_token_ids),
         logprobs=config.logprobs if config.HasField("logprobs") else None,
         min_tokens=config.min_tokens,
+        prompt_logprobs=config.prompt_logprobs if config.HasField("prompt_logprobs") else None,
     )
 
 
@@ -41,7 +42,14 @@ def sampling_config(params: SamplingParams) -> engine_pb2.SamplingConfig:
         config.seed = params.seed
     if params.logprobs is not None:
         config.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        config.prompt_logprobs = params.prompt_logprobs
     return config
+
+
+def token_logprob(token_id: int, logprob: float, top: list[tuple[int, float]]) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(token_id=token_id, logprob=logprob,
+                                   top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in top])
 
 
 def request_delta(request_id: str, out: RequestOutput) -> engine_pb2.RequestDelta:
@@ -54,9 +62,11 @@ def request_delta(request_id: str, out: RequestOutput) -> engine_pb2.RequestDelt
     )
     if out.logprobs is not None and out.new_token_ids:
         for token, (logprob, top) in zip(out.new_token_ids, out.logprobs[-len(out.new_token_ids):]):
-            delta.logprobs.append(common_pb2.TokenLogprob(
-                token_id=token, logprob=logprob,
-                top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in top]))
+            delta.logprobs.append(token_logprob(token, logprob, top))
+    is_first = len(out.token_ids) == len(out.new_token_ids)  # also an abort before any token
+    if out.prompt_logprobs is not None and is_first:
+        for token, (logprob, top) in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+            delta.prompt_logprobs.append(token_logprob(token, logprob, top))
     if out.finish_reason == "stop" and out.token_ids:
         delta.matched_stop_token_id = out.token_ids[-1]
     if out.finished:

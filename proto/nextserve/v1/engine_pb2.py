@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nextserve.v1 import common_pb2 as nextserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nextserve/v1/engine.proto\x12\x0cnextserve.v1\x1a\x19nextserve/v1/common.proto\"\xb7\x02\n\x0eSamplingConfig\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"j\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.nextserve.v1.SamplingConfig\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"m\n\rEngineRequest\x12\'\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32\x18.nextserve.v1.AddRequestH\x00\x12+\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1a.nextserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xbb\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.nextserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nextserve.v1.FinishReason\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x33\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1e.nextserve.v1.SpeculativeStatsB\x18\n\x16_matched_stop_token_id\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"p\n\x0e\x45ngineResponse\x12)\n\x04step\x18\x01 \x01(\x0b\x32\x19.nextserve.v1.StepOutputsH\x00\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.nextserve.v1.RequestErrorH\x00\x42\x06\n\x04kind\"r\n\x0bStepOutputs\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x1a.nextserve.v1.RequestDelta\x12&\n\x04load\x18\x03 \x01(\x0b\x32\x18.nextserve.v1.EngineLoad\"\x10\n\x0eGetInfoRequest\"\xd3\x01\n\nEngineInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x1a\n\x12speculative_tokens\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x03\x12&\n\x04load\x18\x07 \x01(\x0b\x32\x18.nextserve.v1.EngineLoad\x12\r\n\x05\x64type\x18\x08 \x01(\t2\x95\x01\n\x06\x45ngine\x12H\n\x07\x43onnect\x12\x1b.nextserve.v1.EngineRequest\x1a\x1c.nextserve.v1.EngineResponse(\x01\x30\x01\x12\x41\n\x07GetInfo\x12\x1c.nextserve.v1.GetInfoRequest\x1a\x18.nextserve.v1.EngineInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nextserve/v1/engine.proto\x12\x0cnextserve.v1\x1a\x19nextserve/v1/common.proto\"\xe9\x02\n\x0eSamplingConfig\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"j\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.nextserve.v1.SamplingConfig\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"m\n\rEngineRequest\x12\'\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32\x18.nextserve.v1.AddRequestH\x00\x12+\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1a.nextserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xf0\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.nextserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nextserve.v1.FinishReason\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x33\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1e.nextserve.v1.SpeculativeStats\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.nextserve.v1.TokenLogprobB\x18\n\x16_matched_stop_token_id\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"p\n\x0e\x45ngineResponse\x12)\n\x04step\x18\x01 \x01(\x0b\x32\x19.nextserve.v1.StepOutputsH\x00\x12+\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.nextserve.v1.RequestErrorH\x00\x42\x06\n\x04kind\"r\n\x0bStepOutputs\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x1a.nextserve.v1.RequestDelta\x12&\n\x04load\x18\x03 \x01(\x0b\x32\x18.nextserve.v1.EngineLoad\"\x10\n\x0eGetInfoRequest\"\xd3\x01\n\nEngineInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x1a\n\x12speculative_tokens\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x03\x12&\n\x04load\x18\x07 \x01(\x0b\x32\x18.nextserve.v1.EngineLoad\x12\r\n\x05\x64type\x18\x08 \x01(\t2\x95\x01\n\x06\x45ngine\x12H\n\x07\x43onnect\x12\x1b.nextserve.v1.EngineRequest\x1a\x1c.nextserve.v1.EngineResponse(\x01\x30\x01\x12\x41\n\x07GetInfo\x12\x1c.nextserve.v1.GetInfoRequest\x1a\x18.nextserve.v1.EngineInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextserve.v1.engine_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGCONFIG']._serialized_start=71
-  _globals['_SAMPLINGCONFIG']._serialized_end=382
-  _globals['_ADDREQUEST']._serialized_start=384
-  _globals['_ADDREQUEST']._serialized_end=490
-  _globals['_ABORTREQUEST']._serialized_start=492
-  _globals['_ABORTREQUEST']._serialized_end=526
-  _globals['_ENGINEREQUEST']._serialized_start=528
-  _globals['_ENGINEREQUEST']._serialized_end=637
-  _globals['_REQUESTDELTA']._serialized_start=640
-  _globals['_REQUESTDELTA']._serialized_end=955
-  _globals['_REQUESTERROR']._serialized_start=957
-  _globals['_REQUESTERROR']._serialized_end=1022
-  _globals['_ENGINERESPONSE']._serialized_start=1024
-  _globals['_ENGINERESPONSE']._serialized_end=1136
-  _globals['_STEPOUTPUTS']._serialized_start=1138
-  _globals['_STEPOUTPUTS']._serialized_end=1252
-  _globals['_GETINFOREQUEST']._serialized_start=1254
-  _globals['_GETINFOREQUEST']._serialized_end=1270
-  _globals['_ENGINEINFO']._serialized_start=1273
-  _globals['_ENGINEINFO']._serialized_end=1484
-  _globals['_ENGINE']._serialized_start=1487
-  _globals['_ENGINE']._serialized_end=1636
+  _globals['_SAMPLINGCONFIG']._serialized_end=432
+  _globals['_ADDREQUEST']._serialized_start=434
+  _globals['_ADDREQUEST']._serialized_end=540
+  _globals['_ABORTREQUEST']._serialized_start=542
+  _globals['_ABORTREQUEST']._serialized_end=576
+  _globals['_ENGINEREQUEST']._serialized_start=578
+  _globals['_ENGINEREQUEST']._serialized_end=687
+  _globals['_REQUESTDELTA']._serialized_start=690
+  _globals['_REQUESTDELTA']._serialized_end=1058
+  _globals['_REQUESTERROR']._serialized_start=1060
+  _globals['_REQUESTERROR']._serialized_end=1125
+  _globals['_ENGINERESPONSE']._serialized_start=1127
+  _globals['_ENGINERESPONSE']._serialized_end=1239
+  _globals['_STEPOUTPUTS']._serialized_start=1241
+  _globals['_STEPOUTPUTS']._serialized_end=1355
+  _globals['_GETINFOREQUEST']._serialized_start=1357
+  _globals['_GETINFOREQUEST']._serialized_end=1373
+  _globals['_ENGINEINFO']._serialized_start=1376
+  _globals['_ENGINEINFO']._serialized_end=1587
+  _globals['_ENGINE']._serialized_start=1590
+  _globals['_ENGINE']._serialized_end=1739
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API of the router (aiohttp on the router's event loop). Never imports torch."""
