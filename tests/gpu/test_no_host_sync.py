@@ -50,7 +50,8 @@ def add_requests(engine: LLMEngine, num: int, prompt_len: int, params: SamplingP
 def test_steps_never_sync(model_dir, k, sampling):
     engine = make_engine(model_dir, k)
     params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if sampling == "greedy" else 0.8,
-                            top_p=0.9 if sampling == "sampled" else 1.0, logprobs=2)
+                            top_p=0.9 if sampling == "sampled" else 1.0, logprobs=2,
+                            prompt_logprobs=1 if sampling == "sampled" else None)
     add_requests(engine, 4, 128, params)
     outputs = []
     with syncs_are_errors():
