@@ -129,6 +129,7 @@ GPU_CASES = [
     pytest.param([(4, 4 + c) for c in (0, 100, 1000, 4000)] * 4, id="verify-k3"),
     pytest.param([(1000, 1000), (500, 2500), (63, 63), (1, 300), (4, 90), (0, 5)], id="chunked-prefill-mixed"),
     pytest.param([(1, 20000)], id="decode-1-long"),
+    pytest.param([(4097, 4097), (7, 4104), (1, 1)], id="prefill-4097"),
     pytest.param([(3, 9000), (1, 1), (3, 3)], id="verify-k2-split"),
 ]
 
