@@ -13,6 +13,7 @@ import importlib
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import paged_attention as _attn_ref
+from worker.kernels import qk_norm_rope as _qk_ref
 from worker.kernels.moe import reference as _moe_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -92,6 +93,13 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping):
     return _attention_impl(key).reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
+def qk_norm_rope_and_cache(query, key, value, q_norm_weight, k_norm_weight, eps, cos_sin, positions, k_cache,
+                           v_cache, slot_mapping):
+    impl = _triton_module("qk_norm_rope") if _use_triton(query) else _qk_ref
+    return impl.qk_norm_rope_and_cache(query, key, value, q_norm_weight, k_norm_weight, eps, cos_sin, positions,
+                                       k_cache, v_cache, slot_mapping)
+
+
 def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len=0):
     return _attention_impl(query).paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                                   scale, max_context_len)
@@ -110,4 +118,5 @@ __all__ = [
     "select_experts",
     "paged_attention",
     "reshape_and_cache",
+    "qk_norm_rope_and_cache",
 ]

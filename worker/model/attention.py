@@ -43,11 +43,12 @@ class GatedAttention(nn.Module):
         meta = get_context().attn
         tokens = hidden_states.shape[0]
         query, gate = self.q_proj(hidden_states).view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        query = self.q_norm(query)
-        key = self.k_norm(self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim))
+        key = self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
         value = self.v_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
-        query, key = self.rotary(positions, query, key)
-        kernels.reshape_and_cache(key, value, self.k_cache, self.v_cache, meta.slot_mapping)
+        query = kernels.qk_norm_rope_and_cache(
+            query, key, value, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary.cos_sin, positions,
+            self.k_cache, self.v_cache, meta.slot_mapping,
+        )
         out = kernels.paged_attention(
             query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
             meta.max_context_len,

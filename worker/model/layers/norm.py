@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from worker.kernels.qk_norm_rope import rms_norm_zero_centred
+
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm in fp32: y = x * rsqrt(mean(x^2) + eps) * (1 + w)."""
@@ -11,9 +13,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return rms_norm_zero_centred(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):

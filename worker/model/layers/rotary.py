@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from worker.kernels.qk_norm_rope import rotate_partial
+
 
 class PartialRotaryEmbedding(nn.Module):
     """NeoX-style rotary embedding on the first `rotary_dim` dims of each head."""
@@ -18,8 +20,4 @@ class PartialRotaryEmbedding(nn.Module):
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        x1, x2 = rot.float().chunk(2, dim=-1)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        return torch.cat([rotated, rest], dim=-1)
+        return rotate_partial(x, cos, sin, self.rotary_dim)
