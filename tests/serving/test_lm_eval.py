@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.tools.tiny_checkpoint import BUILTIN_MODEL_NAME as MODEL
+
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -34,7 +36,7 @@ def lm_eval(output: Path, *args: str) -> tuple[dict, list[dict]]:
 
 
 def completions_args(http_port: int, endpoint: str) -> str:
-    return (f"model=builtin-tiny-v1,base_url=http://127.0.0.1:{http_port}/v1/{endpoint},num_concurrent=2,"
+    return (f"model={MODEL},base_url=http://127.0.0.1:{http_port}/v1/{endpoint},num_concurrent=2,"
             f"max_retries=1")
 
 

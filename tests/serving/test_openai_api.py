@@ -17,6 +17,7 @@ from tests.engine_helpers import make_prompts
 from tests.helpers import hf_logits, load_hf
 from tests.router.http_helpers import parse_events
 from tests.serving.conftest import free_port
+from worker.tools.tiny_checkpoint import BUILTIN_MODEL_NAME as MODEL
 
 MIN_MARGIN = 1e-3  # the reference's top-1 / top-2 logit gap that makes a greedy comparison meaningful
 NUM_TOKENS = 16
@@ -56,7 +57,7 @@ def test_greedy_completion_from_token_ids_equals_transformers(client, hf_model, 
         expected, margin = hf_greedy_with_margins(hf_model, prompt, NUM_TOKENS)
         if margin < MIN_MARGIN:
             continue  # a near-tie: either token would be right
-        out = client.completions.create(model="builtin-tiny-v1", prompt=prompt, max_tokens=NUM_TOKENS, temperature=0,
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=NUM_TOKENS, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
         assert out.choices[0].finish_reason == "length"
@@ -67,7 +68,7 @@ def test_greedy_completion_from_token_ids_equals_transformers(client, hf_model, 
 
 def test_streamed_chat_concatenates_to_the_whole_answer(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about lighthouses."}]
-    args = dict(model="builtin-tiny-v1", messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    args = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**args)
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -78,7 +79,7 @@ def test_streamed_chat_concatenates_to_the_whole_answer(client):
 
 def test_echo_logprobs_equal_transformers_including_chunked_prefill(client, hf_model):
     prompts = make_prompts([9, 150], seed=8)  # 150 tokens: three prefill chunks of 64
-    out = client.completions.create(model="builtin-tiny-v1", prompt=prompts, max_tokens=1, logprobs=1, echo=True,
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=1, logprobs=1, echo=True,
                                     temperature=0)
     for prompt, choice in zip(prompts, sorted(out.choices, key=lambda c: c.index)):
         reference = torch.log_softmax(hf_logits(hf_model, prompt).float(), dim=-1)
@@ -100,14 +101,14 @@ def test_bad_fields_are_400_naming_the_field(client):
              (dict(prompt="hi", extra_body={"min_p": 2}), "min_p")]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as refused:
-            client.completions.create(model="builtin-tiny-v1", **fields)
+            client.completions.create(model=MODEL, **fields)
         assert error_of(refused.value)["param"] == param, fields
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="builtin-tiny-v1", messages=[{"role": "robot", "content": "x"}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
     assert error_of(refused.value)["param"] == "messages[0].role"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-5", prompt="hi")
-    assert [m.id for m in client.models.list().data] == ["builtin-tiny-v1"]
+    assert [m.id for m in client.models.list().data] == [MODEL]
 
 
 def test_raw_sse_framing(served):
@@ -185,25 +186,29 @@ def test_health_is_503_while_the_worker_is_gone_and_200_once_it_is_back(spawn, m
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.InternalServerError) as unavailable:  # the SDK's class for 5xx
-        client.completions.create(model="builtin-tiny-v1", prompt="hi", max_tokens=2)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert unavailable.value.status_code == 503
     start_worker(spawn, model_dir, worker_port)
     deadline = time.monotonic() + 30
     while _health(http_port) != 200:
         assert time.monotonic() < deadline, "/health did not return to 200 with the worker back"
         time.sleep(0.1)
-    assert client.completions.create(model="builtin-tiny-v1", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_grpc_generate_returns_the_same_prompt_logprobs(client, served):
+def test_grpc_generate_returns_the_same_prompt_logprobs(client, served, model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = make_prompts([70], seed=4)[0]
-    echoed = client.completions.create(model="builtin-tiny-v1", prompt=prompt, max_tokens=1, logprobs=2, echo=True)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=2, echo=True)
     with grpc.insecure_channel(f"127.0.0.1:{served[1]}") as channel:
         responses = list(generation_pb2_grpc.GenerationStub(channel).Generate(generation_pb2.GenerateRequest(
             token_ids=prompt, max_tokens=1, prompt_logprobs=2), timeout=30))
     scored = responses[0].prompt_logprobs
     assert [entry.token_id for entry in scored] == prompt[1:]
-    assert all(len(entry.top) == 2 and entry.top[0].text for entry in scored)
+    assert all(len(entry.top) == 2 for entry in scored)
+    assert all(top.text == tokenizer.decode([top.token_id]) for entry in scored for top in entry.top)
     http_logprobs = echoed.choices[0].logprobs.token_logprobs[1:len(prompt)]
     assert max(abs(entry.logprob - value) for entry, value in zip(scored, http_logprobs)) < 1e-6
     assert all(not r.prompt_logprobs for r in responses[1:])
