@@ -1,0 +1,236 @@
+"""The engine against transformers' own `generate` and against the bytes roofline, printed as JSON.
+
+    python benchmarks/bench_engine_vs_hf.py [--layers 4] [--batches 1 16 64 256] [--ks 0 1 2 3]
+        [--checkpoint DIR] [--out FILE] [--smoke]
+
+A checkpoint with Qwen3-Next-80B's per-layer shapes (every 4th layer full attention; 4 layers: 3 GDN
++ 1 attention) is written once (or reused): transformers' model built from the config on the GPU
+with its own random init, saved in the HF layout, plus random `mtp.*` weights. In the same process:
+the copy rate, transformers' `generate` (fla-core's kernels when installed), and our engine on that
+checkpoint at each batch with 128-token prompts; k = 1..3 both with the MTP head and with scripted
+always-right drafts (the upper bound). Per decode step: ms, tokens/s, the ratio to transformers and,
+at k = 0, to the roofline: non-expert weights + the distinct experts the step touched x expert bytes
++ KV and GDN state traffic, over the copy rate. `--smoke` runs the tiny preset on the CPU (CI).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.engine.config import EngineConfig  # noqa: E402
+from worker.engine.llm_engine import LLMEngine  # noqa: E402
+from worker.engine.proposer import ScriptedProposer  # noqa: E402
+from worker.engine.sampling_params import SamplingParams  # noqa: E402
+from worker.model.moe import Experts  # noqa: E402
+from worker.tools.model_shapes import shape_config  # noqa: E402
+from worker.tools.tiny_weights import tensor_specs  # noqa: E402
+
+PROMPT_LEN = 128
+
+
+def write_checkpoint(out: Path, layers: int, device: str) -> Path:
+    """transformers' Qwen3-Next at the 80B shape with `layers` layers, plus random mtp.* tensors."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    if (out / "config.json").is_file():
+        return out
+    config_dict = shape_config("qwen3-next-80b", layers)
+    with torch.device(device):
+        model = Qwen3NextForCausalLM(Qwen3NextConfig(**config_dict)).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="4GB")
+    gen = torch.Generator(device=device).manual_seed(0)
+    mtp = {}
+    for spec in tensor_specs(config_dict, mtp=True):
+        if spec.name.startswith("mtp."):
+            std = 0.02 if len(spec.shape) == 1 else spec.shape[-1] ** -0.5
+            mtp[spec.name] = (torch.randn(spec.shape, generator=gen, device=device) * std).to(torch.bfloat16).cpu()
+    save_file(mtp, str(out / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({name: "model-mtp.safetensors" for name in mtp})
+    index_path.write_text(json.dumps(index, indent=1))
+    del model
+    return out
+
+
+def prompts_for(batch: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen).tolist()
+
+
+def hf_decode_ms(model_dir: Path, batches, new_tokens: int, device: str) -> dict:
+    """ms per decode step of transformers' generate: (time for 1 + n tokens - time for 1) / n."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    out = {}
+    for batch in batches:
+        ids = torch.tensor(prompts_for(batch, model.config.vocab_size), device=device)
+
+        def run(n):
+            _sync(device)
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            _sync(device)
+            return time.perf_counter() - start
+
+        run(2)  # warm-up
+        out[batch] = (run(1 + new_tokens) - run(1)) / new_tokens * 1e3
+    del model
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def engine_for(model_dir: Path, k: int, max_batch: int, device: str, dtype: str, proposer=None) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, speculative_tokens=k,
+                                  max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN),
+                                  max_model_len=1024, gpu_memory_utilization=0.85), proposer)
+
+
+def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
+    """Generate new_tokens per prompt; -> time and tokens of the decode steps (plans with no prefill)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"b{len(prompts)}-{i}", prompt, params)
+    has_prefill = []
+    execute = engine.runner.execute
+
+    def watched(plan):
+        has_prefill.append(any(not s.is_decode for s in plan.sequences))
+        return execute(plan)
+
+    engine.runner.execute = watched
+    decode_s, decode_steps, decode_tokens, outputs = 0.0, 0, 0, {}
+    try:
+        while engine.has_unfinished:
+            has_prefill.clear()
+            start = time.perf_counter()
+            results = engine.step()
+            elapsed = time.perf_counter() - start
+            if has_prefill and not any(has_prefill):
+                decode_s += elapsed
+                decode_steps += 1
+                decode_tokens += sum(len(r.new_token_ids) for r in results)
+            outputs.update({r.request_id: r for r in results if r.finished})
+    finally:
+        engine.runner.execute = execute
+    return dict(decode_s=decode_s, decode_steps=decode_steps, decode_tokens=decode_tokens, outputs=outputs)
+
+
+def step_bytes(engine: LLMEngine, prompts) -> dict:
+    """Bytes a k = 0 decode step reads or writes once: measured routing (distinct experts per layer)."""
+    model = engine.model
+    distinct = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: distinct.append(args[2].unique().numel()))
+             for m in model.modules() if isinstance(m, Experts)]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bytes-{i}", prompt, params)
+    while engine.has_unfinished:
+        distinct.clear()
+        engine.step()
+    for h in hooks:
+        h.remove()
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    per_expert = 3 * experts[0].w13.shape[2] * experts[0].w2.shape[2] * experts[0].w13.element_size()
+    expert_params = {id(m.w13) for m in experts} | {id(m.w2) for m in experts}
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
+    dense -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    if model.mtp is not None:
+        dense -= sum(p.numel() * p.element_size() for p in model.mtp.parameters() if id(p) not in expert_params)
+    main_distinct = distinct[: len(model.model.layers)]
+    batch = len(prompts)
+    state = sum(2 * batch * layer.ssm_states[0, 0].numel() * layer.ssm_states.element_size()
+                for layer in model.gdn_layers())
+    kv = sum(batch * (PROMPT_LEN + 1) * 2 * layer.k_cache[0, 0].numel() * layer.k_cache.element_size()
+             for layer in model.attention_layers()[: sum(1 for x in model.model.layers
+                                                         if x.layer_type == "full_attention")])
+    total = dense + sum(main_distinct) * per_expert + state + kv
+    return dict(bytes=total, dense_bytes=dense, distinct_experts=main_distinct, state_bytes=state, kv_bytes=kv)
+
+
+def always_right(truth: dict[str, list[int]]):
+    """A script proposing the k = 0 run's own continuation (padded past its end): every draft accepted."""
+    def script(request_id: str, tokens: list[int], k: int) -> list[int]:
+        ahead = truth[request_id][len(tokens) - PROMPT_LEN:][:k]
+        return ahead + [0] * (k - len(ahead))
+
+    return script
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256])
+    parser.add_argument("--ks", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/nextserve-80b-shape"))
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU, batch 1 and 2, k 0 and 1")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device, dtype = ("cpu", "float32") if args.smoke else ("cuda", "bfloat16")
+    if args.smoke:
+        from worker.tools.tiny_checkpoint import builtin_model_dir
+
+        model_dir, args.batches, args.ks, args.new_tokens = builtin_model_dir(), [1, 2], [0, 1], 4
+        rates = None
+    else:
+        from benchmarks.gpu_bench import ceilings
+
+        rates = ceilings()
+        model_dir = write_checkpoint(args.checkpoint, args.layers, device)
+    result = dict(benchmark="bench_engine_vs_hf", model=str(model_dir), layers=args.layers, ceilings=rates, rows=[])
+    if not args.no_hf:
+        result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device)
+    truth = {}
+    for k in args.ks:
+        kinds = ["mtp", "scripted"] if k else ["none"]
+        for kind in kinds:
+            proposer = None
+            if kind == "scripted":
+                proposer = ScriptedProposer(always_right(truth), k)
+            engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer)
+            for batch in args.batches:
+                prompts = prompts_for(batch, engine.model_config.vocab_size)
+                run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
+                measured = run_batch(engine, prompts, args.new_tokens)
+                if k == 0:
+                    truth.update({rid: out.token_ids for rid, out in measured["outputs"].items()})
+                ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
+                tokens_per_s = measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
+                row = dict(k=k, drafts=kind, batch=batch, ms_per_step=round(ms, 3), decode_steps=measured["decode_steps"],
+                           decode_tokens=measured["decode_tokens"],
+                           decode_tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
+                hf = result.get("hf_ms_per_step", {}).get(batch)
+                if hf and tokens_per_s:
+                    row["x_transformers_tokens_per_s"] = round(tokens_per_s / (batch * 1e3 / hf), 2)
+                if k == 0 and rates:
+                    traffic = step_bytes(engine, prompts)
+                    roofline_ms = traffic["bytes"] / rates["copy_GBps"] / 1e6
+                    row.update(traffic, roofline_ms=round(roofline_ms, 4), fraction_of_roofline=round(roofline_ms / ms, 3))
+                result["rows"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+            engine.shutdown()
+            del engine
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
