@@ -10,6 +10,7 @@ forces the kernels (on the CPU that needs TRITON_INTERPRET=1 before triton is im
 
 import importlib
 
+from worker.kernels import add_rms_norm as _norm_ref
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import paged_attention as _attn_ref
@@ -73,6 +74,11 @@ def causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, ac
     return impl.causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation=activation)
 
 
+def fused_add_rms_norm(x, residual, weight, eps):
+    impl = _triton_module("add_rms_norm") if _use_triton(x) else _norm_ref
+    return impl.fused_add_rms_norm(x, residual, weight, eps)
+
+
 def _moe_impl(x):
     return importlib.import_module("worker.kernels.moe.triton") if _use_triton(x) else _moe_ref
 
@@ -119,4 +125,5 @@ __all__ = [
     "paged_attention",
     "reshape_and_cache",
     "qk_norm_rope_and_cache",
+    "fused_add_rms_norm",
 ]

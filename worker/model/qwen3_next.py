@@ -33,9 +33,14 @@ class DecoderLayer(nn.Module):
     def token_mixer(self) -> nn.Module:
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.token_mixer(positions, self.input_layernorm(hidden_states))
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+        """-> (this layer's MLP output, the residual stream before it): the next norm adds the two."""
+        if residual is None:
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = self.post_attention_layernorm(self.token_mixer(positions, hidden_states), residual)
+        return self.mlp(hidden_states), residual
 
 
 class Qwen3NextModel(nn.Module):
@@ -48,10 +53,10 @@ class Qwen3NextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
+        hidden_states, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden_states = layer(positions, hidden_states)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return self.norm(hidden_states, residual)[0]
 
 
 class MultiTokenPredictor(nn.Module):
@@ -73,8 +78,8 @@ class MultiTokenPredictor(nn.Module):
     def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
                 step: int = 0) -> torch.Tensor:
         x = torch.cat([self.pre_fc_norm_embedding(input_embeds), self.pre_fc_norm_hidden(hidden_states)], dim=-1)
-        x = self.layers[step % len(self.layers)](positions, self.fc(x))
-        return self.norm(x)
+        x, residual = self.layers[step % len(self.layers)](positions, self.fc(x), None)
+        return self.norm(x, residual)[0]
 
 
 class Qwen3NextForCausalLM(nn.Module):

@@ -1,19 +1,25 @@
 import torch
 from torch import nn
 
+from worker import kernels
 from worker.kernels.qk_norm_rope import rms_norm_zero_centred
 
 
 class RMSNorm(nn.Module):
-    """Zero-centred RMSNorm in fp32: y = x * rsqrt(mean(x^2) + eps) * (1 + w)."""
+    """Zero-centred RMSNorm in fp32: y = x * rsqrt(mean(x^2) + eps) * (1 + w).
+
+    Given the residual stream too, it adds x to it first (one fused kernel on the GPU) and returns
+    (normed, new residual)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_zero_centred(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm_zero_centred(x, self.weight, self.eps)
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
