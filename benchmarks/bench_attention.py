@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import card, ceilings, git_commit, graph_time_us  # noqa: E402
+from benchmarks.gpu_bench import card, ceilings, emit, git_commit, graph_time_us  # noqa: E402
 from worker.kernels import triton_paged_attention as tk  # noqa: E402
 
 H, HKV, D, BLOCK = 16, 2, 256, 16
@@ -129,10 +129,7 @@ def main():
     result = dict(benchmark="bench_attention", card=card(), commit=git_commit(), command=" ".join(sys.argv),
                   ceilings=rates, shape=dict(heads=H, kv_heads=HKV, head_dim=D, block_size=BLOCK, dtype="bfloat16"),
                   rows=rows)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_bench import ceilings, emit  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.proposer import ScriptedProposer  # noqa: E402
@@ -187,8 +188,6 @@ def main():
         model_dir, args.batches, args.ks, args.new_tokens = builtin_model_dir(), [1, 2], [0, 1], 4
         rates = None
     else:
-        from benchmarks.gpu_bench import ceilings
-
         rates = ceilings()
         model_dir = write_checkpoint(args.checkpoint, args.layers, device)
     result = dict(benchmark="bench_engine_vs_hf", model=str(model_dir), layers=args.layers, ceilings=rates, rows=[])
@@ -226,10 +225,7 @@ def main():
             del engine
             if device == "cuda":
                 torch.cuda.empty_cache()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

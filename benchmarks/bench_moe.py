@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import card, ceilings, git_commit, graph_time_us  # noqa: E402
+from benchmarks.gpu_bench import card, ceilings, emit, git_commit, graph_time_us  # noqa: E402
 from worker.kernels.moe import reference as ref  # noqa: E402
 from worker.kernels.moe import triton as tk  # noqa: E402
 from worker.kernels.moe.tile_configs import get_config  # noqa: E402
@@ -90,10 +90,7 @@ def main():
     result = dict(benchmark="bench_moe", card=card(), commit=git_commit(), command=" ".join(sys.argv),
                   ceilings=rates, shape=dict(experts=E, shared_experts=1, top_k=TOP_K, hidden=H, dtype="bfloat16"),
                   rows=rows)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

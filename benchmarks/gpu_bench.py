@@ -4,7 +4,9 @@ Ceilings are measured in the same process as what they judge: the device-to-devi
 (bytes read plus written) and a large bf16 matrix product's rate, on random data.
 """
 
+import json
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -78,3 +80,11 @@ def graph_copy_GBps(num_bytes: int = 2 << 30) -> float:
 def ceilings() -> dict:
     return dict(copy_GBps=round(copy_bandwidth_GBps(), 1), graph_copy_GBps=round(graph_copy_GBps(), 1),
                 bf16_gemm_TFLOPs=round(gemm_TFLOPs(), 1))
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print the result's JSON (stdout) and write it to `out` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text)

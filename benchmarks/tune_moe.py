@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import card, git_commit, graph_time_us  # noqa: E402
+from benchmarks.gpu_bench import card, emit, git_commit, graph_time_us  # noqa: E402
 from worker.kernels.moe import triton as tk  # noqa: E402
 from worker.kernels.moe.align import moe_align_block_size  # noqa: E402
 from worker.kernels.moe.tile_configs import CONFIG_DIR, config_file_name  # noqa: E402
@@ -175,10 +175,7 @@ def main():
             print(json.dumps(report["points"][-1]), file=sys.stderr)
         del w13, w2
     write_configs(report, args.out_dir)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.report:
-        Path(args.report).write_text(text)
+    emit(report, args.report)
 
 
 if __name__ == "__main__":

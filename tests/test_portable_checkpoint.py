@@ -1,7 +1,6 @@
 """The tiny checkpoints are the same bytes on every machine: under each of torch's CPU paths, and
 pinned, so an accidental change of the weights shows."""
 
-import hashlib
 import json
 
 import numpy as np

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.engine_helpers import greedy, make_prompts
+from tests.engine_helpers import make_prompts
 from worker import LLM, SamplingParams
 from worker.config import ConfigError
 

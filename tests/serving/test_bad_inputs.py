@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from nextserve.v1 import generation_pb2, generation_pb2_grpc
-from tests.serving.conftest import free_port, start_router, start_worker
+from tests.serving.conftest import free_port
 
 R = generation_pb2.GenerateRequest
 M = generation_pb2.ChatMessage

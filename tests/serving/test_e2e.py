@@ -1,7 +1,6 @@
 """The whole path over real sockets: client -> router -> worker, processes started by the tests."""
 
 import concurrent.futures
-import math
 import random
 import threading
 import time

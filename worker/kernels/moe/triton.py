@@ -75,6 +75,15 @@ def _tile(num_padded, num_pid_m, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M:
 
 
 @triton.jit
+def _block_pairs(expert_ids, sorted_ids, pid_m, pid_n, num_pairs, N, BM: tl.constexpr, BN: tl.constexpr):
+    """-> (the block's expert, its pairs (int64), which are real, the tile's columns, which are in range)."""
+    expert = tl.load(expert_ids + pid_m).to(tl.int64)
+    pair = tl.load(sorted_ids + pid_m * BM + tl.arange(0, BM))
+    n = pid_n * BN + tl.arange(0, BN)
+    return expert, pair.to(tl.int64), pair < num_pairs, n, n < N
+
+
+@triton.jit
 def _gate_up_step(a_ptr, g_ptr, u_ptr, rmask, nmask, k_left, acc_g, acc_u, BK: tl.constexpr, DOT: tl.constexpr):
     kk = tl.arange(0, BK)
     kmask = kk < k_left
@@ -96,12 +105,8 @@ def _gate_up_kernel(x, w13, inter, sorted_ids, expert_ids, num_padded,
     pid_m, pid_n = _tile(num_padded, num_pid_m, N, BM, BN, GROUP_M)
     if pid_m < 0:
         return
-    expert = tl.load(expert_ids + pid_m).to(tl.int64)
-    pair = tl.load(sorted_ids + pid_m * BM + tl.arange(0, BM))
-    rmask = pair < num_pairs
-    token = (pair // S).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    nmask = n < N
+    expert, pair, rmask, n, nmask = _block_pairs(expert_ids, sorted_ids, pid_m, pid_n, num_pairs, N, BM, BN)
+    token = pair // S
     kk = tl.arange(0, BK)
     a_ptr = x + token[:, None] * stride_x_t + kk[None, :]
     g_ptr = w13 + expert * stride_w_e + n[None, :].to(tl.int64) * stride_w_n + kk[:, None]
@@ -119,7 +124,7 @@ def _gate_up_kernel(x, w13, inter, sorted_ids, expert_ids, num_padded,
             acc_g, acc_u = _gate_up_step(a_ptr + k0, g_ptr + k0, u_ptr + k0, rmask, nmask, K - k0, acc_g, acc_u,
                                          BK, DOT)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    out = inter + pair.to(tl.int64)[:, None] * stride_i_p + n[None, :]
+    out = inter + pair[:, None] * stride_i_p + n[None, :]
     tl.store(out, h.to(inter.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
@@ -142,14 +147,9 @@ def _down_kernel(inter, w2, y, topk_weights, sorted_ids, expert_ids, num_padded,
     pid_m, pid_n = _tile(num_padded, num_pid_m, N, BM, BN, GROUP_M)
     if pid_m < 0:
         return
-    expert = tl.load(expert_ids + pid_m).to(tl.int64)
-    pair = tl.load(sorted_ids + pid_m * BM + tl.arange(0, BM))
-    rmask = pair < num_pairs
-    pair64 = pair.to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    nmask = n < N
+    expert, pair, rmask, n, nmask = _block_pairs(expert_ids, sorted_ids, pid_m, pid_n, num_pairs, N, BM, BN)
     kk = tl.arange(0, BK)
-    a_ptr = inter + pair64[:, None] * stride_i_p + kk[None, :]
+    a_ptr = inter + pair[:, None] * stride_i_p + kk[None, :]
     b_ptr = w2 + expert * stride_w_e + n[None, :].to(tl.int64) * stride_w_n + kk[:, None]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if INTERPRET:
@@ -160,8 +160,8 @@ def _down_kernel(inter, w2, y, topk_weights, sorted_ids, expert_ids, num_padded,
     else:
         for k0 in range(0, K, BK):
             acc = _down_step(a_ptr + k0, b_ptr + k0, rmask, nmask, K - k0, acc, BK, DOT)
-    acc = acc * tl.load(topk_weights + pair64, mask=rmask, other=0.0)[:, None]
-    tl.store(y + pair64[:, None] * stride_y_p + n[None, :], acc.to(y.dtype.element_ty),
+    acc = acc * tl.load(topk_weights + pair, mask=rmask, other=0.0)[:, None]
+    tl.store(y + pair[:, None] * stride_y_p + n[None, :], acc.to(y.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])
 
 
