@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from worker.config import ModelConfig
+from worker.config import ConfigError, ModelConfig
 from worker.kernels.fp8.quant import FP8_DTYPE
 from worker.model.layers.checkpoint_tensor import CheckpointTensor
 from worker.model.layers.fp8 import dtype_name, is_block_scale
@@ -117,6 +117,8 @@ def _build(config: ModelConfig, num_mtp: int, dtype: torch.dtype, device) -> Qwe
     try:
         with torch.device(device):
             return Qwen3NextForCausalLM(config, num_mtp_layers=num_mtp)
+    except ValueError as e:  # a layer that cannot hold its shard or its checkpoint's quantisation
+        raise ConfigError(str(e)) from e
     finally:
         torch.set_default_dtype(previous)
 
