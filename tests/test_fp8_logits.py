@@ -3,7 +3,8 @@
 Two comparisons. With the FP8 ops swapped for their plain references (weights dequantised,
 activations left unquantised), the FP8 path computes exactly what the unquantised path computes on
 the dequantised checkpoint: any difference is a weight, scale or shard in the wrong place, so the
-bound is fp32 summation order only (tp 1: 1e-5; tp 2: 1e-4, as tests/test_tensor_parallel.py).
+bound is fp32 summation order only (1e-4, as tests/test_tensor_parallel.py; measured: 0 at tp 1
+but for tiny-dense-mix's experts, 5e-6, whose padded width sums over more zeros).
 With the real FP8 semantics (activations quantised to e4m3 per token and 16- or 128-feature group),
 every quantised activation carries up to 2^-4 relative rounding error (~2.5% rms per linear layer,
 tests/test_fp8_kernels_ref.py); the random tiny models amplify it, mostly through top-k routing
@@ -98,7 +99,7 @@ def checkpoints(checkpoint_factory, tmp_path_factory):
 def test_fp8_logits_at_tp1(checkpoints, preset):
     fp8, dequantized = checkpoints[preset]
     expected = prefill_logits(dequantized, plain=False)
-    assert (prefill_logits(fp8, plain=True) - expected).abs().max() <= 1e-5
+    assert (prefill_logits(fp8, plain=True) - expected).abs().max() < 1e-4
     assert rel_rms(prefill_logits(fp8, plain=False), expected) < rel_rms_bound(preset)
 
 

@@ -1,10 +1,16 @@
 """Block-scaled FP8 linear layers, torch references (the source of truth; any device).
 
 `w8a8_block_fp8_linear` is what the FP8 GEMM kernel computes: activations quantised to e4m3 per
-token and group of b features (dynamic scales), weights as stored, products of the two summed in
-float32, the output in the activation dtype. `dequant_block_fp8_linear` is the plain reference:
-the weight dequantised to float32 and the activations left as they are, which is exactly the
-unquantised model run on the dequantised weights.
+token and group of b features (dynamic scales), weights as stored, the scaled products summed, the
+output in the activation dtype. The reference sums in float64, where products of e4m3 values and
+float32 scales are all but exact: a row's result then does not depend on the rows around it. With
+float32 sums, the last-bit differences between a decode row and the same row in a verify batch
+are amplified by the next layer's e4m3 rounding (a value at a rounding boundary jumps a whole
+e4m3 step): on the tiny preset greedy MTP k = 2 drifted up to 1.8 logits from k = 0. The kernel
+sums in float32; its parity tests allow for the difference.
+
+`dequant_block_fp8_linear` is the plain reference: the weight dequantised and the activations left
+as they are, in the activation dtype, which is exactly the unquantised model on the dequantised weights.
 """
 
 import torch
@@ -20,14 +26,18 @@ def w8a8_block_fp8_linear(
     block: int,
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [T, N] activation dtype
-    """y = dequant(quant(x)) @ dequant(weight).T + bias, in float32."""
+    """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float64."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    x_q, x_scale = per_token_group_quant_fp8(x2, block)
-    y = F.linear(dequantize_token_groups(x_q, x_scale, block), dequantize_block_fp8(weight, weight_scale_inv, block))
+    x_q, x_scale = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]), block)
+    y = exact_linear(dequantize_token_groups(x_q, x_scale, block), dequantize_block_fp8(weight, weight_scale_inv, block))
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.double()
     return y.to(x.dtype).reshape(*lead, -1)
+
+
+def exact_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T in float64 (the inputs hold e4m3 values times float32 scales)."""
+    return F.linear(x.double(), weight.double())
 
 
 def dequant_block_fp8_linear(

@@ -5,7 +5,8 @@ scale per b x b block: w13 [E, 2I, H] with w13_scale_inv [E, 2I/b, ceil(H/b)], w
 w2_scale_inv [E, ceil(H/b), I/b]. I is a multiple of b, so no block holds both gate and up rows
 (the layer pads narrower experts with zeros). `fused_moe_fp8` computes what the FP8 MoE kernel will:
 the tokens quantised to e4m3 per group of b features before the gate/up GEMM, the SwiGLU output
-again before the down GEMM, products summed in float32. `fused_moe_fp8_dequant` is the plain
+(rounded to float32, as the kernel holds it) again before the down GEMM; products summed in float64
+for the reason worker/kernels/fp8/reference.py gives. `fused_moe_fp8_dequant` is the plain
 reference: the unquantised fused MoE on the dequantised weights.
 """
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.kernels.fp8.quant import dequantize_block_fp8, dequantize_token_groups, per_token_group_quant_fp8
+from worker.kernels.fp8.reference import exact_linear
 from worker.kernels.moe.reference import fused_moe
 
 
@@ -36,13 +38,13 @@ def fused_moe_fp8(
     if inter % block:
         raise ValueError(f"w2 has {inter} intermediate columns, not a multiple of the block {block}")
     x = _quantized(hidden_states, block)  # per token: the same whichever experts the token goes to
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    out = torch.zeros(hidden_states.shape, dtype=torch.float64, device=hidden_states.device)
     for expert in topk_ids.unique().tolist():
         token_idx, slot = (topk_ids == expert).nonzero(as_tuple=True)
-        gate_up = F.linear(x[token_idx], dequantize_block_fp8(w13[expert], w13_scale_inv[expert], block))
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(_quantized(act, block), dequantize_block_fp8(w2[expert], w2_scale_inv[expert], block))
-        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None])
+        gate_up = exact_linear(x[token_idx], dequantize_block_fp8(w13[expert], w13_scale_inv[expert], block))
+        act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).float()
+        y = exact_linear(_quantized(act, block), dequantize_block_fp8(w2[expert], w2_scale_inv[expert], block))
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None].double())
     return out.to(hidden_states.dtype)
 
 
