@@ -22,7 +22,6 @@ from worker.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.model.moe import Experts
 from worker.model.shard_check import check_model_shards
 from worker.tools.model_shapes import shape_config
-from worker.tools.tiny_fp8 import fp8_config
 from worker.tools.tiny_weights import PortableRandom
 
 QUANT = Fp8Config(weight_block_size=(128, 128))
@@ -100,12 +99,12 @@ def test_expert_shards_split_gate_and_up_in_whole_blocks():
 # ---------------------------------------------------------------- refusals
 
 def fp8_80b(**overrides) -> ModelConfig:
-    raw = {**shape_config("qwen3-next-80b"), **overrides}
-    return ModelConfig.from_dict({**raw, "quantization_config": fp8_config(raw).to_dict()})
+    return ModelConfig.from_dict({**shape_config("qwen3-next-80b", num_layers=4, quantize="fp8"), **overrides})
 
 
 def test_80b_fp8_shards_at_tp_1_2_4_and_refuses_8_naming_the_experts():
-    config = fp8_80b(num_hidden_layers=4)
+    config = fp8_80b()
+    assert config.quantization.block == 128 and not config.quantization.is_quantized("model.layers.0.mlp.gate")
     for size in (1, 2, 4):
         check_model_shards(config, size)
     # 512 / 8 = 64 rows per rank: the shared expert (fused with the routed ones) of SGLang issue 10852.
@@ -115,7 +114,7 @@ def test_80b_fp8_shards_at_tp_1_2_4_and_refuses_8_naming_the_experts():
 
 
 def test_an_unfused_shared_expert_is_refused_by_its_own_name():
-    config = fp8_80b(num_hidden_layers=4, moe_intermediate_size=1024, decoder_sparse_step=1)
+    config = fp8_80b(moe_intermediate_size=1024)
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.shared_expert\.gate_proj: tensor parallel size 8 "
                                           r"leaves each rank 64 of its 512 output rows"):
         check_model_shards(config, 8)
