@@ -130,3 +130,40 @@ def test_llm_refuses_before_starting_ranks(checkpoint_factory):
     model_dir = checkpoint_factory("tiny-tp", dtype="bfloat16", fp8_block_size=128)
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.experts: tensor parallel size 2 leaves each rank 16"):
         LLM(model_dir, tensor_parallel_size=2, cache_memory_bytes=32 << 20)
+
+
+def qwen3_5_gdn_config(block: int) -> ModelConfig:
+    """One Qwen3.5 GDN layer (separate in_proj_qkv / z / b / a): 2 key heads of 32, 4 value heads of 16."""
+    raw = dict(model_type="qwen3_5_text", vocab_size=64, hidden_size=64, num_hidden_layers=1,
+               layer_types=["linear_attention"], num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+               intermediate_size=128, linear_key_head_dim=32, linear_value_head_dim=16, linear_num_key_heads=2,
+               linear_num_value_heads=4, quantization_config={"weight_block_size": [block, block],
+                                                              "modules_to_not_convert": ["in_proj_b", "in_proj_a"]})
+    return ModelConfig.from_dict(raw)
+
+
+def test_qwen3_5_in_proj_qkv_shards_its_q_k_v_parts_in_whole_blocks():
+    from worker.model.gdn import GatedDeltaNet
+
+    full = portable(192, 64, seed=7, std=0.125)  # rows [q 64 | k 64 | v 64]
+    weight, scale = quantize_block_fp8(full, 16)
+    config = qwen3_5_gdn_config(16)
+    for rank in range(TP):
+        with tensor_parallel_as(rank, TP):
+            gdn = GatedDeltaNet(config, "model.layers.0.linear_attn")
+        proj = gdn.in_proj_qkv
+        load(proj, "weight", weight)
+        load(proj, "weight_scale_inv", scale)
+        rows = torch.cat([torch.arange(part + 32 * rank, part + 32 * (rank + 1)) for part in (0, 64, 128)])
+        assert proj.weight.view(torch.uint8).equal(weight[rows].view(torch.uint8))
+        assert proj.weight_scale_inv.equal(scale[rows[::16] // 16])
+    # One rank, 128 blocks: q, k and v share the first block, so the tensor is taken whole.
+    weight, scale = quantize_block_fp8(full, 128)
+    gdn = GatedDeltaNet(qwen3_5_gdn_config(128), "model.layers.0.linear_attn")
+    load(gdn.in_proj_qkv, "weight", weight)
+    load(gdn.in_proj_qkv, "weight_scale_inv", scale)
+    assert gdn.in_proj_qkv.weight_scale_inv.equal(scale) and scale.shape == (2, 1)
+    # 48-row blocks: each rank's 96 rows are two whole blocks, but its 32 query rows end inside one.
+    with tensor_parallel_as(0, TP), pytest.raises(ValueError, match=r"in_proj_qkv: tensor parallel size 2 leaves each "
+                                                                   r"rank 32 of its 64 query/key rows"):
+        GatedDeltaNet(qwen3_5_gdn_config(48), "model.layers.0.linear_attn")

@@ -174,17 +174,9 @@ def load_model(
 
 
 def _describe_missing(name: str, shard) -> str:
+    """The checkpoint tensor's name, and the stacked parameter it fills where that differs."""
     stored = _checkpoint_name(name, shard)
-    return stored if stored == name else f"{stored} (for {name}{_describe_shard(shard)})"
-
-
-def _describe_shard(shard) -> str:
-    if shard is None:
-        return ""
-    if shard == SHARED:
-        return " (shared expert gate row)"
-    expert, proj = shard
-    return f" ({'shared expert' if expert == SHARED else f'expert {expert}'} {proj})"
+    return stored if stored == name else f"{stored} (into {name})"
 
 
 def _load_tensor(params, name, handle, loaded) -> None:
