@@ -14,7 +14,8 @@ PUBLISHED = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8
 def test_published_quantization_config_parses():
     config = ModelConfig.from_dict({**shape_config("qwen3-next-80b"), "quantization_config": PUBLISHED})
     quant = config.quantization
-    assert quant == Fp8Config(weight_block_size=(128, 128), modules_to_not_convert=tuple(PUBLISHED["modules_to_not_convert"]))
+    exempt = tuple(PUBLISHED["modules_to_not_convert"])
+    assert quant == Fp8Config(weight_block_size=(128, 128), modules_to_not_convert=exempt)
     assert quant.block == 128 and Fp8Config.from_dict(quant.to_dict()) == quant
     assert ModelConfig.from_dict(shape_config("qwen3-next-80b")).quantization is None
 

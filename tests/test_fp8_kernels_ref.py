@@ -56,7 +56,8 @@ def test_weight_blocks_scale_to_448_and_round_within_half_a_step(shape, block):
     assert torch.equal(block_max, torch.full_like(block_max, FP8_MAX))
     restored = dequantize_block_fp8(q, scale, block)
     assert restored.shape == w.shape
-    assert_within_e4m3(w, restored, scale.repeat_interleave(block, -2)[..., :rows, :].repeat_interleave(block, -1)[..., :cols])
+    per_element = scale.repeat_interleave(block, -2)[..., :rows, :].repeat_interleave(block, -1)[..., :cols]
+    assert_within_e4m3(w, restored, per_element)
 
 
 def test_an_all_zero_block_gets_a_finite_scale():

@@ -115,7 +115,8 @@ def test_fp8_weights_and_scales_load_as_stored(fp8_checkpoint):
             key = f"{prefix}.mlp.shared_expert" if expert == "shared" else f"{prefix}.mlp.experts.{expert}"
             gate, up, down = (stored[f"{key}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
             w13, w2 = experts.w13[index].view(torch.uint8), experts.w2[index].view(torch.uint8)
-            assert w13[:inter].equal(gate.view(torch.uint8)) and w13[padded : padded + inter].equal(up.view(torch.uint8))
+            assert w13[:inter].equal(gate.view(torch.uint8))
+            assert w13[padded : padded + inter].equal(up.view(torch.uint8))
             assert w2[:, :inter].equal(down.view(torch.uint8))
             assert not w13[inter:padded].any() and not w13[padded + inter :].any() and not w2[:, inter:].any()
             assert experts.w13_scale_inv[index, 0].equal(stored[f"{key}.gate_proj.weight_scale_inv"][0])
@@ -131,7 +132,8 @@ def test_modules_to_not_convert_is_followed_not_a_fixed_list(checkpoint_factory,
     path = write_tiny_checkpoint(tmp_path / "c", preset="tiny", quantize="fp8", modules_to_not_convert=exempt)
     model = load_model(path, torch.bfloat16)
     fp8 = fp8_parameters(model)
-    assert "model.layers.1.linear_attn.out_proj.weight" not in fp8 and "model.layers.0.linear_attn.out_proj.weight" in fp8
+    assert "model.layers.1.linear_attn.out_proj.weight" not in fp8
+    assert "model.layers.0.linear_attn.out_proj.weight" in fp8
     assert "model.layers.0.linear_attn.in_proj_ba.weight" in fp8, "in_proj_ba is FP8 once the list stops exempting it"
     assert not any(".shared_expert." in name for name in fp8) and "model.layers.0.mlp.experts.w13" in fp8
 
@@ -148,8 +150,10 @@ def test_short_names_exempt_the_same_modules_as_full_ones(fp8_checkpoint, tmp_pa
 
 # ---------------------------------------------------------------- errors name the tensor
 
-SCALES = ["model.layers.3.self_attn.q_proj.weight_scale_inv", "model.layers.0.mlp.experts.5.down_proj.weight_scale_inv",
-          "model.layers.1.mlp.shared_expert.up_proj.weight_scale_inv", "mtp.layers.0.mlp.experts.2.gate_proj.weight_scale_inv"]
+SCALES = ["model.layers.3.self_attn.q_proj.weight_scale_inv",
+          "model.layers.0.mlp.experts.5.down_proj.weight_scale_inv",
+          "model.layers.1.mlp.shared_expert.up_proj.weight_scale_inv",
+          "mtp.layers.0.mlp.experts.2.gate_proj.weight_scale_inv"]
 
 
 @pytest.mark.parametrize("name", SCALES, ids=["q_proj", "expert", "shared-expert", "mtp-expert"])

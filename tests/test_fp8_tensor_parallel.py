@@ -128,7 +128,8 @@ def test_row_parallel_split_block_is_refused_by_name():
 
 def test_llm_refuses_before_starting_ranks(checkpoint_factory):
     model_dir = checkpoint_factory("tiny-tp", dtype="bfloat16", fp8_block_size=128)
-    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.experts: tensor parallel size 2 leaves each rank 16"):
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.experts: tensor parallel size 2 leaves each "
+                                          r"rank 16"):
         LLM(model_dir, tensor_parallel_size=2, cache_memory_bytes=32 << 20)
 
 

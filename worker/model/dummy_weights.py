@@ -53,8 +53,8 @@ def _fill_fp8(param: torch.Tensor, gen: torch.Generator) -> None:
     step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
     for start in range(0, rows.shape[0], step):
         chunk = rows[start : start + step]
-        draw = torch.empty(chunk.shape, dtype=torch.float32, device=param.device).normal_(0.0, FP8_SPREAD, generator=gen)
-        chunk.copy_(draw.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        draw = torch.empty(chunk.shape, dtype=torch.float32, device=param.device)
+        chunk.copy_(draw.normal_(0.0, FP8_SPREAD, generator=gen).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
 
 
 def _fill_block_scale(param: torch.Tensor, fan_in: int, gen: torch.Generator) -> None:

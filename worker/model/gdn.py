@@ -46,7 +46,8 @@ class GatedDeltaNet(nn.Module):
         self.split_projections = config.split_gdn_projections
         quant = dict(quant_config=config.quantization)
         if self.split_projections:
-            self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * nk * dk + nv * dv, **quant, prefix=f"{prefix}.in_proj_qkv")
+            self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * nk * dk + nv * dv, **quant,
+                                                    prefix=f"{prefix}.in_proj_qkv")
             self.in_proj_qkv.weight.weight_loader = self._load_conv_channels
             if self.in_proj_qkv.weight_scale_inv is not None:
                 self.in_proj_qkv.weight_scale_inv.weight_loader = self._load_conv_channels

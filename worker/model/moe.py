@@ -64,7 +64,9 @@ class Experts(nn.Module):
         self.hidden = hidden_size
         self.inter = self.tp.shard(intermediate_size, "moe_intermediate_size")
         self.block = block
-        what = "intermediate rows of each expert" + (" (the routed ones and the fused shared expert)" if num_shared else "")
+        what = "intermediate rows of each expert"
+        if num_shared:
+            what += " (the routed ones and the fused shared expert)"
         check_whole_blocks(prefix, what, self.inter, intermediate_size, self.tp.size, block, self.tp.size)
         self.inter_padded = self.inter if block is None else cdiv(self.inter, block) * block
         total, inter = num_experts + num_shared, self.inter_padded

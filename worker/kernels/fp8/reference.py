@@ -29,7 +29,8 @@ def w8a8_block_fp8_linear(
     """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float64."""
     lead = x.shape[:-1]
     x_q, x_scale = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]), block)
-    y = exact_linear(dequantize_token_groups(x_q, x_scale, block), dequantize_block_fp8(weight, weight_scale_inv, block))
+    x_deq = dequantize_token_groups(x_q, x_scale, block)
+    y = exact_linear(x_deq, dequantize_block_fp8(weight, weight_scale_inv, block))
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype).reshape(*lead, -1)
