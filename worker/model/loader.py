@@ -137,6 +137,11 @@ def load_model(
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_pretrained(model_dir)
+    if config.quantization is not None:
+        b = config.quantization.block
+        logger.info("%s: FP8 checkpoint: linear weights in float8_e4m3fn with %dx%d block scales, activations "
+                    "quantised per token and %d features; modules_to_not_convert and the rest in %s",
+                    model_dir, b, b, b, str(dtype).removeprefix("torch."))
     if load_format == "dummy":
         model = _build(config, config.num_mtp_layers or 1, dtype, device)
         init_dummy_weights(model)
