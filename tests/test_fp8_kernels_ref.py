@@ -122,6 +122,13 @@ def test_w8a8_output_dtype_follows_the_activations():
                                atol=1e-2)
 
 
+def test_an_empty_batch_gives_an_empty_output():
+    weight, scale = quantize_block_fp8(portable(200, 300, seed=12, std=0.05), 128)
+    assert w8a8_block_fp8_linear(torch.empty(0, 300), weight, scale, 128).shape == (0, 200)
+    x, w13, w2, s13, s2, weights, ids = moe_inputs(1, 4, 64, 128, 2, 128, seed=13)
+    assert fused_moe_fp8(x[:0], w13, w2, s13, s2, weights[:0], ids[:0], 128).shape == (0, 64)
+
+
 def test_dequant_linear_is_the_unquantised_layer_on_the_dequantised_weight():
     x = portable(33, 300, seed=8)
     weight, scale = quantize_block_fp8(portable(200, 300, seed=9, std=300**-0.5), 128)

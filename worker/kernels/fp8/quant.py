@@ -67,7 +67,8 @@ def per_token_group_quant_fp8(
     may be shorter), each group scaled so that its largest magnitude becomes 448. Row t depends on
     row t alone, so a token quantises the same whatever batch it runs in."""
     tokens, features = x.shape
-    groups = F.pad(x.float(), (0, cdiv(features, group_size) * group_size - features)).view(tokens, -1, group_size)
+    num_groups = cdiv(features, group_size)
+    groups = F.pad(x.float(), (0, num_groups * group_size - features)).view(tokens, num_groups, group_size)
     scale = groups.abs().amax(dim=-1).clamp(min=MIN_AMAX) / FP8_MAX
     x_q = (x.float() / scale.repeat_interleave(group_size, dim=-1)[:, :features]).clamp(-FP8_MAX, FP8_MAX)
     return x_q.to(FP8_DTYPE), scale

@@ -33,7 +33,7 @@ def w8a8_block_fp8_linear(
     y = exact_linear(x_deq, dequantize_block_fp8(weight, weight_scale_inv, block))
     if bias is not None:
         y = y + bias.double()
-    return y.to(x.dtype).reshape(*lead, -1)
+    return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
 
 def exact_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
