@@ -20,15 +20,20 @@ torch.set_num_threads(1)  # the CI box has 2 shared cores; tiny models gain noth
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
-    """-> write(preset, dtype="float32", mtp=True, shards=3, seed=0) returning the folder; cached per args."""
+    """-> write(preset, dtype="float32", mtp=True, shards=3, seed=0, fp8_block_size=None) returning the folder;
+    cached per args. fp8_block_size: an FP8 checkpoint (`--quantize fp8`) with blocks of that side."""
     written = {}
 
-    def write(preset: str, dtype: str = "float32", mtp: bool = True, shards: int = 3, seed: int = 0):
-        key = (preset, dtype, mtp, shards, seed)
+    def write(preset: str, dtype: str = "float32", mtp: bool = True, shards: int = 3, seed: int = 0,
+              fp8_block_size: int | None = None):
+        key = (preset, dtype, mtp, shards, seed, fp8_block_size)
         if key not in written:
             name = f"{preset}-{dtype}-{'mtp' if mtp else 'nomtp'}-{shards}sh-s{seed}"
+            if fp8_block_size:
+                name += f"-fp8b{fp8_block_size}"
             written[key] = write_tiny_checkpoint(
-                tmp_path_factory.mktemp(name), preset=preset, seed=seed, shards=shards, dtype=dtype, mtp=mtp
+                tmp_path_factory.mktemp(name), preset=preset, seed=seed, shards=shards, dtype=dtype, mtp=mtp,
+                quantize="fp8" if fp8_block_size else None, fp8_block_size=fp8_block_size or 128,
             )
         return written[key]
 

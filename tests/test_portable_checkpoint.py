@@ -19,7 +19,7 @@ PINNED_TINY_WEIGHTS = {
     "model-00003-of-00003.safetensors": "333ccd8cd12b575331d1d3e31fbaca9d77519a915362b1ba9086845fb7b444a0",
 }
 
-# Writes every preset in every dtype into a temporary folder; prints the CPU path and all hashes.
+# Writes every preset in every dtype, and in FP8, into a temporary folder; prints the CPU path and all hashes.
 WRITE_ALL = """
 import hashlib, json, sys, tempfile
 from pathlib import Path
@@ -32,6 +32,9 @@ with tempfile.TemporaryDirectory() as tmp:
             path = write_tiny_checkpoint(Path(tmp) / f"{preset}-{dtype}", preset=preset, dtype=dtype)
             out["hashes"][f"{preset}/{dtype}"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                                                   for p in sorted(path.iterdir())}
+        path = write_tiny_checkpoint(Path(tmp) / f"{preset}-fp8", preset=preset, quantize="fp8")
+        out["hashes"][f"{preset}/fp8"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                          for p in sorted(path.iterdir())}
 print(json.dumps(out))
 """
 
@@ -43,9 +46,13 @@ def test_tiny_weights_equal_the_pinned_hashes(tmp_path):
 
 @pytest.fixture(scope="module")
 def native_hashes(tmp_path_factory) -> dict:
-    return {f"{preset}/{dtype}": file_hashes(write_tiny_checkpoint(tmp_path_factory.mktemp("n") / "c", preset=preset,
-                                                                   dtype=dtype))
-            for preset in sorted(PRESETS) for dtype in sorted(DTYPES)}
+    hashes = {f"{preset}/{dtype}": file_hashes(write_tiny_checkpoint(tmp_path_factory.mktemp("n") / "c", preset=preset,
+                                                                     dtype=dtype))
+              for preset in sorted(PRESETS) for dtype in sorted(DTYPES)}
+    hashes.update({f"{preset}/fp8": file_hashes(write_tiny_checkpoint(tmp_path_factory.mktemp("n") / "c", preset=preset,
+                                                                      quantize="fp8"))
+                   for preset in sorted(PRESETS)})
+    return hashes
 
 
 @pytest.mark.parametrize("capability", sorted(cpu_capabilities.REQUIRED_FLAGS))

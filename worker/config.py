@@ -1,11 +1,13 @@
 """Model configuration read from an HF checkpoint folder's config.json.
 
 Accepts both the transformers 4.x layout of the published Qwen3-Next files (top-level `rope_theta`,
-`partial_rotary_factor`, `torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`).
+`partial_rotary_factor`, `torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`), and the
+`quantization_config` of the published FP8 checkpoints (Qwen3-Next-80B-A3B-*-FP8).
 """
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -14,6 +16,77 @@ LAYER_TYPES = ("linear_attention", "full_attention")
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a model we can run."""
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """Block-wise FP8 weights as Qwen and DeepSeek publish them: each linear weight [N, K] stored in
+    float8_e4m3fn with a float32 `weight_scale_inv` [ceil(N/b), ceil(K/b)] (weight ~ fp8 * scale), and
+    activations quantised per token and group of b input features at run time ("dynamic").
+
+    `modules_to_not_convert` names the modules kept in the activation dtype: full names
+    (`model.layers.0.mlp.gate`) or shorter dotted runs of one (`mlp.gate`, `lm_head`); an entry also
+    covers the modules below it.
+    """
+
+    weight_block_size: tuple[int, int] = (128, 128)
+    modules_to_not_convert: tuple[str, ...] = ()
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+
+    def __post_init__(self):
+        where = "config.json: quantization_config"
+        if self.quant_method != "fp8":
+            raise ConfigError(f"{where}.quant_method {self.quant_method!r} is not supported (only 'fp8')")
+        if self.fmt != "e4m3":
+            raise ConfigError(f"{where}.fmt {self.fmt!r} is not supported (only 'e4m3', float8_e4m3fn)")
+        if self.activation_scheme != "dynamic":
+            raise ConfigError(f"{where}.activation_scheme {self.activation_scheme!r} is not supported (only "
+                              f"'dynamic': activation scales computed per token at run time)")
+        block = self.weight_block_size
+        if (not isinstance(block, tuple) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ConfigError(f"{where}.weight_block_size must be two positive integers [n, k], got {block!r} "
+                              f"(per-tensor FP8 without blocks is not supported)")
+        if block[0] != block[1]:
+            raise ConfigError(f"{where}.weight_block_size {list(block)} is not square; only [b, b] blocks "
+                              f"(the published [128, 128]) are supported")
+        if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
+            raise ConfigError(f"{where}.modules_to_not_convert must be a list of module names")
+
+    @property
+    def block(self) -> int:
+        """The side of the square weight blocks, and the activation group size."""
+        return self.weight_block_size[0]
+
+    def is_quantized(self, module: str) -> bool:
+        """Whether the checkpoint stores `module`'s weight in FP8 (it is not named in modules_to_not_convert)."""
+        parts = module.split(".")
+        runs = (".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+        return self._exempt.isdisjoint(runs)
+
+    @cached_property
+    def _exempt(self) -> frozenset[str]:
+        return frozenset(self.modules_to_not_convert)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Fp8Config":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json: quantization_config must be an object, got {raw!r}")
+        block = raw.get("weight_block_size")
+        return cls(
+            weight_block_size=tuple(block) if isinstance(block, list) else block,
+            modules_to_not_convert=tuple(raw.get("modules_to_not_convert") or ()),
+            quant_method=raw.get("quant_method", "fp8"),
+            fmt=raw.get("fmt", "e4m3"),
+            activation_scheme=raw.get("activation_scheme", "dynamic"),
+        )
+
+    def to_dict(self) -> dict:
+        """The `quantization_config` of config.json, in the published key order."""
+        return {"activation_scheme": self.activation_scheme, "fmt": self.fmt, "quant_method": self.quant_method,
+                "weight_block_size": list(self.weight_block_size),
+                "modules_to_not_convert": list(self.modules_to_not_convert)}
 
 
 @dataclass
@@ -50,6 +123,7 @@ class ModelConfig:
     num_mtp_layers: int | None = None  # None: decided by the presence of mtp.* weights
     split_gdn_projections: bool = False  # Qwen3.5: in_proj_qkv / in_proj_z / in_proj_b / in_proj_a
     eos_token_ids: list[int] = field(default_factory=list)
+    quantization: Fp8Config | None = None  # None: every weight in the activation dtype
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -195,6 +269,7 @@ class ModelConfig:
             num_mtp_layers=num_mtp,
             split_gdn_projections=model_type.startswith("qwen3_5"),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            quantization=Fp8Config.from_dict(raw["quantization_config"]) if raw.get("quantization_config") else None,
         )
 
     @classmethod

@@ -3,6 +3,7 @@
 With one rank (the default) every collective is the identity, so the model runs unchanged.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,3 +43,14 @@ def get_tp() -> TensorParallel:
 def set_tp(rank: int, size: int) -> None:
     global _TP
     _TP = TensorParallel(rank, size)
+
+
+@contextlib.contextmanager
+def tensor_parallel_as(rank: int, size: int):
+    """Build layers as rank `rank` of `size` would (e.g. on the meta device, to check a split), then restore."""
+    global _TP
+    saved, _TP = _TP, TensorParallel(rank, size)
+    try:
+        yield
+    finally:
+        _TP = saved

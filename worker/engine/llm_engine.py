@@ -15,6 +15,7 @@ from worker.engine.proposer import Proposer
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler, SchedulerConfig
 from worker.engine.sequence import FinishReason, Sequence
+from worker.model.shard_check import check_model_shards
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:
             from worker.parallel.group import launch_ranks
 
-            ModelConfig.from_pretrained(config.model).check_tensor_parallel(config.tensor_parallel_size)
+            model_config = ModelConfig.from_pretrained(config.model)
+            model_config.check_tensor_parallel(config.tensor_parallel_size)
+            check_model_shards(model_config, config.tensor_parallel_size)
             self.ranks = launch_ranks(config)
             # Stops the ranks once: on shutdown(), when this engine is garbage-collected, or at exit.
             self._stop_ranks = weakref.finalize(self, self.ranks.shutdown)

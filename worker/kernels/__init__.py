@@ -6,15 +6,20 @@ ops and paged attention, `worker.kernels.moe.{reference,triton}` for the sparse 
 backend "auto" (the default), CUDA tensors go to the Triton kernels and everything else to the
 references; `set_kernel_backend("torch")` forces the references on a GPU for comparison, `"triton"`
 forces the kernels (on the CPU that needs TRITON_INTERPRET=1 before triton is imported).
+
+The block-scaled FP8 ops (`fp8_block_linear`, `fused_moe_fp8`) have their torch references only, for
+now on every device; their Triton kernels will take the same parameters and slot in here.
 """
 
 import importlib
 
 from worker.kernels import add_rms_norm as _norm_ref
 from worker.kernels import causal_conv1d as _conv_ref
+from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import paged_attention as _attn_ref
 from worker.kernels import qk_norm_rope as _qk_ref
+from worker.kernels.moe import fp8_reference as _moe_fp8_ref
 from worker.kernels.moe import reference as _moe_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -91,6 +96,15 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids):
     return _moe_impl(hidden_states).fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
 
 
+def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):
+    return _fp8_ref.w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, bias)
+
+
+def fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block):
+    return _moe_fp8_ref.fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids,
+                                      block)
+
+
 def _attention_impl(x):
     return _triton_module("paged_attention") if _use_triton(x) else _attn_ref
 
@@ -121,6 +135,8 @@ __all__ = [
     "fused_recurrent_gated_delta_rule",
     "gdn_gating",
     "fused_moe",
+    "fused_moe_fp8",
+    "fp8_block_linear",
     "select_experts",
     "paged_attention",
     "reshape_and_cache",

@@ -13,7 +13,7 @@ from worker.model.layers.rotary import PartialRotaryEmbedding
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, prefix: str):
         super().__init__()
         tp = get_tp()
         self.head_dim = config.head_dim
@@ -26,11 +26,12 @@ class GatedAttention(nn.Module):
             kv_replicas = tp.size // config.num_key_value_heads
         self.num_kv_heads = max(1, config.num_key_value_heads // tp.size)
         self.scale = self.head_dim**-0.5
-        hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = ColumnParallelLinear(hidden, config.num_attention_heads * self.head_dim * 2, bias)
-        self.k_proj = ColumnParallelLinear(hidden, config.num_key_value_heads * self.head_dim, bias, kv_replicas)
-        self.v_proj = ColumnParallelLinear(hidden, config.num_key_value_heads * self.head_dim, bias, kv_replicas)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, hidden, bias)
+        hidden, bias, quant = config.hidden_size, config.attention_bias, config.quantization
+        q_width, kv_width = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(hidden, 2 * q_width, bias, quant_config=quant, prefix=f"{prefix}.q_proj")
+        self.k_proj = ColumnParallelLinear(hidden, kv_width, bias, kv_replicas, quant, prefix=f"{prefix}.k_proj")
+        self.v_proj = ColumnParallelLinear(hidden, kv_width, bias, kv_replicas, quant, prefix=f"{prefix}.v_proj")
+        self.o_proj = RowParallelLinear(q_width, hidden, bias, quant_config=quant, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = PartialRotaryEmbedding(

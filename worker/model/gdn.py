@@ -3,6 +3,8 @@
 Qwen3-Next packs the projections per key-head group: in_proj_qkvz rows are, per group,
 [q(dk) | k(dk) | v(r*dv) | z(r*dv)] and in_proj_ba rows [b(r) | a(r)], with r = nv / nk. Sharding
 whole groups keeps each rank's rows contiguous. Qwen3.5 stores four separate projections instead.
+In FP8 checkpoints the projections may be FP8 (the published ones keep in_proj_ba in bf16); the
+conv weight, A_log, dt_bias and the norm always stay in the activation dtype.
 """
 
 import torch
@@ -12,6 +14,7 @@ from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
 from worker.model.context import get_context
+from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
 from worker.model.layers.linear import ColumnParallelLinear, RowParallelLinear, _check_shape
 from worker.model.layers.norm import GatedRMSNorm
 
@@ -26,7 +29,7 @@ class DepthwiseConvWeight(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, prefix: str):
         super().__init__()
         self.tp = tp = get_tp()
         self.num_k_heads = tp.shard(config.linear_num_key_heads, "linear_num_key_heads")
@@ -41,15 +44,23 @@ class GatedDeltaNet(nn.Module):
         nk, nv, dk, dv = config.linear_num_key_heads, config.linear_num_value_heads, self.head_k_dim, self.head_v_dim
 
         self.split_projections = config.split_gdn_projections
+        quant = dict(quant_config=config.quantization)
         if self.split_projections:
-            self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * nk * dk + nv * dv)
+            self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * nk * dk + nv * dv, **quant,
+                                                    prefix=f"{prefix}.in_proj_qkv")
             self.in_proj_qkv.weight.weight_loader = self._load_conv_channels
-            self.in_proj_z = ColumnParallelLinear(hidden, nv * dv)
-            self.in_proj_b = ColumnParallelLinear(hidden, nv)
-            self.in_proj_a = ColumnParallelLinear(hidden, nv)
+            if self.in_proj_qkv.weight_scale_inv is not None:
+                self.in_proj_qkv.weight_scale_inv.weight_loader = self._load_conv_channels
+                for what, per_rank in (("query/key rows", self.key_dim), ("value rows", self.value_dim)):
+                    check_whole_blocks(f"{prefix}.in_proj_qkv", what, per_rank, per_rank * tp.size, tp.size,
+                                       self.in_proj_qkv.block, tp.size)
+            self.in_proj_z = ColumnParallelLinear(hidden, nv * dv, **quant, prefix=f"{prefix}.in_proj_z")
+            self.in_proj_b = ColumnParallelLinear(hidden, nv, **quant, prefix=f"{prefix}.in_proj_b")
+            self.in_proj_a = ColumnParallelLinear(hidden, nv, **quant, prefix=f"{prefix}.in_proj_a")
         else:
-            self.in_proj_qkvz = ColumnParallelLinear(hidden, nk * (2 * dk + 2 * self.ratio * dv))
-            self.in_proj_ba = ColumnParallelLinear(hidden, nk * 2 * self.ratio)
+            self.in_proj_qkvz = ColumnParallelLinear(hidden, nk * (2 * dk + 2 * self.ratio * dv), **quant,
+                                                     prefix=f"{prefix}.in_proj_qkvz")
+            self.in_proj_ba = ColumnParallelLinear(hidden, nk * 2 * self.ratio, **quant, prefix=f"{prefix}.in_proj_ba")
 
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
@@ -58,24 +69,31 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
         self.dt_bias.weight_loader = self._load_value_heads
         self.norm = GatedRMSNorm(dv, config.rms_norm_eps)
-        self.out_proj = RowParallelLinear(nv * dv, hidden)
+        self.out_proj = RowParallelLinear(nv * dv, hidden, **quant, prefix=f"{prefix}.out_proj")
         self.conv_states: torch.Tensor | None = None  # [G, conv_dim, K-1+k], bound by the runner
         self.ssm_states: torch.Tensor | None = None  # [G, 1+k, HV, K, V]
 
     def _load_conv_channels(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         """Rows ordered [q of all heads | k of all heads | v of all heads]: take this rank's heads of each.
 
-        Serves conv1d.weight ([C, 1, K] in the checkpoint) and Qwen3.5's in_proj_qkv ([C, H])."""
+        Serves conv1d.weight ([C, 1, K] in the checkpoint) and Qwen3.5's in_proj_qkv ([C, H]) with, in FP8
+        checkpoints, its block scales (whole blocks per part at tp > 1, checked when built)."""
         full_key, full_value = self.key_dim * self.tp.size, self.value_dim * self.tp.size
         rows = 2 * full_key + full_value
-        expected = (rows, 1, param.shape[1]) if loaded.dim() == 3 else (rows, param.shape[1])
+        if is_block_scale(param):
+            expected = (-(-rows // param.weight_block), param.shape[1])
+        else:
+            expected = (rows, 1, param.shape[1]) if loaded.dim() == 3 else (rows, param.shape[1])
         if tuple(loaded.shape) != expected:
             raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {expected}")
+        if self.tp.size == 1:  # one part may end inside the block where the next begins
+            param.data.copy_(loaded.full().reshape(param.shape))
+            return
         rank = self.tp.rank
         parts = [
-            loaded.narrow(0, rank * self.key_dim, self.key_dim),
-            loaded.narrow(0, full_key + rank * self.key_dim, self.key_dim),
-            loaded.narrow(0, 2 * full_key + rank * self.value_dim, self.value_dim),
+            narrow(param, loaded, 0, rank * self.key_dim, self.key_dim),
+            narrow(param, loaded, 0, full_key + rank * self.key_dim, self.key_dim),
+            narrow(param, loaded, 0, 2 * full_key + rank * self.value_dim, self.value_dim),
         ]
         param.data.copy_(torch.cat([p.reshape(p.shape[0], -1) for p in parts]))
 

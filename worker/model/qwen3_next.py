@@ -2,7 +2,9 @@
 
 `forward(input_ids [T], positions [T]) -> hidden_states [T, H]` after the final norm, with the step
 metadata set by `worker.model.context.forward_context`. Parameter names follow the HF checkpoint,
-except the stacked experts (`mlp.experts.w13` / `w2`) which the loader fills expert by expert.
+except the stacked experts (`mlp.experts.w13` / `w2`) which the loader fills expert by expert. Every
+layer is built with its checkpoint name as `prefix`, which decides (with `config.quantization`)
+whether its weight is held in FP8.
 """
 
 import torch
@@ -12,20 +14,25 @@ from worker.config import ModelConfig
 from worker.model.attention import GatedAttention
 from worker.model.gdn import GatedDeltaNet
 from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.model.layers.fp8 import require_unquantized
 from worker.model.layers.linear import ReplicatedLinear
 from worker.model.layers.norm import RMSNorm
 from worker.model.moe import DenseMLP, SparseMoeBlock
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_type: str, use_moe: bool):
+    def __init__(self, config: ModelConfig, layer_type: str, use_moe: bool, prefix: str):
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config)
+            self.linear_attn = GatedDeltaNet(config, f"{prefix}.linear_attn")
         else:
-            self.self_attn = GatedAttention(config)
-        self.mlp = SparseMoeBlock(config) if use_moe else DenseMLP(config.hidden_size, config.intermediate_size)
+            self.self_attn = GatedAttention(config, f"{prefix}.self_attn")
+        if use_moe:
+            self.mlp = SparseMoeBlock(config, f"{prefix}.mlp")
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, quant_config=config.quantization,
+                                prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -46,9 +53,11 @@ class DecoderLayer(nn.Module):
 class Qwen3NextModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        require_unquantized(config.quantization, "model.embed_tokens", "the embedding")
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, config.layer_types[i], config.is_moe_layer(i)) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, config.layer_types[i], config.is_moe_layer(i), f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -67,11 +76,11 @@ class MultiTokenPredictor(nn.Module):
     def __init__(self, config: ModelConfig, num_layers: int):
         super().__init__()
         hidden = config.hidden_size
-        self.fc = ReplicatedLinear(2 * hidden, hidden)
+        self.fc = ReplicatedLinear(2 * hidden, hidden, quant_config=config.quantization, prefix="mtp.fc")
         self.pre_fc_norm_embedding = RMSNorm(hidden, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(hidden, config.rms_norm_eps)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, "full_attention", use_moe=config.num_experts > 0) for _ in range(num_layers)
+            DecoderLayer(config, "full_attention", config.num_experts > 0, f"mtp.layers.{i}") for i in range(num_layers)
         )
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
 
@@ -87,6 +96,7 @@ class Qwen3NextForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3NextModel(config)
+        require_unquantized(config.quantization, "lm_head", "the lm_head")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

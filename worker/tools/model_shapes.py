@@ -3,12 +3,15 @@
 `write_shape_config(out_dir, "qwen3-next-80b", num_layers=4)` writes a config.json (and a
 generation_config.json) that `load_format="dummy"` turns into a model with random weights on the
 device: Qwen3-Next-80B-A3B's per-layer shapes with fewer layers (every 4th full attention).
+`quantize="fp8"` adds the quantization_config of Qwen3-Next-80B-A3B-Instruct-FP8 (128 x 128 blocks,
+the release's modules_to_not_convert), for FP8 benchmarks at full size.
 """
 
 import json
 from pathlib import Path
 
 from worker.tools.tiny_checkpoint import _PUBLISHED_CONSTANTS
+from worker.tools.tiny_fp8 import fp8_config
 
 SHAPES = {
     "qwen3-next-80b": {
@@ -42,17 +45,22 @@ SHAPES = {
 }
 
 
-def shape_config(name: str, num_layers: int | None = None) -> dict:
+def shape_config(name: str, num_layers: int | None = None, quantize: str | None = None) -> dict:
     config = dict(SHAPES[name])
     if num_layers is not None:
         config["num_hidden_layers"] = num_layers
+    if quantize == "fp8":
+        config["quantization_config"] = fp8_config(config).to_dict()
+    elif quantize is not None:
+        raise ValueError(f"unknown quantization {quantize!r}; only 'fp8'")
     return config
 
 
-def write_shape_config(out_dir: str | Path, name: str = "qwen3-next-80b", num_layers: int | None = None) -> Path:
+def write_shape_config(out_dir: str | Path, name: str = "qwen3-next-80b", num_layers: int | None = None,
+                       quantize: str | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = shape_config(name, num_layers)
+    config = shape_config(name, num_layers, quantize)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"]],
                   "do_sample": False}

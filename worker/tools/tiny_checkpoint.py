@@ -4,9 +4,12 @@ The files mirror Qwen/Qwen3-Next-80B-A3B-*: a transformers-4.x style config.json
 generation_config.json, sharded safetensors with per-expert MoE weights plus an
 index, mtp.* weights for multi-token prediction, and a byte-level BPE tokenizer
 with ChatML special tokens (trained on corpus.txt, which ships next to this file).
-The weights (worker/tools/tiny_weights.py) are the same bytes on every machine.
+The weights (worker/tools/tiny_weights.py) are the same bytes on every machine. With
+`--quantize fp8` the linear weights are block-scaled FP8, as in Qwen3-Next-80B-A3B-Instruct-FP8
+(worker/tools/tiny_fp8.py); the tiny presets are narrower than a 128 block, so their blocks are
+partial (`--fp8-block-size` picks smaller ones).
 
-    python -m worker.tools.tiny_checkpoint OUT_DIR [--preset tiny] [--seed 0]
+    python -m worker.tools.tiny_checkpoint OUT_DIR [--preset tiny] [--seed 0] [--quantize fp8]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from worker.tools.tiny_fp8 import fp8_config, quantize_tensors
 from worker.tools.tiny_tokenizer import ENDOFTEXT, IM_END, write_json, write_tokenizer
 from worker.tools.tiny_weights import is_moe_layer, layer_types, materialize, tensor_specs
 
@@ -27,6 +31,7 @@ from worker.tools.tiny_weights import is_moe_layer, layer_types, materialize, te
 __all__ = ["PRESETS", "builtin_model_dir", "is_moe_layer", "layer_types", "write_tiny_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("fp8",)
 
 # Fields every published Qwen3-Next config.json carries with these values.
 _PUBLISHED_CONSTANTS = {
@@ -202,13 +207,20 @@ def write_tiny_checkpoint(
     shards: int = 3,
     dtype: str = "bfloat16",
     mtp: bool = True,
+    quantize: str | None = None,
+    fp8_block_size: int = 128,
+    modules_to_not_convert: list[str] | None = None,
 ) -> Path:
+    """quantize "fp8": block-scaled FP8 linear weights (blocks of fp8_block_size), all else in dtype;
+    modules_to_not_convert defaults to the release's list."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if shards < 1:
         raise ValueError("shards must be at least 1")
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {QUANTIZATIONS}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
@@ -216,9 +228,16 @@ def write_tiny_checkpoint(
 
     token_ids = write_tokenizer(out_dir, PRESETS[preset])
     config = build_config(preset, dtype, token_ids)
+    specs = tensor_specs(config, mtp)
+    if quantize == "fp8":
+        fp8 = fp8_config(config, fp8_block_size, mtp, modules_to_not_convert)
+        config["quantization_config"] = fp8.to_dict()
+        tensors = quantize_tensors(materialize(specs, seed, torch.float32), fp8, DTYPES[dtype])
+    else:
+        tensors = materialize(specs, seed, DTYPES[dtype])
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", build_generation_config(token_ids))
-    write_safetensors(out_dir, materialize(tensor_specs(config, mtp), seed, DTYPES[dtype]), shards)
+    write_safetensors(out_dir, tensors, shards)
     return out_dir
 
 
@@ -257,8 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--no-mtp", dest="mtp", action="store_false", help="omit the mtp.* weights")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help="fp8: block-scaled FP8 linear weights in the Qwen3-Next-80B-A3B-Instruct-FP8 layout")
+    parser.add_argument("--fp8-block-size", type=int, default=128, help="side of the square FP8 weight blocks")
     args = parser.parse_args(argv)
-    out_dir = write_tiny_checkpoint(args.out_dir, args.preset, args.seed, args.shards, args.dtype, args.mtp)
+    out_dir = write_tiny_checkpoint(args.out_dir, args.preset, args.seed, args.shards, args.dtype, args.mtp,
+                                    args.quantize, args.fp8_block_size)
     print(out_dir)
 
 

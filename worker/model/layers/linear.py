@@ -3,14 +3,21 @@
 Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's slice
 of a checkpoint tensor (a CheckpointTensor: only the narrowed part is read from disk); the checkpoint
 loader only maps names to parameters.
+
+Where the checkpoint stores a layer's weight in FP8 (a `quant_config` that does not exempt the
+layer's `prefix`), the layer holds it as stored: float8_e4m3fn plus the block scales
+`weight_scale_inv`, sharded in whole blocks, and multiplies through `kernels.fp8_block_linear`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import kernels
+from worker.config import Fp8Config
 from worker.distributed import get_tp
 from worker.model.layers.checkpoint_tensor import CheckpointTensor
+from worker.model.layers.fp8 import check_whole_blocks, checkpoint_shape, fp8_block, fp8_parameters, narrow
 
 
 def _check_shape(param: torch.Tensor, loaded: CheckpointTensor, name: str = "") -> None:
@@ -24,83 +31,101 @@ def default_weight_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_i
     param.data.copy_(loaded.full())
 
 
-class ReplicatedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+class _Linear(nn.Module):
+    """This rank's weight [out_per_rank, in_per_rank] of a full [out_features, in_features] one."""
+
+    def __init__(self, in_features: int, out_features: int, in_per_rank: int, out_per_rank: int, bias: bool,
+                 quant_config: Fp8Config | None, prefix: str):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
+        self.prefix = prefix
+        self.full_shape = (out_features, in_features)
+        self.block = fp8_block(quant_config, prefix)
+        if self.block is None:
+            self.weight = nn.Parameter(torch.empty(out_per_rank, in_per_rank), requires_grad=False)
+            self.weight_scale_inv = None
+        else:
+            self.weight, self.weight_scale_inv = fp8_parameters((out_per_rank, in_per_rank), self.block)
+            self.weight_scale_inv.weight_loader = self.weight_loader
+        self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = default_weight_loader
+            self.bias = nn.Parameter(torch.empty(out_per_rank), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def _shard(self, param: nn.Parameter, loaded: CheckpointTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id=None) -> None:
+        expected = (self.full_shape[0],) if param is self.bias else checkpoint_shape(param, self.full_shape)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects {expected}"
+                             f"{' before sharding' if get_tp().size > 1 else ''}")
+        shard = self._shard(param, loaded)
+        _check_shape(param, shard)
+        param.data.copy_(shard)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.block is None:
+            return F.linear(x, self.weight, bias)
+        return kernels.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ReplicatedLinear(_Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
+        super().__init__(in_features, out_features, in_features, out_features, bias, quant_config, prefix)
+
+    def _shard(self, param, loaded):
+        return loaded.full()
+
+
+class ColumnParallelLinear(_Linear):
     """Output rows split across ranks; `shard_rows` maps a full checkpoint tensor to this rank's rows.
 
     `replicas` > 1 lets several ranks hold the same rows (KV heads when tp > num_kv_heads).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, replicas: int = 1):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, replicas: int = 1,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
         tp = get_tp()
         self.num_shards = tp.size // replicas
         self.shard_rank = tp.rank // replicas
         if out_features % self.num_shards:
             raise ValueError(f"tensor parallel size {tp.size} does not divide output features {out_features}")
         self.out_per_rank = out_features // self.num_shards
-        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+        super().__init__(in_features, out_features, in_features, self.out_per_rank, bias, quant_config, prefix)
+        check_whole_blocks(prefix, "output rows", self.out_per_rank, out_features, self.num_shards, self.block,
+                           tp.size)
 
-    def shard_rows(self, loaded: CheckpointTensor) -> torch.Tensor:
-        return loaded.narrow(0, self.shard_rank * self.out_per_rank, self.out_per_rank)
+    def shard_rows(self, param: nn.Parameter, loaded: CheckpointTensor) -> torch.Tensor:
+        return narrow(param, loaded, 0, self.shard_rank * self.out_per_rank, self.out_per_rank)
 
-    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id=None) -> None:
-        if loaded.shape[0] != self.out_per_rank * self.num_shards:
-            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects "
-                             f"({self.out_per_rank * self.num_shards}, ...) before sharding")
-        shard = self.shard_rows(loaded)
-        _check_shape(param, shard)
-        param.data.copy_(shard)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def _shard(self, param, loaded):
+        return self.shard_rows(param, loaded)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """Input columns split across ranks; the partial products are summed by an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True):
-        super().__init__()
-        tp = get_tp()
-        self.tp = tp
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True,
+                 quant_config: Fp8Config | None = None, prefix: str = ""):
+        self.tp = tp = get_tp()
         self.in_per_rank = tp.shard(in_features, "input features")
         self.reduce_results = reduce_results
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = default_weight_loader
+        super().__init__(in_features, out_features, self.in_per_rank, out_features, bias, quant_config, prefix)
+        check_whole_blocks(prefix, "input columns", self.in_per_rank, in_features, tp.size, self.block, tp.size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id=None) -> None:
-        if loaded.shape[-1] != self.in_per_rank * self.tp.size:
-            raise ValueError(f"shape mismatch: checkpoint has {tuple(loaded.shape)}, model expects "
-                             f"(..., {self.in_per_rank * self.tp.size}) before sharding")
-        shard = loaded.narrow(-1, self.tp.rank * self.in_per_rank, self.in_per_rank)
-        _check_shape(param, shard)
-        param.data.copy_(shard)
+    def _shard(self, param, loaded):
+        if param is self.bias:
+            return loaded.full()
+        return narrow(param, loaded, -1, self.tp.rank * self.in_per_rank, self.in_per_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Bias is added once, after the reduction, so it is not counted tp times.
-        y = F.linear(x, self.weight)
+        y = self._matmul(x, None)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
