@@ -5,6 +5,8 @@ host data goes through pinned memory with a non-blocking copy, and a step's resu
 one packed non-blocking copy into pinned memory followed by one event wait: the only wait of a step.
 """
 
+import math
+
 import torch
 
 
@@ -50,9 +52,7 @@ class PendingHostCopy:
         out: dict[str, list | None] = {name: None for name in self.none}
         offset = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
-            size = 1
-            for dim in shape:
-                size *= dim
+            size = math.prod(shape)
             values = self._host[offset : offset + size].view(shape)
             offset += size
             out[name] = (values.to(dtype) if dtype.is_floating_point else values.long()).tolist()

@@ -15,6 +15,7 @@ import torch
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+@functools.cache
 def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
@@ -54,6 +55,7 @@ def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
+@functools.lru_cache(maxsize=4096)  # called per MoE layer per step: the lookup stays off the hot path
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                device: torch.device) -> dict:
     table = _load(config_file_name(num_experts, hidden, inter, dtype, device_name(device)))
