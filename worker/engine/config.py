@@ -25,6 +25,7 @@ class EngineConfig:
     kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "torch" (the references), "triton"
     seed: int = 0
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps run the same code eagerly)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

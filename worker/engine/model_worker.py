@@ -10,6 +10,7 @@ import torch
 from worker.config import ModelConfig
 from worker.engine.cache_tensors import CacheShapes, allocate_and_bind
 from worker.engine.config import EngineConfig
+from worker.engine.decode_graphs import DecodeGraphs
 from worker.engine.memory import CachePlan, cuda_cache_budget, plan_cache
 from worker.engine.proposer import MTPProposer, Proposer
 from worker.engine.runner import ModelRunner
@@ -35,26 +36,43 @@ class ModelWorker:
         k = config.speculative_tokens
         self.shapes = CacheShapes.for_model(self.model, config.block_size, k, config.torch_dtype,
                                             config.torch_ssm_dtype)
+        if k and proposer is None:
+            proposer = MTPProposer(self.model, k, config.block_size)
+        self.decode_graphs = DecodeGraphs(
+            self.model, proposer if isinstance(proposer, MTPProposer) else None, k, config.block_size,
+            config.max_num_seqs, self.max_model_len, device)
         self.cache_plan = self._plan_cache()
         if agree is not None:
             self.cache_plan = agree(self.cache_plan)
         allocate_and_bind(self.model, self.shapes, self.cache_plan.num_blocks, self.cache_plan.num_state_groups,
                           device)
-        if k and proposer is None:
-            proposer = MTPProposer(self.model, k, config.block_size)
         self.runner = ModelRunner(self.model, config.block_size, k, device, proposer, config.seed,
                                   self.model_config.eos_token_ids)
+        self.runner.decode_graphs = self.decode_graphs
+        if self.uses_cuda_graphs:
+            with torch.inference_mode():
+                self.decode_graphs.capture(progress=True)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager
 
     def _plan_cache(self) -> CachePlan:
         if self.device.type == "cuda":
             budget = cuda_cache_budget(self.config.gpu_memory_utilization, self._profile_step)
+            if self.uses_cuda_graphs:  # the graphs keep their largest step's activations for good
+                budget -= self._graph_memory
+                logger.info("reserved %.1f MiB for CUDA graphs", self._graph_memory / 2**20)
         else:
             budget = self.config.cache_memory_bytes
         return plan_cache(budget, self.shapes, self.config.max_num_seqs, self.config.num_kv_blocks)
 
     @torch.inference_mode()
     def _profile_step(self) -> None:
-        """A prefill of a full token budget on throwaway caches, to measure peak activation memory."""
+        """The largest decode step, then a prefill of a full token budget, on throwaway caches, to measure
+        peak activation memory (and what the CUDA graphs will keep)."""
+        allocate_and_bind(self.model, self.shapes, 1, 1, self.device)
+        self._graph_memory = self.decode_graphs.profile_memory()
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
         num_blocks = num_tokens // self.config.block_size + 2
         allocate_and_bind(self.model, self.shapes, num_blocks, 1, self.device)

@@ -13,7 +13,7 @@ import torch
 
 from worker.engine.host_io import index_tensor
 from worker.engine.plan import StepPlan
-from worker.model.context import AttentionMetadata, StepContext, forward_context
+from worker.model.context import PAD_SLOT, AttentionMetadata, StepContext, forward_context
 
 
 @dataclass
@@ -52,33 +52,45 @@ class MTPProposer:
         self.block_size = block_size
 
     def propose(self, inputs: ProposalInputs) -> torch.Tensor:
-        next_ids = torch.roll(inputs.input_ids, -1)
-        next_ids[inputs.anchor_rows] = inputs.anchor_next_ids
-        with forward_context(StepContext(inputs.ctx.attn)):
-            mtp_hidden = self.model.forward_mtp(next_ids, inputs.positions, inputs.hidden_states)
-        sampled = index_tensor(inputs.sampled, next_ids.device)
-        rows = inputs.anchor_rows[sampled]
+        sampled = index_tensor(inputs.sampled, inputs.input_ids.device)
+        return self.draft(inputs.ctx.attn, inputs.input_ids, inputs.positions, inputs.hidden_states,
+                          inputs.anchor_rows, inputs.anchor_next_ids, sampled)
+
+    def draft(self, attn: AttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor,
+              hidden_states: torch.Tensor, anchor_rows: torch.Tensor, anchor_next_ids: torch.Tensor,
+              sampled: torch.Tensor, row_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The drafts [len(sampled), k] of the sequences `sampled` (indices into the step's sequences),
+        from tensors alone, so a CUDA graph can hold it. `row_valid` [len(sampled)] bool marks padded
+        sequences (False), whose chained passes then write no KV."""
+        next_ids = torch.roll(input_ids, -1)
+        next_ids[anchor_rows] = anchor_next_ids
+        with forward_context(StepContext(attn)):
+            mtp_hidden = self.model.forward_mtp(next_ids, positions, hidden_states)
+        rows = anchor_rows[sampled]
         hidden = mtp_hidden[rows]
         drafts = [self.model.compute_logits(hidden).argmax(dim=-1)]
-        positions = inputs.positions[rows]
-        block_tables = inputs.ctx.attn.block_tables[sampled]
+        positions = positions[rows]
+        block_tables = attn.block_tables[sampled]
         for step in range(1, self.num_spec_tokens):
             positions = positions + 1
-            ctx = StepContext(self._single_row_metadata(positions, block_tables,
-                                                        inputs.ctx.attn.max_context_len + step))
+            ctx = StepContext(self._single_row_metadata(positions, block_tables, attn.max_context_len + step,
+                                                        row_valid))
             with forward_context(ctx):
                 hidden = self.model.forward_mtp(drafts[-1], positions, hidden, step)
             drafts.append(self.model.compute_logits(hidden).argmax(dim=-1))
         return torch.stack(drafts, dim=1)
 
     def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor,
-                             max_context_len: int) -> AttentionMetadata:
+                             max_context_len: int, row_valid: torch.Tensor | None) -> AttentionMetadata:
         n = positions.shape[0]
         blocks = block_tables.gather(1, (positions // self.block_size)[:, None].to(block_tables.dtype)).squeeze(1)
+        slot_mapping = blocks.long() * self.block_size + positions % self.block_size
+        if row_valid is not None:
+            slot_mapping = torch.where(row_valid, slot_mapping, PAD_SLOT)
         return AttentionMetadata(
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=positions.device),
             context_lens=(positions + 1).to(torch.int32),
-            slot_mapping=blocks.long() * self.block_size + positions % self.block_size,
+            slot_mapping=slot_mapping,
             block_tables=block_tables,
             max_seqlen_q=1,
             max_context_len=max_context_len,  # the target step's bound plus the chained steps

@@ -7,6 +7,7 @@ into pinned memory followed by one event wait (worker.engine.host_io).
 
 import torch
 
+from worker.engine.decode_graphs import DecodeGraphs
 from worker.engine.host_io import PendingHostCopy, index_tensor, to_device
 from worker.engine.plan import SequenceOutput, StepOutput, StepPlan
 from worker.engine.prompt_logprobs import PromptLogprobs
@@ -28,6 +29,7 @@ class ModelRunner:
         self.requests: dict[str, RequestSampling] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.prompt_logprobs = PromptLogprobs()
+        self.decode_graphs: DecodeGraphs | None = None  # decode-only steps on static buffers (set by the worker)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -39,6 +41,9 @@ class ModelRunner:
         self.prompt_logprobs.track(plan)
         if not plan.sequences:
             return StepOutput([])
+        rows = [self.requests[s.request_id] for s in plan.sequences]
+        if self.decode_graphs is not None and self.decode_graphs.can_run(plan.sequences, rows):
+            return self._execute_decode(plan, rows)
         q_len = 1 + self.num_spec_tokens
         slices = [SequenceSlice(s.token_ids, s.start_position, s.block_table, s.state_group,
                                 s.num_accepted_slot, s.is_decode) for s in plan.sequences]
@@ -54,6 +59,22 @@ class ModelRunner:
         output = emitted.to_output(drafts, self.requests)
         self.prompt_logprobs.attach(output, prompt_logprobs)
         return output
+
+    def _execute_decode(self, plan: StepPlan, rows: list[RequestSampling]) -> StepOutput:
+        """A decode-only step through the decode graphs (or the same code eagerly)."""
+        result = self.decode_graphs.run(plan.sequences, rows, self.generator)
+        num_seqs = len(plan.sequences)
+        emitted = _Emitted(plan, 1 + self.num_spec_tokens)
+        emitted.decode_tokens, emitted.num_accepted = result.token_ids[:num_seqs], result.num_accepted[:num_seqs]
+        drafts = None if result.drafts is None else result.drafts[:num_seqs]
+        if self.num_spec_tokens and drafts is None:  # a proposer outside the graph (e.g. scripted drafts)
+            anchor_rows, anchor_next = emitted.anchors(self.device)
+            drafts = self.proposer.propose(ProposalInputs(
+                plan=plan, ctx=result.ctx, input_ids=result.input_ids, positions=result.positions,
+                hidden_states=result.hidden_states, anchor_rows=anchor_rows, anchor_next_ids=anchor_next,
+                sampled=emitted.sampled, emitted=emitted.host_tokens,
+            ))
+        return emitted.to_output(drafts, self.requests)
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor, emitted: "_Emitted") -> None:
         decodes = [s for s in plan.sequences if s.is_decode]

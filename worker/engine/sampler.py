@@ -18,10 +18,11 @@ from torch import Tensor
 
 from worker.engine.host_io import index_tensor, to_device
 from worker.engine.sampling_params import SamplingParams
+from worker.engine.sampling_ops import (PAD_TOKEN_ID, RowSamplingParams, count_accepted, emitted_tokens,
+                                        filtered_probs, inverse_cdf, sample_correction)
 
 # Temperatures below this are clamped so that logits / temperature stays finite.
 MIN_TEMPERATURE = 1e-6
-PAD_TOKEN_ID = -1
 PAD_LOGPROB = 0.0
 
 
@@ -232,42 +233,29 @@ def apply_penalties(logits: Tensor, rows: list[RequestSampling],
 # Sampling distribution and draws
 
 
+def row_sampling_params(rows: list[RequestSampling], vocab_size: int, device) -> RowSamplingParams:
+    """The requests' sampling parameters as tensors [R], filters that are off normalised."""
+    params = [row.params for row in rows]
+    return RowSamplingParams(
+        is_greedy=_row_tensor([p.is_greedy for p in params], device, torch.bool),
+        temperature=_row_tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device),
+        top_k=_row_tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], device,
+                          torch.int64),
+        top_p=_row_tensor([p.top_p for p in params], device),
+        min_p=_row_tensor([p.min_p for p in params], device),
+    )
+
+
 def _filtered_probs(logits: Tensor, rows: list[RequestSampling]) -> Tensor:
     """Processed logits [R, V] of sampled rows -> probabilities [R, V] after temperature, top-k,
     top-p and min-p (renormalised)."""
-    device = logits.device
     vocab_size = logits.shape[1]
     params = [row.params for row in rows]
-    temperature = _row_tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device)
-    scaled = logits / temperature[:, None]
-    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    top_p = [p.top_p for p in params]
-    if any(k < vocab_size for k in top_k) or any(p < 1 for p in top_p):
-        scaled = _mask_top_k_top_p(scaled, top_k, top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    min_p = [p.min_p for p in params]
-    if any(m > 0 for m in min_p):
-        threshold = _row_tensor(min_p, device)[:, None] * probs.amax(dim=-1, keepdim=True)
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
-
-
-def _mask_top_k_top_p(scaled: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
-    """Set to -inf all but each row's top_k largest logits, then all but the smallest prefix (by
-    descending probability) whose mass reaches top_p. One sort for both. [R, V] -> [R, V]."""
-    device = scaled.device
-    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)
-    position = torch.arange(scaled.shape[1], device=device)
-    removed = position[None, :] >= _row_tensor(top_k, device, torch.int64)[:, None]
-    if any(p < 1 for p in top_p):
-        sorted_probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        # top_p == 1 means off; a threshold above 1 keeps float rounding from cutting the tail.
-        threshold = _row_tensor([p if p < 1 else 2.0 for p in top_p], device)[:, None]
-        removed |= mass_before >= threshold
-    sorted_logits = sorted_logits.masked_fill(removed, float("-inf"))
-    return torch.empty_like(scaled).scatter_(1, sorted_ids, sorted_logits)
+    use_top_k = any(0 < p.top_k < vocab_size for p in params)
+    use_top_p = any(p.top_p < 1 for p in params)
+    use_min_p = any(p.min_p > 0 for p in params)
+    return filtered_probs(logits, row_sampling_params(rows, vocab_size, logits.device), use_top_k, use_top_p,
+                          use_min_p)
 
 
 def _draw_uniforms(rows: list[RequestSampling], num_draws: int, device,
@@ -281,17 +269,6 @@ def _draw_uniforms(rows: list[RequestSampling], num_draws: int, device,
                else torch.rand(num_draws, generator=row.generator(device), device=device)
                for row in rows]
     return torch.stack(per_row)
-
-
-def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
-    """probs [R, V] (need not be normalised), uniforms [R] -> token ids [R] int64."""
-    cdf = probs.cumsum(dim=-1)
-    targets = uniforms * cdf[:, -1]
-    ids = torch.searchsorted(cdf, targets[:, None], right=True).squeeze(1)
-    # right=True never lands on a zero-probability token, except past the end through rounding.
-    position = torch.arange(probs.shape[1], device=probs.device)
-    last_positive = torch.where(probs > 0, position, 0).amax(dim=-1)
-    return torch.minimum(ids, last_positive)
 
 
 def target_probs(logits: Tensor, rows: list[RequestSampling],
@@ -357,7 +334,7 @@ def sample(logits: Tensor, rows: list[RequestSampling],
         sampled_rows = [rows[i] for i in sampled]
         probs = _filtered_probs(processed[index], sampled_rows)
         uniforms = _draw_uniforms(sampled_rows, 1, logits.device, default_generator)
-        token_ids[index] = _inverse_cdf(probs, uniforms[:, 0])
+        token_ids[index] = inverse_cdf(probs, uniforms[:, 0])
     result = SampleResult(token_ids=token_ids)
     num_top = _max_num_top_logprobs(rows)
     if num_top is not None:
@@ -400,13 +377,13 @@ def verify_drafts(logits: Tensor, draft_ids: Tensor, rows: list[RequestSampling]
         uniforms = _draw_uniforms(sampled_rows, num_query, device, default_generator)  # [M, Q]
         draft_probs = probs[:, :-1].gather(2, draft_ids[index][:, :, None]).squeeze(2)
         accepted[index] = uniforms[:, :-1] < draft_probs
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)  # [N]
+    num_accepted = count_accepted(accepted)  # [N]
 
     final_ids = argmax_ids.gather(1, num_accepted[:, None]).squeeze(1)  # [N]
     if sampled:
-        final_ids[index] = _sample_correction(probs, draft_ids[index], num_accepted[index],
+        final_ids[index] = sample_correction(probs, draft_ids[index], num_accepted[index],
                                               uniforms[:, -1])
-    token_ids = _emitted_tokens(draft_ids, num_accepted, final_ids)
+    token_ids = emitted_tokens(draft_ids, num_accepted, final_ids)
 
     result = VerifyResult(num_accepted=num_accepted, token_ids=token_ids)
     num_top = _max_num_top_logprobs(rows)
@@ -417,30 +394,3 @@ def verify_drafts(logits: Tensor, draft_ids: Tensor, rows: list[RequestSampling]
             result.top_logprobs = (top[0].view(num_seqs, num_query, num_top),
                                    top[1].view(num_seqs, num_query, num_top))
     return result
-
-
-def _sample_correction(probs: Tensor, draft_ids: Tensor, num_accepted: Tensor,
-                       uniforms: Tensor) -> Tensor:
-    """Token after the accepted drafts: from p_k without the rejected d_{k+1} if k < Q-1, else the
-    bonus from p_{Q-1}. probs [M, Q, V], draft_ids [M, Q-1], num_accepted [M], uniforms [M] -> [M]."""
-    num_seqs, num_query, _ = probs.shape
-    final_probs = probs[torch.arange(num_seqs, device=probs.device), num_accepted]  # [M, V]
-    if num_query > 1:
-        rejected = num_accepted < num_query - 1
-        rejected_ids = draft_ids.gather(1, num_accepted.clamp(max=num_query - 2)[:, None])
-        residual = final_probs.scatter(1, rejected_ids, 0.0)
-        # A rejection of a token with p ~ 1 can leave nothing through rounding: keep p then.
-        usable = rejected & (residual.sum(dim=-1) > 0)
-        final_probs = torch.where(usable[:, None], residual, final_probs)
-    return _inverse_cdf(final_probs, uniforms)
-
-
-def _emitted_tokens(draft_ids: Tensor, num_accepted: Tensor, final_ids: Tensor) -> Tensor:
-    """-> [N, Q]: accepted drafts, then final_ids, then PAD_TOKEN_ID."""
-    num_seqs, num_drafts = draft_ids.shape
-    position = torch.arange(num_drafts + 1, device=draft_ids.device)[None, :]
-    pad = torch.full((num_seqs, 1), PAD_TOKEN_ID, dtype=torch.int64, device=draft_ids.device)
-    drafts_then_pad = torch.cat([draft_ids, pad], dim=1)
-    accepted_len = num_accepted[:, None]
-    token_ids = torch.where(position < accepted_len, drafts_then_pad, PAD_TOKEN_ID)
-    return torch.where(position == accepted_len, final_ids[:, None], token_ids)

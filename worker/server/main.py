@@ -47,6 +47,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            help="kernels: auto (Triton on CUDA), torch (the references, for comparison), triton")
     option("--load-format", env="NEXTSERVE_LOAD_FORMAT", default="auto", choices=["auto", "dummy"],
            help="auto: the checkpoint's safetensors; dummy: random weights from config.json (benchmarks)")
+    option("--enforce-eager", env="NEXTSERVE_ENFORCE_EAGER", default="0", type=_flag, nargs="?", const=True,
+           help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+
+
+def _flag(value) -> bool:
+    """A boolean flag's value from the environment or the command line: 1/true/yes/on or 0/false/no/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {value!r}")
 
 
 def _option_adder(parser: argparse.ArgumentParser):
@@ -94,7 +108,7 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len or None,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
-        load_format=args.load_format,
+        load_format=args.load_format, enforce_eager=args.enforce_eager,
     )
 
 

@@ -1,0 +1,270 @@
+"""Decode and verify steps on static buffers, replayed as CUDA graphs per batch-size bucket.
+
+A decode-only step (every sequence feeds its last token and its k drafts) whose requests need no
+penalties, min_tokens masking or logprobs runs here: the target's (1+k)·B positions, sampling or
+draft verification, and the MTP head's chained drafts, all read from static buffers. The host
+writes one packed int64 and one fp32 vector of inputs and the used columns of the block tables into
+pinned memory, copies them without blocking, draws the step's uniforms (so seeded requests keep
+their own streams), and replays the graph of the smallest bucket that holds the batch.
+
+Padded rows are invalid: their KV slots and GDN state groups are PAD, so no kernel writes a real
+sequence's cache or state, and they attend to Q keys of block 0, which keeps them finite.
+Without graphs (CPU, `enforce_eager`) the same function runs on the same padded buffers, so a batch
+gives the same bits either way.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from worker.engine.plan import ScheduledSequence
+from worker.engine.sampler import MIN_TEMPERATURE, RequestSampling, _draw_uniforms
+from worker.engine.sampling_ops import RowSamplingParams, verify_batch
+from worker.engine.host_io import index_tensor
+from worker.model.context import PAD_SLOT, AttentionMetadata, GDNMetadata, StepContext, forward_context
+
+logger = logging.getLogger(__name__)
+
+BUCKET_STEP = 8  # buckets 1, 2, 4, 8, then every 8
+INT_FIELDS = ("start", "state", "accepted", "valid", "top_k", "greedy")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+PAD_ROW = dict(start=0, state=PAD_SLOT, accepted=1, valid=0, greedy=1, temperature=1.0, top_p=1.0, min_p=0.0)
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, ... up to the first bucket that holds max_num_seqs."""
+    buckets, size = [], 1
+    while size < max_num_seqs and size < BUCKET_STEP:
+        buckets.append(size)
+        size *= 2
+    size = min(size, BUCKET_STEP)
+    while True:
+        buckets.append(size)
+        if size >= max_num_seqs:
+            return buckets
+        size += BUCKET_STEP
+
+
+def graph_compatible(rows: list[RequestSampling]) -> bool:
+    """Rows whose sampling needs nothing but their parameters (no penalties, min_tokens, logprobs)."""
+    return all(not row.params.has_penalties and row.params.logprobs is None
+               and (row.num_output_tokens >= row.params.min_tokens or not row.min_tokens_stop_ids)
+               for row in rows)
+
+
+@dataclass
+class DecodeResult:
+    token_ids: torch.Tensor  # [bucket, Q] emitted tokens, padded with -1
+    num_accepted: torch.Tensor  # [bucket]
+    drafts: torch.Tensor | None  # [bucket, k] from the MTP head, None without one
+    ctx: StepContext
+    input_ids: torch.Tensor  # [bucket * Q]
+    positions: torch.Tensor
+    hidden_states: torch.Tensor  # [bucket * Q, H]
+
+
+class DecodeGraphs:
+    def __init__(self, model, mtp_proposer, num_spec_tokens: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, device: torch.device):
+        self.model = model
+        self.mtp = mtp_proposer
+        self.q_len = 1 + num_spec_tokens
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.device = device
+        self.buckets = batch_buckets(max_num_seqs)
+        self.max_batch = self.buckets[-1]
+        self.max_blocks = -(-(max_model_len + num_spec_tokens) // block_size)
+        self.vocab_size = model.config.vocab_size
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, DecodeResult]] = {}
+        self._allocate_buffers()
+
+    def _allocate_buffers(self) -> None:
+        m, q, dev = self.max_batch, self.q_len, self.device
+        pin = dev.type == "cuda"
+        self.offsets = {"input_ids": 0}
+        for i, name in enumerate(INT_FIELDS):
+            self.offsets[name] = m * q + i * m
+        self.offsets.update({name: i * m for i, name in enumerate(FLOAT_FIELDS)})
+        num_ints, num_floats = m * q + len(INT_FIELDS) * m, len(FLOAT_FIELDS) * m
+        self.ints = torch.zeros(num_ints, dtype=torch.int64, device=dev)
+        self.floats = torch.zeros(num_floats, dtype=torch.float32, device=dev)
+        self.ints_host = torch.zeros(num_ints, dtype=torch.int64, pin_memory=pin)
+        self.floats_host = torch.zeros(num_floats, dtype=torch.float32, pin_memory=pin)
+        self.tables = torch.zeros(m, self.max_blocks, dtype=torch.int32, device=dev)
+        self.tables_stage = torch.zeros(m * self.max_blocks, dtype=torch.int32, device=dev)
+        self.tables_host = torch.zeros(m * self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.uniforms = torch.zeros(m, q, dtype=torch.float32, device=dev)
+        self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev) * q
+        self.row_starts = torch.arange(m, dtype=torch.int64, device=dev) * q
+        self.query_offsets = torch.arange(q, dtype=torch.int64, device=dev)
+        self.seq_index = torch.arange(m, dtype=torch.int64, device=dev)
+        self.has_initial_state = torch.ones(m, dtype=torch.bool, device=dev)
+        self.no_prefill = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def can_run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling]) -> bool:
+        return (bool(sequences) and all(s.is_decode for s in sequences) and len(sequences) <= self.max_batch
+                and graph_compatible(rows))
+
+    # -- host side ----------------------------------------------------------------------------
+
+    def _write_inputs(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], bucket: int) -> None:
+        """Fill the pinned inputs for `bucket` rows (the real ones, then padding) and queue their copy."""
+        n, q = len(sequences), self.q_len
+        ints, floats = self.ints_host.numpy(), self.floats_host.numpy()
+        pad = bucket - n
+        ids = [t for s in sequences for t in s.token_ids]
+        ints[: bucket * q] = ids + [0] * (pad * q)
+        params = [row.params for row in rows]
+        columns = dict(
+            start=[s.start_position for s in sequences], state=[s.state_group for s in sequences],
+            accepted=[s.num_accepted_slot for s in sequences], valid=[1] * n,
+            top_k=[p.top_k if 0 < p.top_k < self.vocab_size else self.vocab_size for p in params],
+            greedy=[int(p.is_greedy) for p in params],
+            temperature=[max(p.temperature, MIN_TEMPERATURE) for p in params], top_p=[p.top_p for p in params],
+            min_p=[p.min_p for p in params],
+        )
+        for name, values in columns.items():
+            target = floats if name in FLOAT_FIELDS else ints
+            off = self.offsets[name]
+            target[off : off + bucket] = values + [PAD_ROW.get(name, self.vocab_size)] * pad
+        num_cols = max(len(s.block_table) for s in sequences)
+        tables = self.tables_host.numpy()[: bucket * num_cols].reshape(bucket, num_cols)
+        tables[:] = 0
+        for i, s in enumerate(sequences):
+            tables[i, : len(s.block_table)] = s.block_table
+        self.ints.copy_(self.ints_host, non_blocking=True)
+        self.floats.copy_(self.floats_host, non_blocking=True)
+        stage = self.tables_stage[: bucket * num_cols]
+        stage.copy_(self.tables_host[: bucket * num_cols], non_blocking=True)
+        self.tables[:bucket, :num_cols].copy_(stage.view(bucket, num_cols))
+
+    def _write_uniforms(self, rows: list[RequestSampling], generator: torch.Generator) -> None:
+        """The uniforms the eager sampler would draw, in its order, for the rows that sample."""
+        sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if sampled:
+            draws = _draw_uniforms([rows[i] for i in sampled], self.q_len, self.device, generator)
+            self.uniforms.index_copy_(0, index_tensor(sampled, self.device), draws)
+
+    def run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling],
+            generator: torch.Generator) -> DecodeResult:
+        bucket = self.bucket_for(len(sequences))
+        greedy_only = all(row.params.is_greedy for row in rows)
+        self._write_inputs(sequences, rows, bucket)
+        if not greedy_only:
+            self._write_uniforms(rows, generator)
+        graph = self.graphs.get((bucket, greedy_only))
+        if graph is None:
+            return self.step(bucket, greedy_only)
+        graph[0].replay()
+        return graph[1]
+
+    # -- device side (captured) ---------------------------------------------------------------
+
+    def _field(self, name: str, bucket: int) -> torch.Tensor:
+        buffer = self.floats if name in FLOAT_FIELDS else self.ints
+        off = self.offsets[name]
+        return buffer[off : off + bucket]
+
+    def _context(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, StepContext, torch.Tensor]:
+        q, bs = self.q_len, self.block_size
+        input_ids = self.ints[: bucket * q]
+        start = self._field("start", bucket)
+        valid = self._field("valid", bucket) != 0
+        positions = start[:, None] + self.query_offsets[None, :]  # [bucket, Q]
+        tables = self.tables[:bucket]
+        blocks = tables.gather(1, positions // bs).long()
+        slots = torch.where(valid[:, None], blocks * bs + positions % bs, PAD_SLOT)
+        attn = AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens[: bucket + 1], context_lens=(start + q).to(torch.int32),
+            slot_mapping=slots.reshape(-1), block_tables=tables, max_seqlen_q=q,
+            max_context_len=self.max_model_len,
+        )
+        gdn = GDNMetadata(
+            num_decodes=bucket, decode_query_len=q, state_indices=self._field("state", bucket),
+            num_accepted=self._field("accepted", bucket), has_initial_state=self.has_initial_state[:bucket],
+            prefill_cu_seqlens=self.no_prefill,
+        )
+        return input_ids, positions.reshape(-1), StepContext(attn, gdn), valid
+
+    def _sampling_params(self, bucket: int) -> RowSamplingParams:
+        return RowSamplingParams(
+            is_greedy=self._field("greedy", bucket) != 0, temperature=self._field("temperature", bucket),
+            top_k=self._field("top_k", bucket), top_p=self._field("top_p", bucket),
+            min_p=self._field("min_p", bucket),
+        )
+
+    def step(self, bucket: int, greedy_only: bool) -> DecodeResult:
+        """One decode / verify step of `bucket` rows, from the static buffers alone."""
+        input_ids, positions, ctx, valid = self._context(bucket)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+        logits = self.model.compute_logits(hidden).view(bucket, self.q_len, -1)
+        draft_ids = input_ids.view(bucket, self.q_len)[:, 1:]
+        params = None if greedy_only else self._sampling_params(bucket)
+        uniforms = None if greedy_only else self.uniforms[:bucket]
+        token_ids, num_accepted = verify_batch(logits, draft_ids, params, uniforms)
+        drafts = None
+        if self.mtp is not None:
+            anchor_rows = self.row_starts[:bucket] + num_accepted
+            anchor_next = token_ids.gather(1, num_accepted[:, None]).squeeze(1)
+            drafts = self.mtp.draft(ctx.attn, input_ids, positions, hidden, anchor_rows, anchor_next,
+                                    self.seq_index[:bucket], valid)
+        return DecodeResult(token_ids, num_accepted, drafts, ctx, input_ids, positions, hidden)
+
+    # -- capture ------------------------------------------------------------------------------
+
+    def _write_padding(self) -> None:
+        """Every row padding: what capture runs on (it must not touch a real cache)."""
+        ints, floats = self.ints_host.numpy(), self.floats_host.numpy()
+        ints[:] = 0
+        for name in INT_FIELDS:
+            ints[self.offsets[name] : self.offsets[name] + self.max_batch] = PAD_ROW.get(name, self.vocab_size)
+        for name in FLOAT_FIELDS:
+            floats[self.offsets[name] : self.offsets[name] + self.max_batch] = PAD_ROW[name]
+        self.ints.copy_(self.ints_host, non_blocking=True)
+        self.floats.copy_(self.floats_host, non_blocking=True)
+        self.tables.zero_()
+        self.uniforms.fill_(0.5)
+
+    def capture(self, progress: bool = True) -> None:
+        """Capture every (bucket, greedy or sampling) graph, the largest first so the rest reuse its pool."""
+        started, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        self._write_padding()
+        pool = torch.cuda.graph_pool_handle()
+        keys = [(b, g) for b in reversed(self.buckets) for g in (True, False)]
+        for bucket, greedy_only in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, sets up cuBLAS, off the capture
+                self.step(bucket, greedy_only)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                result = self.step(bucket, greedy_only)
+            self.graphs[(bucket, greedy_only)] = (graph, result)
+        torch.cuda.synchronize(self.device)
+        used = torch.cuda.memory_reserved(self.device) - before
+        logger.info("captured %d CUDA graphs (batch buckets %s, %d tokens each) in %.1f s, %.1f MiB",
+                    len(self.graphs), _ranges(self.buckets), self.q_len, time.perf_counter() - started, used / 2**20)
+
+    def profile_memory(self) -> int:
+        """Bytes the largest bucket's steps hold at their peak, above what is allocated now (CUDA)."""
+        self._write_padding()
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        for greedy_only in (True, False):
+            self.step(self.max_batch, greedy_only)
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+
+def _ranges(buckets: list[int]) -> str:
+    return ", ".join(map(str, buckets)) if len(buckets) <= 8 else f"{', '.join(map(str, buckets[:6]))}, ... {buckets[-1]}"
