@@ -138,11 +138,16 @@ def step_bytes(engine: LLMEngine, prompts) -> dict:
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bytes-{i}", prompt, params)
-    while engine.has_unfinished:
-        distinct.clear()
-        engine.step()
-    for h in hooks:
-        h.remove()
+    graphs = engine.worker.decode_graphs
+    captured, graphs.graphs = graphs.graphs, {}  # hooks run only eagerly
+    try:
+        while engine.has_unfinished:
+            distinct.clear()
+            engine.step()
+    finally:
+        graphs.graphs = captured
+        for h in hooks:
+            h.remove()
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     per_expert = 3 * experts[0].w13.shape[2] * experts[0].w2.shape[2] * experts[0].w13.element_size()
     expert_params = {id(m.w13) for m in experts} | {id(m.w2) for m in experts}

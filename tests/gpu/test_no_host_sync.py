@@ -45,13 +45,15 @@ def add_requests(engine: LLMEngine, num: int, prompt_len: int, params: SamplingP
         engine.add_request(f"r{i}", prompt, params)
 
 
+@pytest.mark.parametrize("logprobs", [None, 2], ids=["graphs", "eager-logprobs"])
 @pytest.mark.parametrize("sampling", ["greedy", "sampled"])
 @pytest.mark.parametrize("k", [0, 2], ids=["decode", "verify-k2"])
-def test_steps_never_sync(model_dir, k, sampling):
+def test_steps_never_sync(model_dir, k, sampling, logprobs):
+    """Without logprobs the decode steps replay CUDA graphs; with them they run the eager sampler."""
     engine = make_engine(model_dir, k)
     params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if sampling == "greedy" else 0.8,
-                            top_p=0.9 if sampling == "sampled" else 1.0, logprobs=2,
-                            prompt_logprobs=1 if sampling == "sampled" else None)
+                            top_p=0.9 if sampling == "sampled" else 1.0, logprobs=logprobs,
+                            prompt_logprobs=1 if sampling == "sampled" and logprobs else None)
     add_requests(engine, 4, 128, params)
     outputs = []
     with syncs_are_errors():
@@ -59,4 +61,6 @@ def test_steps_never_sync(model_dir, k, sampling):
         for _ in range(8):
             outputs += engine.step()
     assert any(out.new_token_ids for out in outputs)
+    graphs = engine.worker.decode_graphs
+    assert (graphs.num_replays > 0) == (logprobs is None) and graphs.num_eager_steps == 0
     engine.shutdown()

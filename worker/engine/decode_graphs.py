@@ -80,6 +80,8 @@ class DecodeGraphs:
         self.max_blocks = -(-(max_model_len + num_spec_tokens) // block_size)
         self.vocab_size = model.config.vocab_size
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, DecodeResult]] = {}
+        self.num_replays = 0  # steps run by replaying a graph
+        self.num_eager_steps = 0  # steps run by calling `step` (no graph, or none captured for the bucket)
         self._allocate_buffers()
 
     def _allocate_buffers(self) -> None:
@@ -161,8 +163,10 @@ class DecodeGraphs:
             self._write_uniforms(rows, generator)
         graph = self.graphs.get((bucket, greedy_only))
         if graph is None:
+            self.num_eager_steps += 1
             return self.step(bucket, greedy_only)
         graph[0].replay()
+        self.num_replays += 1
         return graph[1]
 
     # -- device side (captured) ---------------------------------------------------------------

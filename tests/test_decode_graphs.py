@@ -1,0 +1,37 @@
+"""The decode path on static buffers, on the CPU (the same code the CUDA graphs hold)."""
+
+import torch
+
+from tests.engine_helpers import make_prompts
+from worker import LLM, SamplingParams
+from worker.engine.decode_graphs import batch_buckets
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 8]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(65)[-1] == 72
+
+
+def caches(llm: LLM) -> list[torch.Tensor]:
+    model = llm.engine.model
+    tensors = [t for layer in model.attention_layers() for t in (layer.k_cache, layer.v_cache)]
+    return tensors + [t for layer in model.gdn_layers() for t in (layer.conv_states, layer.ssm_states)]
+
+
+def test_decode_steps_take_the_static_path_and_padding_writes_nothing(checkpoint_factory):
+    prompts = make_prompts([5, 9, 13], seed=3)  # 3 sequences: bucket 4, one padded row
+    with LLM(checkpoint_factory("tiny"), speculative_tokens=2, max_num_seqs=4, cache_memory_bytes=32 << 20) as llm:
+        llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.8, seed=1, ignore_eos=True), use_tqdm=False)
+        graphs = llm.engine.worker.decode_graphs
+        assert graphs.num_eager_steps > 0 and graphs.num_replays == 0
+        steps = graphs.num_eager_steps
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, logprobs=1), use_tqdm=False)
+        assert graphs.num_eager_steps == steps, "a request with logprobs must take the general path"
+        before = [t.clone() for t in caches(llm)]
+        graphs._write_padding()
+        with torch.inference_mode():
+            for greedy_only in (True, False):
+                graphs.step(graphs.max_batch, greedy_only)
+        assert all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
