@@ -40,20 +40,26 @@ def caches(llm: LLM) -> list[torch.Tensor]:
 
 
 def run(model_dir, params, **kwargs):
+    """-> (outputs, copies of the caches, (graph replays, eager steps), whether the caches were zero
+    right after start-up, i.e. capture wrote nothing)."""
     with LLM(model_dir, device="cuda", gpu_memory_utilization=0.3, max_num_seqs=8, **kwargs) as llm:
-        assert all(torch.count_nonzero(t) == 0 for t in caches(llm)), "capture wrote into a cache"
+        clean_after_capture = all(torch.count_nonzero(t) == 0 for t in caches(llm))
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         graphs = llm.engine.worker.decode_graphs
-        return outputs, [t.clone() for t in caches(llm)], (graphs.num_replays, graphs.num_eager_steps)
+        counts = graphs.num_replays, graphs.num_eager_steps
+        snapshot = [t.clone() for t in caches(llm)]
+    torch.cuda.empty_cache()
+    return outputs, snapshot, counts, clean_after_capture
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("k", [0, 1, 3], ids=["k0", "k1", "k3"])
 def test_graph_equals_eager(model_dir, k, dtype):
     params = mixed_params()
-    graph_out, graph_caches, (replays, graph_eager) = run(model_dir, params, dtype=dtype, speculative_tokens=k)
-    eager_out, eager_caches, (no_replays, eager_steps) = run(model_dir, params, dtype=dtype, speculative_tokens=k,
-                                                             enforce_eager=True)
+    graph_out, graph_caches, (replays, graph_eager), clean = run(model_dir, params, dtype=dtype, speculative_tokens=k)
+    eager_out, eager_caches, (no_replays, eager_steps), _ = run(model_dir, params, dtype=dtype, speculative_tokens=k,
+                                                                enforce_eager=True)
+    assert clean, "capture wrote into a cache"
     assert replays > 0 and graph_eager == 0 and no_replays == 0 and eager_steps > 0
     assert [o.token_ids for o in graph_out] == [o.token_ids for o in eager_out]
     assert [o.num_accepted_tokens for o in graph_out] == [o.num_accepted_tokens for o in eager_out]
@@ -68,7 +74,9 @@ def test_padding_rows_write_nothing(model_dir):
         before = [t.clone() for t in caches(llm)]
         graphs = llm.engine.worker.decode_graphs
         graphs._write_padding()
-        for bucket, greedy_only in graphs.graphs:
-            graphs.graphs[(bucket, greedy_only)][0].replay()
+        for graph, _ in graphs.graphs.values():
+            graph.replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
+        del before, graphs
+    assert unchanged

@@ -56,11 +56,15 @@ def test_steps_never_sync(model_dir, k, sampling, logprobs):
                             prompt_logprobs=1 if sampling == "sampled" and logprobs else None)
     add_requests(engine, 4, 128, params)
     outputs = []
-    with syncs_are_errors():
-        outputs += engine.step()  # the prefill step (512 tokens: all four prompts at once)
-        for _ in range(8):
-            outputs += engine.step()
-    assert any(out.new_token_ids for out in outputs)
     graphs = engine.worker.decode_graphs
-    assert (graphs.num_replays > 0) == (logprobs is None) and graphs.num_eager_steps == 0
-    engine.shutdown()
+    try:
+        with syncs_are_errors():
+            outputs += engine.step()  # the prefill step (512 tokens: all four prompts at once)
+            for _ in range(8):
+                outputs += engine.step()
+        replays, eager_steps = graphs.num_replays, graphs.num_eager_steps
+    finally:
+        engine.shutdown()
+        del engine, graphs  # a failure's traceback must not keep the caches alive for the next test
+    assert any(out.new_token_ids for out in outputs)
+    assert (replays > 0) == (logprobs is None) and eager_steps == 0

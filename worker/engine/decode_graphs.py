@@ -243,8 +243,8 @@ class DecodeGraphs:
         self._write_padding()
         pool = torch.cuda.graph_pool_handle()
         keys = [(b, g) for b in reversed(self.buckets) for g in (True, False)]
+        side = _warmup_stream(self.device)
         for bucket, greedy_only in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
-            side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, sets up cuBLAS, off the capture
                 self.step(bucket, greedy_only)
@@ -258,6 +258,9 @@ class DecodeGraphs:
         logger.info("captured %d CUDA graphs (batch buckets %s, %d tokens each) in %.1f s, %.1f MiB",
                     len(self.graphs), _ranges(self.buckets), self.q_len, time.perf_counter() - started, used / 2**20)
 
+    def release(self) -> None:
+        self.graphs.clear()
+
     def profile_memory(self) -> int:
         """Bytes the largest bucket's steps hold at their peak, above what is allocated now (CUDA)."""
         self._write_padding()
@@ -268,6 +271,16 @@ class DecodeGraphs:
             self.step(self.max_batch, greedy_only)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
+
+
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for the whole process: cuBLAS keeps a workspace per stream for good."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
 
 
 def _ranges(buckets: list[int]) -> str:

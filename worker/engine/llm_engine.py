@@ -123,10 +123,13 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks (a no-op with one rank, or once they are stopped)."""
+        """Stop the other tensor-parallel ranks and free this rank's graphs and caches (idempotent)."""
         if self._stop_ranks is not None:
             self._stop_ranks()
         self.ranks = None
+        worker = getattr(self, "worker", None)  # None when the worker failed to start
+        if worker is not None:
+            worker.release()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]

@@ -1,5 +1,6 @@
 """Split one memory budget between KV blocks (per token) and GDN slot groups (per running sequence)."""
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ def plan_cache(budget_bytes: int, shapes: CacheShapes, max_num_seqs: int, num_kv
 
 def cuda_cache_budget(utilization: float, profile_step) -> int:
     """Bytes left for caches once weights and the peak activations of a profiling step are counted."""
+    gc.collect()  # an engine this process dropped may still hold its caches until collected
+    torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     profile_step()

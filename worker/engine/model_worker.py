@@ -53,6 +53,13 @@ class ModelWorker:
             with torch.inference_mode():
                 self.decode_graphs.capture(progress=True)
 
+    def release(self) -> None:
+        """Drop the graphs and the caches now rather than whenever the garbage collector gets to them."""
+        self.decode_graphs.release()
+        allocate_and_bind(self.model, self.shapes, 0, 0, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @property
     def uses_cuda_graphs(self) -> bool:
         return self.device.type == "cuda" and not self.config.enforce_eager
