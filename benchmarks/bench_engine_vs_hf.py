@@ -226,6 +226,8 @@ def main():
                     row.update(traffic, roofline_ms=round(roofline_ms, 4), fraction_of_roofline=round(roofline_ms / ms, 3))
                 result["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr)
+                if args.out:  # partial results survive a run cut short
+                    Path(args.out).write_text(json.dumps(result, indent=1))
             engine.shutdown()
             del engine
             if device == "cuda":
