@@ -166,6 +166,11 @@ def step_bytes(engine: LLMEngine, prompts) -> dict:
     return dict(bytes=total, dense_bytes=dense, distinct_experts=main_distinct, state_bytes=state, kv_bytes=kv)
 
 
+def _mean_accepted(outputs: dict) -> float | None:
+    drafted = [out for out in outputs.values() if out.num_drafted_tokens]
+    return round(sum(out.mean_accepted_length for out in drafted) / len(drafted), 3) if drafted else None
+
+
 def always_right(truth: dict[str, list[int]]):
     """A script proposing the k = 0 run's own continuation (padded past its end): every draft accepted."""
     def script(request_id: str, tokens: list[int], k: int) -> list[int]:
@@ -202,19 +207,25 @@ def main():
     for k in args.ks:
         kinds = ["mtp", "scripted"] if k else ["none"]
         for kind in kinds:
-            proposer = None
+            proposer, script_truth = None, dict(truth)
             if kind == "scripted":
-                proposer = ScriptedProposer(always_right(truth), k)
+                proposer = ScriptedProposer(always_right(script_truth), k)
             engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer)
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
+                if kind == "scripted":
+                    # The verify step's greedy tokens can differ from k = 0's in bf16 (other batch shapes round
+                    # differently); a first pass at this k gives the continuation its verify steps produce.
+                    first = run_batch(engine, prompts, args.new_tokens)
+                    script_truth.update({rid: out.token_ids for rid, out in first["outputs"].items()})
                 measured = run_batch(engine, prompts, args.new_tokens)
                 if k == 0:
                     truth.update({rid: out.token_ids for rid, out in measured["outputs"].items()})
                 ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
                 tokens_per_s = measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
                 row = dict(k=k, drafts=kind, batch=batch, ms_per_step=round(ms, 3), decode_steps=measured["decode_steps"],
+                           mean_accepted_length=_mean_accepted(measured["outputs"]),
                            decode_tokens=measured["decode_tokens"],
                            decode_tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
                 hf = result.get("hf_ms_per_step", {}).get(batch)
