@@ -8,12 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
+from tests.helpers import ModelDriver, max_diff
+from tests.near_ties import RoutingWatch, assert_no_near_tie
 from worker.engine.llm import LLM, SamplingParams
+from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.model.context import forward_context
+from worker.model.loader import load_model
+from worker.tools.builtin.export import load_folder
 from worker.tools.tiny_tokenizer import CHATML_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
+ATOL = 1e-4  # logits, fp32 on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +78,35 @@ def test_our_engine_loads_and_generates(smoke_run):
     assert all(len(tokens) == 12 for tokens in plain)
     assert [o.token_ids for o in drafted] == plain
     assert all(o.num_drafted_tokens > 0 for o in drafted)  # the mtp.* weights were loaded and ran
+
+
+def _run_mtp(driver: ModelDriver, seq, token_ids: list[int], start: int, hidden: torch.Tensor, step: int = 0):
+    """Our MTP over `token_ids` at positions start.., in the MTP layer's own KV cache."""
+    input_ids, positions, ctx = build_step_inputs(
+        [SequenceSlice(token_ids, start, seq.block_table, seq.group)], driver.block_size, 1, "cpu", with_gdn=False)
+    with torch.no_grad(), forward_context(ctx):
+        return driver.model.forward_mtp(input_ids, positions, hidden, step=step)
+
+
+def test_engine_computes_what_was_trained(smoke_run):
+    """Our engine's target, MTP and chained-draft logits on the folder equal the training model's (the MTP
+    head trained as the engine runs it, chain mask included)."""
+    out, _ = smoke_run
+    trained = load_folder(out)
+    num_rows = 40
+    window = torch.randint(0, trained.config.vocab_size, (1, num_rows + 3),
+                           generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), RoutingWatch(trained) as watch:
+        expected = trained(window)
+    assert_no_near_tie(watch.near_ties(), "the training model's routing")
+    tokens = window[0].tolist()
+
+    ours = load_model(out, torch.float32)
+    driver = ModelDriver(ours)
+    seq = driver.new_sequence()
+    [logits] = driver.run([driver.prefill(seq, tokens[:num_rows])])
+    assert max_diff(logits, expected.main[0]) < ATOL, "target logits"
+    drafted = _run_mtp(driver, seq, tokens[1 : num_rows + 1], 0, driver.last_hidden)
+    assert max_diff(ours.compute_logits(drafted), expected.mtp[0]) < ATOL, "first draft step"
+    chained = _run_mtp(driver, seq, [tokens[num_rows + 1]], num_rows, drafted[-1:], step=1)
+    assert max_diff(ours.compute_logits(chained), expected.chain[0, -1:]) < ATOL, "chained draft step"

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import math
+import platform
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -69,6 +70,8 @@ def parse_args(argv):
                         help="training autocast (default: bf16 on cuda, fp32 on cpu); weights stay fp32")
     parser.add_argument("--time-budget-s", type=float, default=480.0, help="stop training after this long")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
+    parser.add_argument("--max-epochs", type=float, default=0.0,
+                        help="stop training after this many passes over the train split's tokens (0: no limit)")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to --min-lr-ratio of it)")
@@ -81,8 +84,8 @@ def parse_args(argv):
                         help="loss weight of the chained draft step's t+3 (0: not trained, not run)")
     parser.add_argument("--router-aux-weight", type=float, default=0.01, help="MoE load-balancing loss weight")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    parser.add_argument("--val-every-s", type=float, default=45.0, help="seconds between validation passes")
+    parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    parser.add_argument("--val-every-s", type=float, default=30.0, help="seconds between validation passes")
     args = parser.parse_args(argv)
     recipe = RECIPES["smoke" if args.smoke else "builtin"]
     overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     import torch
 
     from worker.tools.builtin import corpus as data
-    from worker.tools.builtin.export import reload_loss, round_to_bf16_, save_folder
+    from worker.tools.builtin.export import reload_loss, round_to_bf16_, round_trip_difference, save_folder
     from worker.tools.builtin.metrics import evaluate, windows
     from worker.tools.builtin.model import BuiltinModel, check_causal, check_dense_experts
     from worker.tools.builtin.training import log, train
@@ -129,6 +132,10 @@ def main(argv=None) -> int:
     model = BuiltinModel(config_json, dropout=args.dropout).to(device)
     checks = {"dense_experts_max_diff": check_dense_experts(model), "causal_at_init": check_causal(model)}
     phase("build_and_check")
+    log(f"Python {platform.python_version()}: {len(corpus.files)} stdlib files, tokens "
+        f"{ {name: s.numel() for name, s in streams.items()} }; model {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters ({sum(p.numel() for p in model.mtp.parameters()):,} in the MTP head); {_device_name(device)}, "
+        f"{precision}, batch {recipe.batch_size} x {recipe.seq_len} tokens")
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
@@ -136,11 +143,10 @@ def main(argv=None) -> int:
     progress, trained_s = train(model, args, recipe, streams["train"].to(device), val, device, autocast)
     phase("train")
 
-    final_val = progress.val_curve[-1]["loss"] if progress.val_curve else math.inf
     kept = "final"
-    if progress.best_state is not None and progress.best_val_loss < final_val:
+    if progress.best_state is not None and progress.best_step != progress.step:
         model.load_state_dict(progress.best_state)
-        kept = f"best validation loss, step {progress.best_step}"
+        kept = f"best validation (top1 + mtp_agreement) / 2, step {progress.best_step}"
     progress.best_state = None
     round_to_bf16_(model)
     files = save_folder(out_dir, model, tokenizer, config_json)
@@ -163,6 +169,11 @@ def main(argv=None) -> int:
         if difference > 2e-3:
             errors["transformers_reload"] = (f"transformers reloads the folder with held-out loss {reloaded:.5f}, "
                                              f"the trained model has {results['heldout']['loss']:.5f}")
+    round_trip = attempt(errors, "round_trip", round_trip_difference, model, out_dir, eval_windows[:4])
+    if round_trip is not None:
+        checks["round_trip_max_logit_difference"] = round_trip
+        if round_trip > 1e-4:
+            errors["round_trip"] = f"the folder read back gives logits {round_trip:.3g} away from the trained model's"
     sample = attempt(errors, "sample", greedy_sample, model, tokenizer, "def fibonacci(n):\n", recipe.sample_tokens,
                      device)
     phase("reload_and_sample")
@@ -240,8 +251,6 @@ def build_report(args, recipe, corpus, streams, tokenizer, model, device, precis
 
 
 def _device_name(device) -> str:
-    import platform
-
     import torch
 
     if device.type == "cuda":

@@ -7,11 +7,12 @@ than transformers' stacked `gate_up_proj` / `down_proj`, and `mtp.*` for the hea
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from worker.tools.tiny_checkpoint import build_generation_config
 from worker.tools.tiny_tokenizer import save_tokenizer, write_json
@@ -50,6 +51,42 @@ def _unstack(name: str, tensor: torch.Tensor):
             gate, up = tensor[expert].chunk(2, dim=0)  # transformers: gate rows first, then up
             yield f"{prefix}.{expert}.gate_proj.weight", gate
             yield f"{prefix}.{expert}.up_proj.weight", up
+
+
+def load_folder(model_dir: Path):
+    """The saved folder back as a float32 BuiltinModel (the inverse of `published_tensors`)."""
+    from worker.tools.builtin.model import BuiltinModel
+
+    model = BuiltinModel(json.loads((Path(model_dir) / "config.json").read_text()))
+    tensors = {name: t.float() for name, t in load_file(Path(model_dir) / "model.safetensors").items()}
+    for prefix, module in (("", model.lm), ("mtp.", model.mtp)):
+        state = {}
+        for name in module.state_dict():
+            match = _STACKED.match(prefix + name)
+            if match is None:
+                state[name] = tensors.pop(prefix + name)
+                continue
+            experts = range(model.config.num_experts)
+            base = match["prefix"]
+            if match["kind"] == "down_proj":
+                state[name] = torch.stack([tensors.pop(f"{base}.{e}.down_proj.weight") for e in experts])
+            else:
+                state[name] = torch.stack([torch.cat([tensors.pop(f"{base}.{e}.gate_proj.weight"),
+                                                      tensors.pop(f"{base}.{e}.up_proj.weight")]) for e in experts])
+        module.load_state_dict(state, strict=True)
+    if tensors:
+        raise ValueError(f"{model_dir}: tensors with no place in the model: {sorted(tensors)[:5]}")
+    return model.eval()
+
+
+@torch.no_grad()
+def round_trip_difference(model, model_dir: Path, batch: torch.Tensor) -> float:
+    """Max |logit difference| of all three heads between `model` and the saved folder read back."""
+    device = next(model.parameters()).device
+    reloaded = load_folder(model_dir).to(device)
+    model.eval()
+    ours, theirs = model(batch.to(device)), reloaded(batch.to(device))
+    return max((getattr(ours, h) - getattr(theirs, h)).abs().max().item() for h in ("main", "mtp", "chain"))
 
 
 def save_folder(out_dir: Path, model, tokenizer, config_json: dict) -> dict:

@@ -21,7 +21,7 @@ class Progress:
     tokens: int = 0
     stopped_by: str = ""
     val_curve: list = field(default_factory=list)
-    best_val_loss: float = math.inf
+    best_score: float = -math.inf  # validation (top1 + mtp_agreement) / 2: what the targets measure
     best_step: int = 0
     best_state: dict | None = None
 
@@ -38,17 +38,23 @@ def train(model, args, recipe, train_stream, val, device, autocast):
     progress = Progress()
     running = torch.zeros(4, device=device)
     start = last_log = last_val = time.monotonic()
-    logged_tokens = 0
+    logged_tokens = logged_step = 0
+    max_tokens = args.max_epochs * train_stream.numel()
     model.train()
     while True:
         elapsed = time.monotonic() - start
         if recipe.max_steps and progress.step >= recipe.max_steps:
             progress.stopped_by = "max_steps"
             break
+        if max_tokens and progress.tokens >= max_tokens:
+            progress.stopped_by = "max_epochs"
+            break
         if elapsed >= args.time_budget_s:
             progress.stopped_by = "time_budget"
             break
-        fraction = max(elapsed / args.time_budget_s, progress.step / recipe.max_steps if recipe.max_steps else 0.0)
+        # How far through the budget: time, steps or epochs, whichever ends first.
+        fraction = max(elapsed / args.time_budget_s, progress.step / recipe.max_steps if recipe.max_steps else 0.0,
+                       progress.tokens / max_tokens if max_tokens else 0.0)
         lr = learning_rate(args, progress.step, fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -71,15 +77,18 @@ def train(model, args, recipe, train_stream, val, device, autocast):
         progress.step += 1
         progress.tokens += batch.shape[0] * T
         if progress.step % args.log_every == 0 or progress.step == 1:
-            means = (running / (args.log_every if progress.step > 1 else 1)).tolist()
+            means = (running / (progress.step - logged_step)).tolist()
             running.zero_()
             now = time.monotonic()
             if not all(math.isfinite(x) for x in means):
-                raise FloatingPointError(f"step {progress.step}: losses {means}")
+                # Stop here: main() keeps the best weights validation saw.
+                progress.stopped_by = f"non-finite loss by step {progress.step}: {means}"
+                log(progress.stopped_by)
+                break
             log(f"step {progress.step} loss {means[0]:.4f} mtp {means[1]:.4f} chain {means[2]:.4f} "
                 f"aux {means[3]:.3f} lr {lr:.2e} tok/s {(progress.tokens - logged_tokens) / (now - last_log):,.0f} "
                 f"elapsed {now - start:.0f} s")
-            last_log, logged_tokens = now, progress.tokens
+            last_log, logged_tokens, logged_step = now, progress.tokens, progress.step
         if time.monotonic() - last_val >= args.val_every_s:
             validate(model, val, recipe, autocast, progress, time.monotonic() - start)
             last_val = time.monotonic()
@@ -91,7 +100,7 @@ def train(model, args, recipe, train_stream, val, device, autocast):
 
 
 def learning_rate(args, step: int, fraction: float) -> float:
-    """Linear warm-up, then cosine from the peak to min_lr_ratio of it over the budget (time or steps)."""
+    """Linear warm-up, then cosine from the peak to min_lr_ratio of it over the budget."""
     warm = min(1.0, (step + 1) / args.warmup_steps)
     cosine = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
     return args.lr * warm * cosine
@@ -100,12 +109,14 @@ def learning_rate(args, step: int, fraction: float) -> float:
 def validate(model, val, recipe, autocast, progress: Progress, at_s: float) -> None:
     result = evaluate(model, val, recipe.batch_size, autocast, chain=False)
     point = {"step": progress.step, "time_s": round(at_s, 1), "loss": result["loss"], "top1": result["top1"],
-             "mtp_agreement": result["mtp_agreement"]}
+             "mtp_agreement": result["mtp_agreement"], "score": (result["top1"] + result["mtp_agreement"]) / 2}
     progress.val_curve.append(point)
     log(f"val step {progress.step}: loss {point['loss']:.4f} top1 {point['top1']:.4f} "
         f"mtp_agreement {point['mtp_agreement']:.4f}")
-    if point["loss"] < progress.best_val_loss:
-        progress.best_val_loss, progress.best_step = point["loss"], progress.step
+    # Argmax rates rather than the loss: an over-trained model turns over-confident (its loss rises) while its
+    # argmax, which greedy decoding and draft acceptance use, still improves.
+    if math.isfinite(result["loss"]) and point["score"] > progress.best_score:
+        progress.best_score, progress.best_step = point["score"], progress.step
         progress.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
