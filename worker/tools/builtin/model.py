@@ -8,7 +8,8 @@ proposer is trained too: its row i reads embed(t[i+2]) and the head's own post-n
 position i+1, attends to the first pass's keys at positions 0..i and to itself (what the MTP KV
 cache holds when the engine chains), and predicts t[i+3].
 
-Import this module only after `use_torch_paths()`.
+transformers is imported lazily here, so a script can call `use_torch_paths()` before anything loads its
+Qwen3-Next.
 """
 
 from __future__ import annotations
