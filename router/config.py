@@ -34,6 +34,7 @@ class RouterConfig:
     port: int = 50051  # 0: the OS picks a free port (logged at start)
     http_port: int | None = None  # the OpenAI-compatible HTTP API on host:http_port; None: off, 0: a free port
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:metrics_port; None: off, 0: a free port
+    metrics_host: str | None = None  # the address of the metrics port; None: host
     max_in_flight: int = 256  # requests streaming through this router at once
     max_queue: int = 1024  # requests waiting for one of those slots; beyond: RESOURCE_EXHAUSTED
     max_prompt_tokens: int | None = None  # extra cap below the model's max_model_len

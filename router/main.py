@@ -29,6 +29,7 @@ _FLAGS = {
                                       "(0: pick a free one, logged; unset: no HTTP API)"),
     "--metrics-port": ("metrics_port", int, "serve Prometheus /metrics over HTTP on this port of --host "
                                             "(0: pick a free one; unset: no metrics)"),
+    "--metrics-host": ("metrics_host", str, "address of the --metrics-port (default: --host)"),
     "--model": ("model", str, "the model folder (tokenizer.json, tokenizer_config.json), same as the workers'"),
     "--max-in-flight": ("max_in_flight", int, "requests streaming at once"),
     "--max-queue": ("max_queue", int, "requests waiting for a slot; beyond that RESOURCE_EXHAUSTED (HTTP 429)"),
@@ -87,7 +88,8 @@ async def serve(config: RouterConfig) -> None:
     """Run the router until SIGTERM / SIGINT, then drain and return."""
     metrics = RouterMetrics()
     router = build_router(config, metrics)
-    metrics_port = None if config.metrics_port is None else metrics.serve(config.host, config.metrics_port)
+    metrics_host = config.metrics_host or config.host
+    metrics_port = None if config.metrics_port is None else metrics.serve(metrics_host, config.metrics_port)
     await router.start()
     logger.info("router listening on %s:%d, workers=%s, model=%s max_in_flight=%d max_queue=%d tls=%s api_key=%s "
                 "http_port=%s metrics_port=%s", config.host, router.port, config.workers, config.model,

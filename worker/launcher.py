@@ -15,6 +15,7 @@ import sys
 import time
 
 from worker.client import check_health
+from worker.combined_metrics import CombinedMetrics
 from worker.server.main import add_engine_arguments
 
 logger = logging.getLogger("nextserve.serve")
@@ -33,6 +34,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=int(http_port) if http_port else None,
                         help="also serve the OpenAI-compatible HTTP API on this port (0: pick a free one; "
                              "env NEXTSERVE_ROUTER_HTTP_PORT; unset: none)")
+    metrics_port = os.environ.get("NEXTSERVE_METRICS_PORT")
+    parser.add_argument("--metrics-port", type=int, default=int(metrics_port) if metrics_port else None,
+                        help="serve Prometheus /metrics of the router and the worker together on this port of --host "
+                             "(0: pick a free one; env NEXTSERVE_METRICS_PORT; unset: none)")
     parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for readiness")
     args, router_args = parser.parse_known_args(argv)
     args.router_args = router_args  # e.g. --api-key, --max-in-flight: passed to the router as they are
@@ -108,23 +113,39 @@ def serve_main(argv) -> None:
     router_port = args.port or free_port()
     http_port = None if args.http_port is None else args.http_port or free_port()
     worker_address = f"127.0.0.1:{worker_port}"
+    worker_metrics, router_metrics, combined, metrics_port = [], [], None, None
+    if args.metrics_port is not None:
+        # Each child serves its own /metrics on loopback; ours, on --host, returns both.
+        ports = {"router": free_port(), "worker": free_port()}
+        worker_metrics = ["--metrics-port", str(ports["worker"])]
+        router_metrics = ["--metrics-port", str(ports["router"]), "--metrics-host", "127.0.0.1"]
+        combined = CombinedMetrics({name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()})
+        try:
+            metrics_port = combined.bind(args.host, args.metrics_port)
+        except OSError as e:
+            logger.error("%s", e)
+            sys.exit(1)
 
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    worker = spawn(["-m", "worker.server", *engine_argv(args, model), "--host", "127.0.0.1", "--port", str(worker_port)])
+    worker = spawn(["-m", "worker.server", *engine_argv(args, model), "--host", "127.0.0.1", "--port", str(worker_port),
+                    *worker_metrics])
     processes = [worker]
     try:
         wait_until_serving(worker_address, processes, args.startup_timeout, stopping)
         http_args = [] if http_port is None else ["--http-port", str(http_port)]
         router = spawn(["-m", "router", "--host", args.host, "--port", str(router_port), "--worker", worker_address,
-                        "--model", model, *http_args, *args.router_args])
+                        "--model", model, *http_args, *router_metrics, *args.router_args])
         processes.insert(0, router)
+        if combined is not None:
+            combined.start()
         router_address = f"127.0.0.1:{router_port}"
         wait_until_serving(router_address, processes, 120.0, stopping)
         http = "" if http_port is None else f", http://{args.host}:{http_port}/v1"
-        print(f"nextserve ready: grpc://{args.host}:{router_port}{http} (model {model}, tp {args.tensor_parallel_size}, "
-              f"speculative tokens {args.speculative_tokens})", flush=True)
+        metrics = "" if metrics_port is None else f", metrics http://{args.host}:{metrics_port}/metrics"
+        print(f"nextserve ready: grpc://{args.host}:{router_port}{http}{metrics} (model {model}, "
+              f"tp {args.tensor_parallel_size}, speculative tokens {args.speculative_tokens})", flush=True)
         while not stopping:
             if any(p.poll() is not None for p in processes):
                 logger.error("a child process exited unexpectedly; stopping")
@@ -134,4 +155,6 @@ def serve_main(argv) -> None:
         logger.error("%s", e)
     finally:
         stop_all(processes)
+        if combined is not None:
+            combined.close()
     sys.exit(0 if stopping else 1)

@@ -28,7 +28,7 @@ from worker.tools.tiny_tokenizer import ENDOFTEXT, IM_END, write_json, write_tok
 from worker.tools.tiny_weights import is_moe_layer, layer_types, materialize, tensor_specs
 
 # layer_types and is_moe_layer are re-exported: callers read presets through this module.
-__all__ = ["PRESETS", "builtin_model_dir", "is_moe_layer", "layer_types", "write_tiny_checkpoint"]
+__all__ = ["PRESETS", "builtin_model_dir", "is_moe_layer", "layer_types", "published_config", "write_tiny_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("fp8",)
@@ -141,7 +141,12 @@ PRESETS: dict[str, dict] = {
 # ---------------------------------------------------------------- config
 
 def build_config(preset: str, dtype: str, token_ids: dict[str, int]) -> dict:
-    config = dict(PRESETS[preset])
+    return published_config(PRESETS[preset], dtype, token_ids)
+
+
+def published_config(architecture: dict, dtype: str, token_ids: dict[str, int]) -> dict:
+    """config.json as the published checkpoints write it: their constant fields, `architecture`, token ids."""
+    config = {**_PUBLISHED_CONSTANTS, **architecture}
     config["torch_dtype"] = dtype
     config["bos_token_id"] = token_ids[ENDOFTEXT]
     config["eos_token_id"] = token_ids[IM_END]

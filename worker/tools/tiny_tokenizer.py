@@ -4,6 +4,7 @@ special tokens and chat template (what transformers' AutoTokenizer and the route
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -31,8 +32,9 @@ CHATML_TEMPLATE = (
     "{%- endif %}"
 )
 
-def train_tokenizer(total_vocab_size: int) -> Tokenizer:
-    """Byte-level BPE like Qwen's, with the special tokens appended after the merges."""
+def train_tokenizer(total_vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
+    """Byte-level BPE like Qwen's, with the special tokens appended after the merges; trained on `texts`
+    (default: the lines of corpus.txt)."""
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -48,7 +50,9 @@ def train_tokenizer(total_vocab_size: int) -> Tokenizer:
         # The full byte alphabet, so characters absent from the corpus still encode.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(keepends=True), trainer)
+    if texts is None:
+        texts = CORPUS_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
+    tokenizer.train_from_iterator(texts, trainer)
     tokenizer.add_special_tokens([
         AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
         for token in SPECIAL_TOKENS
@@ -83,11 +87,16 @@ def build_tokenizer_config(token_ids: dict[str, int], model_max_length: int) -> 
 
 def write_tokenizer(out_dir: Path, preset_config: dict) -> dict[str, int]:
     tokenizer = train_tokenizer(preset_config["vocab_size"] - UNUSED_VOCAB_ROWS)
-    if tokenizer.get_vocab_size() > preset_config["vocab_size"]:
+    return save_tokenizer(tokenizer, out_dir, preset_config)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_config: dict) -> dict[str, int]:
+    """tokenizer.json and tokenizer_config.json (ChatML template) -> the special tokens' ids."""
+    if tokenizer.get_vocab_size() > model_config["vocab_size"]:
         raise ValueError("tokenizer is larger than the model vocabulary")
     token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    config = build_tokenizer_config(token_ids, preset_config["max_position_embeddings"])
+    config = build_tokenizer_config(token_ids, model_config["max_position_embeddings"])
     write_json(out_dir / "tokenizer_config.json", config)
     return token_ids
 

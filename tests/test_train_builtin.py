@@ -1,0 +1,112 @@
+"""The built-in model's training script, end to end on the CPU: `--smoke` trains a tiny model for a few
+steps on a tiny stdlib subset, and the folder it writes must load in our engine and generate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.helpers import ModelDriver, max_diff
+from tests.near_ties import RoutingWatch, assert_no_near_tie
+from worker.engine.llm import LLM, SamplingParams
+from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.model.context import forward_context
+from worker.model.loader import load_model
+from worker.tools.builtin.export import load_folder
+from worker.tools.tiny_tokenizer import CHATML_TEMPLATE
+
+REPO = Path(__file__).resolve().parents[1]
+ATOL = 1e-4  # logits, fp32 on the CPU
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-builtin") / "builtin-smoke"
+    path = os.pathsep.join([str(REPO), str(REPO / "proto"), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-m", "worker.tools.train_builtin", "--out", str(out), "--smoke"],
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out, run.stdout
+
+
+def test_progress_lines_and_report(smoke_run):
+    out, stdout = smoke_run
+    assert "step 1 loss" in stdout and "val step" in stdout
+    report = json.loads((out / "train_report.json").read_text())
+    for field in ("loss", "top1", "mtp_loss", "mtp_top1", "mtp_agreement", "chain_agreement", "mean_accepted_len_k2"):
+        assert 0 <= report["heldout"][field] < 10, field
+    training = report["training"]
+    assert training["steps"] == 3 and training["tokens_seen"] == 3 * 4 * 64
+    assert training["stopped_by"] == "max_steps"
+    for field in ("train_time_s", "total_time_s", "device", "versions"):
+        assert field in training
+    data = report["data"]
+    assert data["python_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert data["files"] > 0 and data["bytes"] > 0 and data["eval_modules"]
+    assert report["checks"]["transformers_reload"]["difference"] < 2e-3
+    assert {"main", "mtp", "chain"} == set(report["checks"]["causal_trained"])
+    assert report["errors"] == {}
+
+
+def test_folder_is_the_published_layout(smoke_run):
+    out, _ = smoke_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_next" and config["architectures"] == ["Qwen3NextForCausalLM"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        assert {str(f.get_tensor(n).dtype) for n in names} == {"torch.bfloat16"}
+    assert "mtp.fc.weight" in names and "mtp.layers.0.mlp.experts.0.gate_proj.weight" in names
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in names
+    assert "model.layers.2.self_attn.q_proj.weight" in names
+
+
+def test_our_engine_loads_and_generates(smoke_run):
+    out, _ = smoke_run
+    prompts = ["def fibonacci(n):\n", "import os\n\n"]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with LLM(model=out) as llm:
+        plain = [o.token_ids for o in llm.generate(prompts, greedy)]
+    with LLM(model=out, speculative_tokens=2) as llm:
+        drafted = llm.generate(prompts, greedy)
+    assert all(len(tokens) == 12 for tokens in plain)
+    assert [o.token_ids for o in drafted] == plain
+    assert all(o.num_drafted_tokens > 0 for o in drafted)  # the mtp.* weights were loaded and ran
+
+
+def _run_mtp(driver: ModelDriver, seq, token_ids: list[int], start: int, hidden: torch.Tensor, step: int = 0):
+    """Our MTP over `token_ids` at positions start.., in the MTP layer's own KV cache."""
+    input_ids, positions, ctx = build_step_inputs(
+        [SequenceSlice(token_ids, start, seq.block_table, seq.group)], driver.block_size, 1, "cpu", with_gdn=False)
+    with torch.no_grad(), forward_context(ctx):
+        return driver.model.forward_mtp(input_ids, positions, hidden, step=step)
+
+
+def test_engine_computes_what_was_trained(smoke_run):
+    """Our engine's target, MTP and chained-draft logits on the folder equal the training model's (the MTP
+    head trained as the engine runs it, chain mask included)."""
+    out, _ = smoke_run
+    trained = load_folder(out)
+    num_rows = 40
+    window = torch.randint(0, trained.config.vocab_size, (1, num_rows + 3),
+                           generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), RoutingWatch(trained) as watch:
+        expected = trained(window)
+    assert_no_near_tie(watch.near_ties(), "the training model's routing")
+    tokens = window[0].tolist()
+
+    ours = load_model(out, torch.float32)
+    driver = ModelDriver(ours)
+    seq = driver.new_sequence()
+    [logits] = driver.run([driver.prefill(seq, tokens[:num_rows])])
+    assert max_diff(logits, expected.main[0]) < ATOL, "target logits"
+    drafted = _run_mtp(driver, seq, tokens[1 : num_rows + 1], 0, driver.last_hidden)
+    assert max_diff(ours.compute_logits(drafted), expected.mtp[0]) < ATOL, "first draft step"
+    chained = _run_mtp(driver, seq, [tokens[num_rows + 1]], num_rows, drafted[-1:], step=1)
+    assert max_diff(ours.compute_logits(chained), expected.chain[0, -1:]) < ATOL, "chained draft step"

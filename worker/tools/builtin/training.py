@@ -1,0 +1,124 @@
+"""The training loop of the built-in model: AdamW, warm-up then cosine over the time (or step) budget, the
+joint loss main + w_mtp * MTP(t+2) + w_chain * chained step(t+3) + w_aux * load balancing, progress lines
+and a validation pass every so often that remembers the best weights."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from worker.tools.builtin.metrics import evaluate, random_windows
+from worker.tools.builtin.model import router_aux_loss
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    stopped_by: str = ""
+    val_curve: list = field(default_factory=list)
+    best_score: float = -math.inf  # validation (top1 + mtp_agreement) / 2: what the targets measure
+    best_step: int = 0
+    best_state: dict | None = None
+
+
+def train(model, args, recipe, train_stream, val, device, autocast):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    chain = args.mtp_chain_weight > 0
+    top_k = model.config.num_experts_per_tok
+    progress = Progress()
+    running = torch.zeros(4, device=device)
+    start = last_log = last_val = time.monotonic()
+    logged_tokens = logged_step = 0
+    max_tokens = args.max_epochs * train_stream.numel()
+    model.train()
+    while True:
+        elapsed = time.monotonic() - start
+        if recipe.max_steps and progress.step >= recipe.max_steps:
+            progress.stopped_by = "max_steps"
+            break
+        if max_tokens and progress.tokens >= max_tokens:
+            progress.stopped_by = "max_epochs"
+            break
+        if elapsed >= args.time_budget_s:
+            progress.stopped_by = "time_budget"
+            break
+        # How far through the budget: time, steps or epochs, whichever ends first.
+        fraction = max(elapsed / args.time_budget_s, progress.step / recipe.max_steps if recipe.max_steps else 0.0,
+                       progress.tokens / max_tokens if max_tokens else 0.0)
+        lr = learning_rate(args, progress.step, fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = random_windows(train_stream, recipe.seq_len, recipe.batch_size, generator)
+        T = recipe.seq_len
+        with autocast:
+            out = model(batch, chain=chain)
+            losses = [F.cross_entropy(out.main.flatten(0, 1).float(), batch[:, 1 : T + 1].flatten()),
+                      F.cross_entropy(out.mtp.flatten(0, 1).float(), batch[:, 2 : T + 2].flatten()),
+                      (F.cross_entropy(out.chain.flatten(0, 1).float(), batch[:, 3 : T + 3].flatten())
+                       if chain else torch.zeros((), device=device)),
+                      router_aux_loss(model.router_logits, top_k)]
+        loss = (losses[0] + args.mtp_weight * losses[1] + args.mtp_chain_weight * losses[2]
+                + args.router_aux_weight * losses[3])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running += torch.stack([x.detach().float() for x in losses])
+        progress.step += 1
+        progress.tokens += batch.shape[0] * T
+        if progress.step % args.log_every == 0 or progress.step == 1:
+            means = (running / (progress.step - logged_step)).tolist()
+            running.zero_()
+            now = time.monotonic()
+            if not all(math.isfinite(x) for x in means):
+                # Stop here: main() keeps the best weights validation saw.
+                progress.stopped_by = f"non-finite loss by step {progress.step}: {means}"
+                log(progress.stopped_by)
+                break
+            log(f"step {progress.step} loss {means[0]:.4f} mtp {means[1]:.4f} chain {means[2]:.4f} "
+                f"aux {means[3]:.3f} lr {lr:.2e} tok/s {(progress.tokens - logged_tokens) / (now - last_log):,.0f} "
+                f"elapsed {now - start:.0f} s")
+            last_log, logged_tokens, logged_step = now, progress.tokens, progress.step
+        if time.monotonic() - last_val >= args.val_every_s:
+            validate(model, val, recipe, autocast, progress, time.monotonic() - start)
+            last_val = time.monotonic()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    trained_s = time.monotonic() - start
+    validate(model, val, recipe, autocast, progress, trained_s)
+    return progress, trained_s
+
+
+def learning_rate(args, step: int, fraction: float) -> float:
+    """Linear warm-up, then cosine from the peak to min_lr_ratio of it over the budget."""
+    warm = min(1.0, (step + 1) / args.warmup_steps)
+    cosine = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+    return args.lr * warm * cosine
+
+
+def validate(model, val, recipe, autocast, progress: Progress, at_s: float) -> None:
+    result = evaluate(model, val, recipe.batch_size, autocast, chain=False)
+    point = {"step": progress.step, "time_s": round(at_s, 1), "loss": result["loss"], "top1": result["top1"],
+             "mtp_agreement": result["mtp_agreement"], "score": (result["top1"] + result["mtp_agreement"]) / 2}
+    progress.val_curve.append(point)
+    log(f"val step {progress.step}: loss {point['loss']:.4f} top1 {point['top1']:.4f} "
+        f"mtp_agreement {point['mtp_agreement']:.4f}")
+    # Argmax rates rather than the loss: an over-trained model turns over-confident (its loss rises) while its
+    # argmax, which greedy decoding and draft acceptance use, still improves.
+    if math.isfinite(result["loss"]) and point["score"] > progress.best_score:
+        progress.best_score, progress.best_step = point["score"], progress.step
+        progress.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
