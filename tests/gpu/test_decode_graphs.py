@@ -81,3 +81,14 @@ def test_padding_rows_write_nothing(model_dir):
         unchanged = all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
         del before, graphs
     assert unchanged
+
+
+def test_graph_equals_eager_with_full_size_caches(model_dir):
+    """Tokens only (the two engines size their caches apart): millions of KV blocks, as served."""
+    tokens = []
+    for eager in (False, True):
+        with LLM(model_dir, device="cuda", gpu_memory_utilization=0.3, max_num_seqs=8, dtype="bfloat16",
+                 speculative_tokens=1, enforce_eager=eager) as llm:
+            tokens.append([o.token_ids for o in llm.generate(PROMPTS, mixed_params(), use_tqdm=False)])
+        torch.cuda.empty_cache()
+    assert tokens[0] == tokens[1]
