@@ -51,13 +51,13 @@ def main():
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)  # warm-up
 
     steps = [0]
-    execute = llm.engine.runner.execute
+    launch = llm.engine.runner.launch
 
-    def counted(plan):
+    def counted(plan, *args, **kwargs):
         steps[0] += bool(plan.sequences)
-        return execute(plan)
+        return launch(plan, *args, **kwargs)
 
-    llm.engine.runner.execute = counted
+    llm.engine.runner.launch = counted
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()

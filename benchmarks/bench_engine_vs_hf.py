@@ -7,7 +7,7 @@ A checkpoint with Qwen3-Next-80B's per-layer shapes (every 4th layer full attent
 + 1 attention) is written once (or reused): transformers' model built from the config on the GPU
 with its own random init, saved in the HF layout, plus random `mtp.*` weights. In the same process:
 the copy rate, transformers' `generate` (fla-core's kernels when installed), and our engine on that
-checkpoint at each batch with 128-token prompts; k = 1..3 both with the MTP head and with scripted
+checkpoint at each batch with 128-token prompts; k = 0 also with async scheduling; k = 1..3 both with the MTP head and with scripted
 always-right drafts (the upper bound). Per decode step: ms, tokens/s, the ratio to transformers and,
 at k = 0, to the roofline: non-expert weights + the distinct experts the step touched x expert bytes
 + KV and GDN state traffic, over the copy rate. `--smoke` runs the tiny preset on the CPU (CI).
@@ -93,10 +93,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_for(model_dir: Path, k: int, max_batch: int, device: str, dtype: str, proposer=None) -> LLMEngine:
+def engine_for(model_dir: Path, k: int, max_batch: int, device: str, dtype: str, proposer=None,
+               async_scheduling: bool = False) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, speculative_tokens=k,
                                   max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN),
-                                  max_model_len=1024, gpu_memory_utilization=0.85), proposer)
+                                  max_model_len=1024, gpu_memory_utilization=0.85,
+                                  async_scheduling=async_scheduling), proposer)
 
 
 def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
@@ -105,13 +107,13 @@ def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"b{len(prompts)}-{i}", prompt, params)
     has_prefill = []
-    execute = engine.runner.execute
+    launch = engine.runner.launch
 
-    def watched(plan):
+    def watched(plan, *args, **kwargs):
         has_prefill.append(any(not s.is_decode for s in plan.sequences))
-        return execute(plan)
+        return launch(plan, *args, **kwargs)
 
-    engine.runner.execute = watched
+    engine.runner.launch = watched
     decode_s, decode_steps, decode_tokens, outputs = 0.0, 0, 0, {}
     try:
         while engine.has_unfinished:
@@ -119,13 +121,13 @@ def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
             start = time.perf_counter()
             results = engine.step()
             elapsed = time.perf_counter() - start
-            if has_prefill and not any(has_prefill):
+            if results and not any(has_prefill):  # (with async scheduling a step may launch nothing)
                 decode_s += elapsed
                 decode_steps += 1
                 decode_tokens += sum(len(r.new_token_ids) for r in results)
             outputs.update({r.request_id: r for r in results if r.finished})
     finally:
-        engine.runner.execute = execute
+        engine.runner.launch = launch
     return dict(decode_s=decode_s, decode_steps=decode_steps, decode_tokens=decode_tokens, outputs=outputs)
 
 
@@ -205,12 +207,12 @@ def main():
         result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device)
     truth = {}
     for k in args.ks:
-        kinds = ["mtp", "scripted"] if k else ["none"]
+        kinds = ["mtp", "scripted"] if k else ["none", "async"]  # async: k = 0 with async scheduling
         for kind in kinds:
             proposer, script_truth = None, dict(truth)
             if kind == "scripted":
                 proposer = ScriptedProposer(always_right(script_truth), k)
-            engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer)
+            engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer, kind == "async")
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
@@ -220,7 +222,7 @@ def main():
                     first = run_batch(engine, prompts, args.new_tokens)
                     script_truth.update({rid: out.token_ids for rid, out in first["outputs"].items()})
                 measured = run_batch(engine, prompts, args.new_tokens)
-                if k == 0:
+                if kind == "none":
                     truth.update({rid: out.token_ids for rid, out in measured["outputs"].items()})
                 ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
                 tokens_per_s = measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
@@ -231,7 +233,7 @@ def main():
                 hf = result.get("hf_ms_per_step", {}).get(batch)
                 if hf and tokens_per_s:
                     row["x_transformers_tokens_per_s"] = round(tokens_per_s / (batch * 1e3 / hf), 2)
-                if k == 0 and rates:
+                if kind == "none" and rates:
                     traffic = step_bytes(engine, prompts)
                     roofline_ms = traffic["bytes"] / rates["copy_GBps"] / 1e6
                     row.update(traffic, roofline_ms=round(roofline_ms, 4), fraction_of_roofline=round(roofline_ms / ms, 3))

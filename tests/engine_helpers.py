@@ -102,12 +102,12 @@ def assert_pool_full(llm: LLM) -> None:
 def count_forward_passes(llm: LLM) -> list[int]:
     """Wrap the runner so each executed plan with sequences is counted; -> the live counter."""
     counter = [0]
-    execute = llm.engine.runner.execute
+    launch = llm.engine.runner.launch
 
-    def counted(plan):
+    def counted(plan, *args, **kwargs):
         if plan.sequences:
             counter[0] += 1
-        return execute(plan)
+        return launch(plan, *args, **kwargs)
 
-    llm.engine.runner.execute = counted
+    llm.engine.runner.launch = counted
     return counter

@@ -16,7 +16,7 @@ def test_bench_engine_vs_hf_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {(r["k"], r["drafts"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {(0, "none", 1), (0, "none", 2), (1, "mtp", 1), (1, "mtp", 2), (1, "scripted", 1),
+    assert set(rows) == {(0, "none", 1), (0, "none", 2), (0, "async", 1), (0, "async", 2), (1, "mtp", 1), (1, "mtp", 2), (1, "scripted", 1),
                          (1, "scripted", 2)}
     assert all(r["decode_steps"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert set(result["hf_ms_per_step"]) == {"1", "2"}

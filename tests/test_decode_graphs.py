@@ -35,3 +35,24 @@ def test_decode_steps_take_the_static_path_and_padding_writes_nothing(checkpoint
             for greedy_only in (True, False):
                 graphs.step(graphs.max_batch, greedy_only)
         assert all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
+
+
+def test_async_scheduling_gives_the_same_outputs_and_frees_everything(checkpoint_factory):
+    """Steps launched before the previous tokens are known: same tokens (greedy and seeded sampling),
+    sequences that stop on EOS mid-flight dropped cleanly, every block and slot group free at the end."""
+    model_dir = checkpoint_factory("tiny")
+    prompts = make_prompts([5, 9, 13, 7], seed=4)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0.9, seed=5),
+              SamplingParams(max_tokens=7, temperature=0.0),
+              SamplingParams(max_tokens=16, temperature=1.0, top_k=8, seed=6, stop_token_ids=[3, 17, 40])]
+    results = []
+    for async_scheduling in (False, True):
+        with LLM(model_dir, max_num_seqs=4, cache_memory_bytes=32 << 20, async_scheduling=async_scheduling) as llm:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            stats, ahead = llm.engine.stats(), llm.engine.num_steps_ahead
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+        assert stats["num_free_state_groups"] == stats["num_state_groups"]
+        results.append(([o.token_ids for o in outputs], [o.finish_reason for o in outputs], ahead))
+    assert results[0][:2] == results[1][:2]
+    assert results[0][2] == 0 and results[1][2] > 0

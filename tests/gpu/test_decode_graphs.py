@@ -92,3 +92,14 @@ def test_graph_equals_eager_with_full_size_caches(model_dir):
             tokens.append([o.token_ids for o in llm.generate(PROMPTS, mixed_params(), use_tqdm=False)])
         torch.cuda.empty_cache()
     assert tokens[0] == tokens[1]
+
+
+def test_async_scheduling_equals_sync(model_dir):
+    """The next decode step launched before this one's tokens are known gives the same tokens."""
+    tokens = []
+    for async_scheduling in (False, True):
+        with LLM(model_dir, device="cuda", gpu_memory_utilization=0.3, max_num_seqs=8, num_kv_blocks=512,
+                 dtype="bfloat16", async_scheduling=async_scheduling) as llm:
+            tokens.append([o.token_ids for o in llm.generate(PROMPTS, mixed_params(), use_tqdm=False)])
+            assert (llm.engine.num_steps_ahead > 0) == async_scheduling
+    assert tokens[0] == tokens[1]

@@ -48,10 +48,11 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
         size += BUCKET_STEP
 
 
-def graph_compatible(rows: list[RequestSampling]) -> bool:
-    """Rows whose sampling needs nothing but their parameters (no penalties, min_tokens, logprobs)."""
+def graph_compatible(rows: list[RequestSampling], extra_outputs: int = 0) -> bool:
+    """Rows whose sampling needs nothing but their parameters (no penalties, min_tokens, logprobs),
+    counting `extra_outputs` tokens not yet recorded (a step planned ahead)."""
     return all(not row.params.has_penalties and row.params.logprobs is None
-               and (row.num_output_tokens >= row.params.min_tokens or not row.min_tokens_stop_ids)
+               and (row.num_output_tokens + extra_outputs >= row.params.min_tokens or not row.min_tokens_stop_ids)
                for row in rows)
 
 
@@ -94,11 +95,15 @@ class DecodeGraphs:
         num_ints, num_floats = m * q + len(INT_FIELDS) * m, len(FLOAT_FIELDS) * m
         self.ints = torch.zeros(num_ints, dtype=torch.int64, device=dev)
         self.floats = torch.zeros(num_floats, dtype=torch.float32, device=dev)
-        self.ints_host = torch.zeros(num_ints, dtype=torch.int64, pin_memory=pin)
-        self.floats_host = torch.zeros(num_floats, dtype=torch.float32, pin_memory=pin)
+        # Two sets of pinned inputs, used in turn: with a step planned ahead, the host fills one while the
+        # copy from the other may still be queued.
+        self._host_sets = [(torch.zeros(num_ints, dtype=torch.int64, pin_memory=pin),
+                            torch.zeros(num_floats, dtype=torch.float32, pin_memory=pin),
+                            torch.zeros(m * self.max_blocks, dtype=torch.int32, pin_memory=pin)) for _ in range(2)]
+        self._num_writes = 0
+        self.ints_host, self.floats_host, self.tables_host = self._host_sets[0]
         self.tables = torch.zeros(m, self.max_blocks, dtype=torch.int32, device=dev)
         self.tables_stage = torch.zeros(m * self.max_blocks, dtype=torch.int32, device=dev)
-        self.tables_host = torch.zeros(m * self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self.uniforms = torch.zeros(m, q, dtype=torch.float32, device=dev)
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev) * q
         self.row_starts = torch.arange(m, dtype=torch.int64, device=dev) * q
@@ -110,14 +115,16 @@ class DecodeGraphs:
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def can_run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling]) -> bool:
+    def can_run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], extra_outputs: int = 0) -> bool:
         return (bool(sequences) and all(s.is_decode for s in sequences) and len(sequences) <= self.max_batch
-                and graph_compatible(rows))
+                and graph_compatible(rows, extra_outputs))
 
     # -- host side ----------------------------------------------------------------------------
 
     def _write_inputs(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], bucket: int) -> None:
         """Fill the pinned inputs for `bucket` rows (the real ones, then padding) and queue their copy."""
+        self._num_writes += 1
+        self.ints_host, self.floats_host, self.tables_host = self._host_sets[self._num_writes % 2]
         n, q = len(sequences), self.q_len
         ints, floats = self.ints_host.numpy(), self.floats_host.numpy()
         pad = bucket - n
@@ -154,11 +161,15 @@ class DecodeGraphs:
             draws = _draw_uniforms([rows[i] for i in sampled], self.q_len, self.device, generator)
             self.uniforms.index_copy_(0, index_tensor(sampled, self.device), draws)
 
-    def run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling],
-            generator: torch.Generator) -> DecodeResult:
+    def run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], generator: torch.Generator,
+            previous_tokens: torch.Tensor | None = None) -> DecodeResult:
+        """One step. With previous_tokens [B, 1] (the tokens of the step still in flight, k = 0), each
+        sequence's input token is taken from there on the device instead of from `sequences`."""
         bucket = self.bucket_for(len(sequences))
         greedy_only = all(row.params.is_greedy for row in rows)
         self._write_inputs(sequences, rows, bucket)
+        if previous_tokens is not None:
+            self.ints[: len(sequences)].copy_(previous_tokens[:, 0])
         if not greedy_only:
             self._write_uniforms(rows, generator)
         graph = self.graphs.get((bucket, greedy_only))

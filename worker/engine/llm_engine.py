@@ -101,6 +101,8 @@ class LLMEngine:
         self.max_model_len, self.shapes, self.cache_plan = (
             self.worker.max_model_len, self.worker.shapes, self.worker.cache_plan)
         self.runner = self.worker.runner if self.ranks is None else self.ranks.broadcasting_runner(self.worker.runner)
+        self._ahead = None  # (plan, pending step) launched before the previous step's tokens were known
+        self.num_steps_ahead = 0
         self.counters = EngineCounters(accepted_per_position=[0] * config.speculative_tokens)
         self.cache = CacheManager(self.cache_plan.num_blocks, config.block_size, self.cache_plan.num_state_groups)
         k = config.speculative_tokens
@@ -127,6 +129,7 @@ class LLMEngine:
         if self._stop_ranks is not None:
             self._stop_ranks()
         self.ranks = None
+        self._ahead = None
         worker = getattr(self, "worker", None)  # None when the worker failed to start
         if worker is not None:
             worker.release()
@@ -146,18 +149,41 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[RequestOutput]:
+        """Run one step and apply its results. With async scheduling, the next decode step is launched
+        before this one's tokens are waited for (when it can be planned ahead), so the host's work
+        overlaps the device's; a sequence that finishes meanwhile has that step's token dropped."""
         aborted = self.scheduler.apply_aborts()
         outputs = [self._output(seq, 0) for seq in aborted]
-        plan = self.scheduler.schedule()
+        if self._ahead is not None:
+            (plan, pending), self._ahead = self._ahead, None
+        else:
+            plan, pending = self.scheduler.schedule(), None
+            if plan.sequences or plan.new_requests or plan.finished_request_ids:
+                pending = self.runner.launch(plan)
         result = None
-        if plan.sequences or plan.new_requests or plan.finished_request_ids:
-            result = self.runner.execute(plan)
+        if pending is not None:
+            self._launch_ahead(plan, pending)
+            result = pending.finish()
             outputs += [self._output(seq, n) for seq, n in self.scheduler.update(plan, result)]
         self.counters.count_step(plan, result, outputs)
         if not self.scheduler.has_unfinished:
+            if self._ahead is not None:  # every sequence of it finished meanwhile: nothing to keep
+                (ahead, ahead_pending), self._ahead = self._ahead, None
+                self.scheduler.update(ahead, ahead_pending.finish())
             # Nothing left to schedule: hand the runner the last retirements now, not with a later step.
             self.runner.execute(self.scheduler.schedule())
         return outputs
+
+    def _launch_ahead(self, plan: StepPlan, pending) -> None:
+        if not self.config.async_scheduling or self.ranks is not None or not plan.sequences:
+            return
+        rows = [self.runner.requests[s.request_id] for s in plan.sequences]
+        if not self.runner.can_run_ahead(plan.sequences, rows):
+            return
+        ahead = self.scheduler.schedule_ahead(plan)
+        if ahead is not None:
+            self._ahead = (ahead, self.runner.launch(ahead, previous=pending))
+            self.num_steps_ahead += 1
 
     def _output(self, seq: Sequence, num_new: int) -> RequestOutput:
         return RequestOutput(

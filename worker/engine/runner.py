@@ -31,8 +31,14 @@ class ModelRunner:
         self.prompt_logprobs = PromptLogprobs()
         self.decode_graphs: DecodeGraphs | None = None  # decode-only steps on static buffers (set by the worker)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
+        return self.launch(plan).finish()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, previous: "PendingStep | None" = None) -> "PendingStep":
+        """Queue the step's device work; `finish()` waits for its results. With `previous` (a decode step
+        still in flight), `plan` is its successor planned ahead: each sequence feeds the token `previous`
+        samples for it, taken on the device (k = 0 only)."""
         for request in plan.new_requests:
             self.requests[request.request_id] = RequestSampling(
                 request.params, request.prompt_token_ids, self.eos_token_ids)
@@ -40,10 +46,23 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         self.prompt_logprobs.track(plan)
         if not plan.sequences:
-            return StepOutput([])
+            return PendingStep(output=StepOutput([]))
         rows = [self.requests[s.request_id] for s in plan.sequences]
+        if previous is not None:
+            if not self.can_run_ahead(plan.sequences, rows):
+                raise ValueError("a step planned ahead must be a decode step the decode graphs can run, at k = 0")
+            return self._launch_decode(plan, rows, previous.emitted.decode_tokens)
         if self.decode_graphs is not None and self.decode_graphs.can_run(plan.sequences, rows):
-            return self._execute_decode(plan, rows)
+            return self._launch_decode(plan, rows)
+        return PendingStep(output=self._execute_general(plan))
+
+    def can_run_ahead(self, sequences, rows: list[RequestSampling]) -> bool:
+        """Whether the successor of this decode step can be launched before its tokens are known."""
+        return (self.num_spec_tokens == 0 and self.decode_graphs is not None
+                and self.decode_graphs.can_run(sequences, rows, extra_outputs=1))
+
+    def _execute_general(self, plan: StepPlan) -> StepOutput:
+        """Any step, eagerly: prefill chunks, mixed steps, penalties, logprobs."""
         q_len = 1 + self.num_spec_tokens
         slices = [SequenceSlice(s.token_ids, s.start_position, s.block_table, s.state_group,
                                 s.num_accepted_slot, s.is_decode) for s in plan.sequences]
@@ -60,9 +79,12 @@ class ModelRunner:
         self.prompt_logprobs.attach(output, prompt_logprobs)
         return output
 
-    def _execute_decode(self, plan: StepPlan, rows: list[RequestSampling]) -> StepOutput:
-        """A decode-only step through the decode graphs (or the same code eagerly)."""
-        result = self.decode_graphs.run(plan.sequences, rows, self.generator)
+
+    def _launch_decode(self, plan: StepPlan, rows: list[RequestSampling],
+                       previous_tokens: torch.Tensor | None = None) -> "PendingStep":
+        """A decode-only step through the decode graphs (or the same code eagerly), its results queued
+        for the host."""
+        result = self.decode_graphs.run(plan.sequences, rows, self.generator, previous_tokens)
         num_seqs = len(plan.sequences)
         emitted = _Emitted(plan, 1 + self.num_spec_tokens)
         emitted.decode_tokens, emitted.num_accepted = result.token_ids[:num_seqs], result.num_accepted[:num_seqs]
@@ -74,7 +96,8 @@ class ModelRunner:
                 hidden_states=result.hidden_states, anchor_rows=anchor_rows, anchor_next_ids=anchor_next,
                 sampled=emitted.sampled, emitted=emitted.host_tokens,
             ))
-        return emitted.to_output(drafts, self.requests)
+        emitted.queue_host_copy(drafts)
+        return PendingStep(emitted=emitted, drafts=drafts, requests=self.requests)
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor, emitted: "_Emitted") -> None:
         decodes = [s for s in plan.sequences if s.is_decode]
@@ -105,6 +128,19 @@ class ModelRunner:
         return self.proposer.propose(inputs)
 
 
+class PendingStep:
+    """A launched step: its output is ready (an eager step) or waits on its queued host copy."""
+
+    def __init__(self, output: StepOutput | None = None, emitted: "_Emitted | None" = None,
+                 drafts: torch.Tensor | None = None, requests: dict | None = None):
+        self.output, self.emitted, self.drafts, self.requests = output, emitted, drafts, requests
+
+    def finish(self) -> StepOutput:
+        if self.output is None:
+            self.output = self.emitted.to_output(self.drafts, self.requests)
+        return self.output
+
+
 class _Emitted:
     """Collects the step's sampling results on the device and turns them into per-sequence outputs."""
 
@@ -122,6 +158,7 @@ class _Emitted:
         self.decode_logprobs = None
         self.prefill_tokens = None  # [P]
         self.prefill_logprobs = None
+        self._queued: PendingHostCopy | None = None
         self._host = None
 
     def last_row(self, i: int) -> int:
@@ -154,22 +191,31 @@ class _Emitted:
             next_ids[index_tensor(self.sampled_prefills, device)] = self.prefill_tokens
         return rows, next_ids
 
+    def queue_host_copy(self, drafts: torch.Tensor | None = None) -> None:
+        """Queue every result tensor (drafts too, when given) for the host in one packed copy; the
+        step's one wait comes in `_to_host`. A no-op once the results are on the host."""
+        if self._host is not None:
+            return
+        dec_lp, dec_top = self.decode_logprobs or (None, None)
+        pre_lp, pre_top = self.prefill_logprobs or (None, None)
+        self._queued = PendingHostCopy(dict(
+            decode_tokens=self.decode_tokens, num_accepted=self.num_accepted, prefill_tokens=self.prefill_tokens,
+            decode_lp=dec_lp, decode_top_values=None if dec_top is None else dec_top[0],
+            decode_top_ids=None if dec_top is None else dec_top[1], prefill_lp=pre_lp,
+            prefill_top_values=None if pre_top is None else pre_top[0],
+            prefill_top_ids=None if pre_top is None else pre_top[1], drafts=drafts,
+        ))
+
     def _to_host(self, drafts: torch.Tensor | None = None):
         """The step's one wait: every result tensor in one packed copy (drafts too, when given)."""
         if self._host is None:
-            dec_lp, dec_top = self.decode_logprobs or (None, None)
-            pre_lp, pre_top = self.prefill_logprobs or (None, None)
-            self._host = PendingHostCopy(dict(
-                decode_tokens=self.decode_tokens, num_accepted=self.num_accepted, prefill_tokens=self.prefill_tokens,
-                decode_lp=dec_lp, decode_top_values=None if dec_top is None else dec_top[0],
-                decode_top_ids=None if dec_top is None else dec_top[1], prefill_lp=pre_lp,
-                prefill_top_values=None if pre_top is None else pre_top[0],
-                prefill_top_ids=None if pre_top is None else pre_top[1], drafts=drafts,
-            )).result()
+            if self._queued is None:
+                self.queue_host_copy(drafts)
+            self._host = self._queued.result()
             for part in ("decode", "prefill"):
                 values, ids = self._host.pop(f"{part}_top_values"), self._host.pop(f"{part}_top_ids")
                 self._host[f"{part}_top"] = None if values is None else (values, ids)
-        elif drafts is not None:  # tokens already fetched (a proposer that reads them on the host)
+        elif drafts is not None and self._host.get("drafts") is None:  # tokens fetched first (a host-side proposer)
             self._host["drafts"] = PendingHostCopy({"drafts": drafts}).result()["drafts"]
         return self._host
 

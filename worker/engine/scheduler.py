@@ -11,6 +11,8 @@ from worker.engine.cache_manager import CacheManager
 from worker.engine.plan import NewRequest, ScheduledSequence, StepOutput, StepPlan
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
 
+PENDING_TOKEN = -1  # in a step planned ahead: the token the step in flight is sampling
+
 
 @dataclass
 class SchedulerConfig:
@@ -137,6 +139,37 @@ class Scheduler:
         plan = StepPlan(self._step_id, decodes + prefills, self._new_requests, self._retired_ids)
         self._new_requests, self._retired_ids = [], []
         return plan
+
+    def schedule_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """The step after `plan`, planned before `plan`'s tokens are known: each of its decodes feeds the
+        token `plan` is sampling for it, one position further (the runner takes it on the device). None
+        when the next step cannot be known yet: speculative tokens, waiting requests or aborts, a
+        sequence that `plan` leaves out or will finish by length, or too few free blocks (no preemption)."""
+        if self.config.num_spec_tokens or self.waiting or self._pending_aborts or not plan.sequences:
+            return None
+        seqs = [self._sequences.get(entry.request_id) for entry in plan.sequences]
+        if len(seqs) != len(self.running) or any(
+                seq is None or not entry.is_decode or self._ends_by_length_after_one(seq)
+                for entry, seq in zip(plan.sequences, seqs)):
+            return None
+        needed = sum(self.cache.blocks_needed(seq, seq.num_computed_tokens + 2) for seq in seqs)
+        if needed > self.cache.num_free_blocks:
+            return None
+        entries = []
+        for seq in seqs:
+            self.cache.allocate(seq, seq.num_computed_tokens + 2)
+            entries.append(ScheduledSequence(
+                request_id=seq.request_id, token_ids=[PENDING_TOKEN], start_position=seq.num_computed_tokens + 1,
+                block_table=list(seq.block_table), state_group=seq.state_group, num_accepted_slot=1, is_decode=True,
+                sample=True))
+        self._step_id += 1
+        ahead = StepPlan(self._step_id, entries, self._new_requests, self._retired_ids)
+        self._new_requests, self._retired_ids = [], []
+        return ahead
+
+    def _ends_by_length_after_one(self, seq: Sequence) -> bool:
+        return (len(seq.output_token_ids) + 1 >= seq.params.max_tokens
+                or seq.num_tokens + 1 >= self.config.max_model_len)
 
     def _decode_entry(self, seq: Sequence) -> ScheduledSequence:
         drafts = seq.draft_token_ids[: self.config.num_spec_tokens]

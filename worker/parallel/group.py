@@ -110,9 +110,12 @@ class BroadcastingRunner:
         return getattr(self.runner, name)
 
     def execute(self, plan):
+        return self.launch(plan).finish()
+
+    def launch(self, plan):
         data = self.encoder.encode(plan)
         self.channel.send(data)
-        return self.runner.execute(self.decoder.decode(data)[0])
+        return self.runner.launch(self.decoder.decode(data)[0])
 
 
 class RankGroup:

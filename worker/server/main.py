@@ -49,6 +49,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            help="auto: the checkpoint's safetensors; dummy: random weights from config.json (benchmarks)")
     option("--enforce-eager", env="NEXTSERVE_ENFORCE_EAGER", default="0", type=_flag, nargs="?", const=True,
            help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    option("--async-scheduling", env="NEXTSERVE_ASYNC_SCHEDULING", default="0", type=_flag, nargs="?", const=True,
+           help="launch the next decode step before waiting for the current one's tokens, so host work overlaps "
+                "the GPU (no speculative tokens, one rank)")
 
 
 def _flag(value) -> bool:
@@ -108,7 +111,7 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len or None,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
-        load_format=args.load_format, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
     )
 
 
