@@ -7,8 +7,9 @@ backend "auto" (the default), CUDA tensors go to the Triton kernels and everythi
 references; `set_kernel_backend("torch")` forces the references on a GPU for comparison, `"triton"`
 forces the kernels (on the CPU that needs TRITON_INTERPRET=1 before triton is imported).
 
-The block-scaled FP8 ops (`fp8_block_linear`, `fused_moe_fp8`) have their torch references only, for
-now on every device; their Triton kernels will take the same parameters and slot in here.
+The block-scaled FP8 linear (`fp8_block_linear`) has its Triton kernel in `worker.kernels.fp8.triton`
+(power-of-two blocks of 16 or more; others take the reference); the FP8 MoE (`fused_moe_fp8`) has its
+torch reference only, for now on every device.
 """
 
 import importlib
@@ -97,6 +98,9 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids):
 
 
 def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):
+    if _use_triton(x) and block >= 16 and not block & (block - 1):  # the kernel's K tile is one block
+        return importlib.import_module("worker.kernels.fp8.triton").w8a8_block_fp8_linear(
+            x, weight, weight_scale_inv, block, bias)
     return _fp8_ref.w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, bias)
 
 

@@ -1,0 +1,92 @@
+"""Block-scaled FP8 linear: the Triton kernels against the torch references (outputs NaN-poisoned).
+
+The activation quantisation must give the reference's bytes exactly (a token quantises the same
+in any batch); the GEMM sums in float32 where the reference sums in float64, so it is compared by
+relative error. Shapes have partial blocks in N and K and odd token counts.
+"""
+
+import pytest
+import torch
+
+from tests.kernels.conftest import HAS_CUDA
+from tests.kernels.helpers import assert_rel_close, generator, randn
+from worker.kernels.fp8 import reference as ref
+from worker.kernels.fp8.quant import per_token_group_quant_fp8, quantize_block_fp8
+
+tk = pytest.importorskip("worker.kernels.fp8.triton", reason="triton is not installed")
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def nan_fp8_outputs(monkeypatch):
+    monkeypatch.setattr(tk, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                               device=device))
+
+
+def layer(n, k, block, gen, device, dtype):
+    weight, scale = quantize_block_fp8(randn(n, k, gen=gen, device=device, scale=k ** -0.5), block)
+    bias = randn(n, gen=gen, device=device, scale=0.1).to(dtype)
+    return weight, scale, bias
+
+
+@pytest.mark.parametrize("tokens,features,group", [(1, 64, 16), (7, 200, 32), (63, 300, 128)], ids=str)
+def test_token_group_quant_gives_the_reference_bytes(tokens, features, group, device):
+    x = randn(tokens, features, gen=generator(tokens, device), device=device, scale=3.0)
+    x[0, :5] = 0.0  # a partly zero group
+    q, scale = tk.per_token_group_quant_fp8(x, group)
+    q_ref, scale_ref = per_token_group_quant_fp8(x, group)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_rounding_carries_into_the_exponent_and_keeps_subnormals(device):
+    """Values that round up into the next binade (124 -> 128, 7.8 -> 8) and e4m3 subnormals: the cases
+    a wrong cast gets wrong. 448 in the group makes the scale 1."""
+    values = [448.0, 124.0, 125.0, 7.8, 15.9, -124.5, 0.0019, 1e-3, 2.9, 61.0, -0.01, 3.5, 0.0, 447.0, 100.0, 1.0]
+    x = torch.tensor([values], device=device)
+    q, scale = tk.per_token_group_quant_fp8(x, 16)
+    q_ref, scale_ref = per_token_group_quant_fp8(x, 16)
+    assert scale.item() == 1.0 and torch.equal(scale, scale_ref)
+    assert q.float().tolist() == q_ref.float().tolist()
+
+
+@pytest.mark.parametrize("tokens,n,k,block", [(1, 96, 64, 32), (5, 200, 300, 64), (33, 64, 160, 32)], ids=str)
+def test_block_fp8_linear_matches_the_reference(tokens, n, k, block, device):
+    gen = generator(tokens + n, device)
+    weight, scale, bias = layer(n, k, block, gen, device, torch.float32)
+    x = randn(tokens, k, gen=gen, device=device)
+    for with_bias in (None, bias):
+        out = tk.w8a8_block_fp8_linear(x=x, weight=weight, weight_scale_inv=scale, block=block, bias=with_bias)
+        expected = ref.w8a8_block_fp8_linear(x=x, weight=weight, weight_scale_inv=scale, block=block, bias=with_bias)
+        assert_rel_close(out, expected, 1e-5, "fp32 output")
+
+
+def test_a_row_gives_the_same_bits_in_any_batch(device):
+    gen = generator(3, device)
+    weight, scale, _ = layer(128, 96, 32, gen, device, torch.float32)
+    x = randn(9, 96, gen=gen, device=device)
+    batch = tk.w8a8_block_fp8_linear(x, weight, scale, 32)
+    alone = tk.w8a8_block_fp8_linear(x[4:5], weight, scale, 32)
+    assert torch.equal(batch[4:5], alone)
+
+
+def test_bad_shapes_are_refused(device):
+    weight, scale, _ = layer(64, 64, 32, generator(0, device), device, torch.float32)
+    with pytest.raises(ValueError, match="weight_scale_inv must be"):
+        tk.w8a8_block_fp8_linear(torch.zeros(1, 64, device=device), weight, scale[:1], 32)
+    with pytest.raises(ValueError, match="power-of-two block"):
+        tk.w8a8_block_fp8_linear(torch.zeros(1, 64, device=device), weight, torch.ones(3, 3, device=device), 24)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 16, 100, 2048])
+@pytest.mark.parametrize("n,k", [(12288, 2048), (2048, 4096), (2048, 512)], ids=["qkvz", "out_proj", "expert-down"])
+def test_block_fp8_linear_real_shapes(tokens, n, k, device):
+    gen = generator(tokens, device)
+    weight, scale, _ = layer(n, k, 128, gen, device, torch.bfloat16)
+    x = randn(tokens, k, gen=gen, device=device, dtype=torch.bfloat16)
+    out = tk.w8a8_block_fp8_linear(x, weight, scale, 128)
+    expected = ref.w8a8_block_fp8_linear(x, weight, scale, 128)
+    assert_rel_close(out, expected, 1e-2, "bf16 output")

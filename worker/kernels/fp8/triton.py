@@ -1,0 +1,149 @@
+"""Block-scaled FP8 linear layers, Triton kernels (same parameters as `worker.kernels.fp8.reference`).
+
+Two launches: the activations are quantised to e4m3 per token and group of b features (b = the
+weights' block, 128 in the published checkpoints), then one GEMM walks K one block at a time: an
+e4m3 x e4m3 tensor-core product per [BM, b] x [b, BN] tile, scaled by the token groups' and the
+weight blocks' scales and summed in float32 (the reference sums in float64; see its docstring).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Outputs the kernels must fill; tests replace this with a NaN fill."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 values (|v| <= 448) -> the nearest e4m3 value, ties to even, still in fp32: the cast to
+    e4m3 that follows is then exact (Triton's interpreter rounds its own fp8 casts wrongly: it loses
+    the carry into the exponent and flushes subnormals)."""
+    bits = v.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    step_exponent = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; below 2^-6 the subnormal step 2^-9
+    step = ((step_exponent + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((127 - step_exponent) << 23).to(tl.float32, bitcast=True)
+    units = v * inv_step  # exact: a power of two, and |units| < 16
+    rounded = (units + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds to an integer, ties to even
+    return rounded * step
+
+
+@triton.jit
+def _token_group_quant_kernel(x, x_q, x_scale, stride_x, stride_q, stride_s, K, G: tl.constexpr,
+                              BG: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+    """One (token, group): scale so that the largest magnitude becomes FP8_MAX, round to e4m3."""
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = g * G + tl.arange(0, BG)
+    mask = (tl.arange(0, BG) < G) & (cols < K)
+    v = tl.load(x + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(v), axis=0), MIN_AMAX_) / FP8_MAX_
+    q = _round_to_e4m3(tl.clamp(tl.math.div_rn(v, scale), -FP8_MAX_, FP8_MAX_))
+    tl.store(x_q + t * stride_q + cols, q.to(x_q.dtype.element_ty), mask=mask)
+    tl.store(x_scale + t * stride_s + g, scale)
+
+
+def per_token_group_quant_fp8(
+    x: torch.Tensor,  # [T, K]
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (x_q [T, K] float8_e4m3fn, x_scale [T, ceil(K/g)] float32)
+    tokens, features = x.shape
+    num_groups = cdiv(features, group_size)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    x_q = torch.empty(tokens, features, dtype=FP8_DTYPE, device=x.device)
+    x_scale = torch.empty(tokens, num_groups, dtype=torch.float32, device=x.device)
+    if tokens == 0:
+        return x_q, x_scale
+    _token_group_quant_kernel[(tokens, num_groups)](
+        x, x_q, x_scale, x.stride(0), x_q.stride(0), x_scale.stride(0), features,
+        G=group_size, BG=triton.next_power_of_2(group_size), FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=1)
+    return x_q, x_scale
+
+
+@triton.jit
+def _block_fp8_matmul_kernel(a, a_scale, b, b_scale, bias, c, M, N,
+                             stride_am, stride_as, stride_bn, stride_bs, stride_cm,
+                             K: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """C[BM, BN] tile = sum over K blocks of (A_q . B_q^T) * a_scale[m, kb] * b_scale[n // BLOCK, kb]."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_n)  # grouped ordering: GROUP_M row tiles share each weight tile in L2
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mmask, nmask = offs_m < M, offs_n < N
+    offs_k = tl.arange(0, BLOCK)
+    a_rows = a + offs_m.to(tl.int64)[:, None] * stride_am
+    b_cols = b + offs_n.to(tl.int64)[None, :] * stride_bn
+    sa_rows = a_scale + offs_m.to(tl.int64) * stride_as
+    sb_cols = b_scale + (offs_n // BLOCK).to(tl.int64) * stride_bs
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BLOCK)):
+        k = kb * BLOCK + offs_k
+        kmask = k < K
+        x = tl.load(a_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(b_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        sa = tl.load(sa_rows + kb, mask=mmask, other=0.0)
+        sb = tl.load(sb_cols + kb, mask=nmask, other=0.0)
+        acc += tl.dot(x, w) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(out, acc.to(c.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def default_tile(M: int, N: int) -> dict:
+    """Launch shape from the token count: memory-bound small tiles for decode, larger for prefill."""
+    if M <= 16:
+        return dict(BM=16, BN=64, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 64:
+        return dict(BM=32, BN=128, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def w8a8_block_fp8_linear(
+    x: torch.Tensor,  # [T, K] activation dtype
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
+    block: int,
+    bias: torch.Tensor | None = None,  # [N]
+    tile: dict | None = None,
+) -> torch.Tensor:  # [T, N] activation dtype
+    """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+    if weight.dtype != FP8_DTYPE:
+        raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
+    if tuple(weight_scale_inv.shape) != (cdiv(n, block), cdiv(k, block)):
+        raise ValueError(f"weight_scale_inv must be [{cdiv(n, block)}, {cdiv(k, block)}] for a [{n}, {k}] weight "
+                         f"in blocks of {block}, got {tuple(weight_scale_inv.shape)}")
+    if weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
+        raise ValueError("weight and weight_scale_inv must be contiguous in their last dimension")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"the FP8 kernel needs a power-of-two block of at least 16, got {block}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = _empty((m, n), x.dtype, x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    x_q, x_scale = per_token_group_quant_fp8(x2, block)
+    tile = tile or default_tile(m, n)
+    grid = (triton.cdiv(m, tile["BM"]) * triton.cdiv(n, tile["BN"]),)
+    _block_fp8_matmul_kernel[grid](
+        x_q, x_scale, weight, weight_scale_inv.float(), bias if bias is not None else out, out, m, n,
+        x_q.stride(0), x_scale.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
+        K=k, BLOCK=block, BM=tile["BM"], BN=tile["BN"], GROUP_M=tile["GROUP_M"], HAS_BIAS=bias is not None,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    return out.reshape(*lead, n)
