@@ -7,9 +7,9 @@ backend "auto" (the default), CUDA tensors go to the Triton kernels and everythi
 references; `set_kernel_backend("torch")` forces the references on a GPU for comparison, `"triton"`
 forces the kernels (on the CPU that needs TRITON_INTERPRET=1 before triton is imported).
 
-The block-scaled FP8 linear (`fp8_block_linear`) has its Triton kernel in `worker.kernels.fp8.triton`
-(power-of-two blocks of 16 or more; others take the reference); the FP8 MoE (`fused_moe_fp8`) has its
-torch reference only, for now on every device.
+The block-scaled FP8 ops have their Triton kernels in `worker.kernels.fp8.triton` (`fp8_block_linear`)
+and `worker.kernels.moe.triton_fp8` (`fused_moe_fp8`), for power-of-two blocks of 16 or more (others
+take the references).
 """
 
 import importlib
@@ -105,6 +105,9 @@ def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):
 
 
 def fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block):
+    if _use_triton(hidden_states) and block >= 16 and not block & (block - 1) and w2.shape[-1] % block == 0:
+        return importlib.import_module("worker.kernels.moe.triton_fp8").fused_moe_fp8(
+            hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block)
     return _moe_fp8_ref.fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids,
                                       block)
 

@@ -1,0 +1,66 @@
+"""The FP8 fused MoE: the Triton kernels against the torch reference (outputs NaN-poisoned).
+
+Experts are quantised by b x b blocks with partial blocks in H; the shared expert is the last
+expert slot, as the model stacks it. The kernels sum in float32 and hold SwiGLU's output in float32
+before rounding it to e4m3, where the reference sums in float64: compared by relative error.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from tests.kernels.conftest import HAS_CUDA
+from tests.kernels.helpers import assert_rel_close, generator, randn
+from tests.kernels.test_moe import routing
+from worker.kernels.fp8.quant import quantize_block_fp8
+from worker.kernels.moe.fp8_reference import fused_moe_fp8
+
+tk = pytest.importorskip("worker.kernels.moe.triton_fp8", reason="triton is not installed")
+fp8_triton = importlib.import_module("worker.kernels.fp8.triton")
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def nan_fp8_outputs(monkeypatch):
+    monkeypatch.setattr(fp8_triton, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                       device=device))
+
+
+def experts(num, hidden, inter, block, gen, device):
+    w13, w13_s = quantize_block_fp8(randn(num, 2 * inter, hidden, gen=gen, device=device, scale=hidden ** -0.5), block)
+    w2, w2_s = quantize_block_fp8(randn(num, hidden, inter, gen=gen, device=device, scale=inter ** -0.5), block)
+    return dict(w13=w13, w2=w2, w13_scale_inv=w13_s, w2_scale_inv=w2_s)
+
+
+def check(tokens, routed, top_k, hidden, inter, block, dtype, device, tol):
+    gen = generator(tokens + routed, device)
+    weights = experts(routed + 1, hidden, inter, block, gen, device)
+    topk_weights, topk_ids = routing(tokens, routed, top_k, gen, device)
+    x = randn(tokens, hidden, gen=gen, device=device, dtype=dtype)
+    args = dict(hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids, block=block, **weights)
+    assert_rel_close(tk.fused_moe_fp8(**args), fused_moe_fp8(**args), tol, "moe output")
+
+
+@pytest.mark.parametrize("tokens,routed,top_k", [(1, 4, 2), (7, 6, 2), (33, 5, 3)], ids=str)
+def test_fused_moe_fp8_matches_the_reference(tokens, routed, top_k, device):
+    check(tokens, routed, top_k, hidden=96, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3)
+
+
+def test_bad_scales_are_refused(device):
+    weights = experts(3, 64, 32, 32, generator(0, device), device)
+    weights["w2_scale_inv"] = weights["w2_scale_inv"][:, :1]
+    with pytest.raises(ValueError, match="w2_scale_inv must be"):
+        tk.fused_moe_fp8(torch.zeros(1, 64, device=device), topk_weights=torch.ones(1, 1, device=device),
+                         topk_ids=torch.zeros(1, 1, dtype=torch.int32, device=device), block=32, **weights)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 16, 256])
+@pytest.mark.parametrize("inter", [512, 256, 128], ids=["tp1", "tp2", "tp4"])
+def test_fused_moe_fp8_real_shapes(tokens, inter, device):
+    """Qwen3-Next-80B's shape per tensor-parallel rank, 64 of its 512 routed experts (the kernel reads only
+    the experts it is sent to), top-10 + the shared expert."""
+    check(tokens, 64, 10, hidden=2048, inter=inter, block=128, dtype=torch.bfloat16, device=device, tol=1e-2)
