@@ -56,3 +56,31 @@ def test_async_scheduling_gives_the_same_outputs_and_frees_everything(checkpoint
         results.append(([o.token_ids for o in outputs], [o.finish_reason for o in outputs], ahead))
     assert results[0][:2] == results[1][:2]
     assert results[0][2] == 0 and results[1][2] > 0
+
+
+def test_async_scheduling_survives_aborts_and_new_arrivals(checkpoint_factory):
+    """An abort while a step planned ahead is in flight, and a request arriving mid-run: both sides of
+    the in-flight step settle, and the pools end full."""
+    with LLM(checkpoint_factory("tiny"), max_num_seqs=4, cache_memory_bytes=32 << 20, async_scheduling=True) as llm:
+        engine = llm.engine
+        prompts = make_prompts([6, 11, 4], seed=9)
+        params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        for i, prompt in enumerate(prompts[:2]):
+            engine.add_request(f"a{i}", prompt, params)
+        finished = {}
+        for step in range(60):
+            if step == 5:
+                engine.abort("a0")
+            if step == 8:
+                engine.add_request("late", prompts[2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+            if not engine.has_unfinished:
+                break
+        assert finished["a0"].finish_reason == "abort"
+        assert len(finished["a1"].token_ids) == 30 and len(finished["late"].token_ids) == 5
+        assert engine.num_steps_ahead > 0
+        stats = engine.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+        assert stats["num_free_state_groups"] == stats["num_state_groups"]
