@@ -124,13 +124,16 @@ class GatedDeltaNet(nn.Module):
         tokens = hidden_states.shape[0]
         mixed_qkv, z, b, a = self._project(hidden_states)
         g, beta = kernels.gdn_gating(a, b, self.A_log, self.dt_bias)
-        core = torch.empty(tokens, self.num_v_heads, self.head_v_dim, dtype=hidden_states.dtype,
-                           device=hidden_states.device)
         n_dec, q_len, n_tok = meta.num_decodes, meta.decode_query_len, meta.num_decode_tokens
-        if n_dec:
-            core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], g[:n_tok], beta[:n_tok], meta, n_dec, q_len)
-        if n_tok < tokens:
-            core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g[n_tok:], beta[n_tok:], meta, n_dec)
+        if n_dec and n_tok == tokens:  # decode / verify only (every CUDA-graph step): no copy into a joint buffer
+            core = self._recurrent(mixed_qkv, g, beta, meta, n_dec, q_len)
+        else:
+            core = torch.empty(tokens, self.num_v_heads, self.head_v_dim, dtype=hidden_states.dtype,
+                               device=hidden_states.device)
+            if n_dec:
+                core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], g[:n_tok], beta[:n_tok], meta, n_dec, q_len)
+            if n_tok < tokens:
+                core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g[n_tok:], beta[n_tok:], meta, n_dec)
         out = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.view(tokens, -1))
 
