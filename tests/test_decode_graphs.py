@@ -1,5 +1,6 @@
 """The decode path on static buffers, on the CPU (the same code the CUDA graphs hold)."""
 
+import pytest
 import torch
 
 from tests.engine_helpers import make_prompts
@@ -37,9 +38,10 @@ def test_decode_steps_take_the_static_path_and_padding_writes_nothing(checkpoint
         assert all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
 
 
-def test_async_scheduling_gives_the_same_outputs_and_frees_everything(checkpoint_factory):
-    """Steps launched before the previous tokens are known: same tokens (greedy and seeded sampling),
-    sequences that stop on EOS mid-flight dropped cleanly, every block and slot group free at the end."""
+@pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])
+def test_async_scheduling_gives_the_same_outputs_and_frees_everything(checkpoint_factory, k):
+    """Steps launched before the previous tokens are known: same tokens and acceptance (greedy and seeded
+    sampling), sequences that stop mid-flight dropped cleanly, every block and slot group free at the end."""
     model_dir = checkpoint_factory("tiny")
     prompts = make_prompts([5, 9, 13, 7], seed=4)
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
@@ -48,20 +50,24 @@ def test_async_scheduling_gives_the_same_outputs_and_frees_everything(checkpoint
               SamplingParams(max_tokens=16, temperature=1.0, top_k=8, seed=6, stop_token_ids=[3, 17, 40])]
     results = []
     for async_scheduling in (False, True):
-        with LLM(model_dir, max_num_seqs=4, cache_memory_bytes=32 << 20, async_scheduling=async_scheduling) as llm:
+        with LLM(model_dir, max_num_seqs=4, cache_memory_bytes=32 << 20, speculative_tokens=k,
+                 async_scheduling=async_scheduling) as llm:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             stats, ahead = llm.engine.stats(), llm.engine.num_steps_ahead
         assert stats["num_free_blocks"] == stats["num_blocks"]
         assert stats["num_free_state_groups"] == stats["num_state_groups"]
-        results.append(([o.token_ids for o in outputs], [o.finish_reason for o in outputs], ahead))
-    assert results[0][:2] == results[1][:2]
-    assert results[0][2] == 0 and results[1][2] > 0
+        results.append(([o.token_ids for o in outputs], [o.finish_reason for o in outputs],
+                        [o.num_accepted_tokens for o in outputs], ahead))
+    assert results[0][:3] == results[1][:3]
+    assert results[0][3] == 0 and results[1][3] > 0
 
 
-def test_async_scheduling_survives_aborts_and_new_arrivals(checkpoint_factory):
+@pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])
+def test_async_scheduling_survives_aborts_and_new_arrivals(checkpoint_factory, k):
     """An abort while a step planned ahead is in flight, and a request arriving mid-run: both sides of
     the in-flight step settle, and the pools end full."""
-    with LLM(checkpoint_factory("tiny"), max_num_seqs=4, cache_memory_bytes=32 << 20, async_scheduling=True) as llm:
+    with LLM(checkpoint_factory("tiny"), max_num_seqs=4, cache_memory_bytes=32 << 20, speculative_tokens=k,
+             async_scheduling=True) as llm:
         engine = llm.engine
         prompts = make_prompts([6, 11, 4], seed=9)
         params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -84,3 +90,23 @@ def test_async_scheduling_survives_aborts_and_new_arrivals(checkpoint_factory):
         stats = engine.stats()
         assert stats["num_free_blocks"] == stats["num_blocks"]
         assert stats["num_free_state_groups"] == stats["num_state_groups"]
+
+
+def test_a_step_planned_ahead_continues_from_the_accepted_drafts():
+    """The inputs of the step after a verify step, set on the device: the token after the accepted drafts,
+    then the new drafts; the start num_accepted + 1 further on; the state slot after the last accepted."""
+    from types import SimpleNamespace
+
+    from worker.engine.decode_graphs import DecodeGraphs, DecodeResult
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
+    graphs = DecodeGraphs(model, None, num_spec_tokens=2, block_size=16, max_num_seqs=4, max_model_len=64,
+                          device=torch.device("cpu"))
+    previous = DecodeResult(
+        token_ids=torch.tensor([[5, 6, 7], [8, -1, -1], [9, 10, -1]]), num_accepted=torch.tensor([2, 0, 1]),
+        drafts=torch.tensor([[11, 12], [13, 14], [15, 16]]), ctx=None, input_ids=None,
+        positions=torch.tensor([20, 21, 22, 3, 4, 5, 40, 41, 42]), hidden_states=None)
+    graphs._continue_from(previous, 3)
+    assert graphs.ints[:9].tolist() == [7, 11, 12, 8, 13, 14, 10, 15, 16]
+    assert graphs._field("start", 3).tolist() == [23, 4, 42]
+    assert graphs._field("accepted", 3).tolist() == [3, 1, 2]

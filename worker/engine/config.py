@@ -26,7 +26,7 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps run the same code eagerly)
-    async_scheduling: bool = False  # launch the next decode step before waiting for this one's tokens (k = 0, tp 1)
+    async_scheduling: bool = False  # launch the next decode step before waiting for this one's tokens (tp 1)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

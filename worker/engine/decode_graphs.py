@@ -162,14 +162,14 @@ class DecodeGraphs:
             self.uniforms.index_copy_(0, index_tensor(sampled, self.device), draws)
 
     def run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], generator: torch.Generator,
-            previous_tokens: torch.Tensor | None = None) -> DecodeResult:
-        """One step. With previous_tokens [B, 1] (the tokens of the step still in flight, k = 0), each
-        sequence's input token is taken from there on the device instead of from `sequences`."""
+            previous: DecodeResult | None = None) -> DecodeResult:
+        """One step. With `previous` (the step still in flight, whose sequences these are, in order),
+        each sequence's tokens, start position and state slot come from its results on the device."""
         bucket = self.bucket_for(len(sequences))
         greedy_only = all(row.params.is_greedy for row in rows)
         self._write_inputs(sequences, rows, bucket)
-        if previous_tokens is not None:
-            self.ints[: len(sequences)].copy_(previous_tokens[:, 0])
+        if previous is not None:
+            self._continue_from(previous, len(sequences))
         if not greedy_only:
             self._write_uniforms(rows, generator)
         graph = self.graphs.get((bucket, greedy_only))
@@ -179,6 +179,18 @@ class DecodeGraphs:
         graph[0].replay()
         self.num_replays += 1
         return graph[1]
+
+    def _continue_from(self, previous: DecodeResult, num_seqs: int) -> None:
+        """Inputs of the step after `previous`, on the device: the token after the accepted drafts, the
+        new drafts, a start num_accepted + 1 further on, and the state slot after the last accepted."""
+        n, q = num_seqs, self.q_len
+        accepted = previous.num_accepted[:n]
+        next_token = previous.token_ids[:n].gather(1, accepted[:, None])
+        ids = next_token if previous.drafts is None else torch.cat([next_token, previous.drafts[:n]], dim=1)
+        start = previous.positions.view(-1, q)[:n, 0] + accepted + 1
+        self.ints[: n * q].copy_(ids.reshape(-1))
+        self._field("start", n).copy_(start)
+        self._field("accepted", n).copy_(accepted + 1)
 
     # -- device side (captured) ---------------------------------------------------------------
 

@@ -7,7 +7,7 @@ into pinned memory followed by one event wait (worker.engine.host_io).
 
 import torch
 
-from worker.engine.decode_graphs import DecodeGraphs
+from worker.engine.decode_graphs import DecodeGraphs, DecodeResult
 from worker.engine.host_io import PendingHostCopy, index_tensor, to_device
 from worker.engine.plan import SequenceOutput, StepOutput, StepPlan
 from worker.engine.prompt_logprobs import PromptLogprobs
@@ -37,8 +37,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan, previous: "PendingStep | None" = None) -> "PendingStep":
         """Queue the step's device work; `finish()` waits for its results. With `previous` (a decode step
-        still in flight), `plan` is its successor planned ahead: each sequence feeds the token `previous`
-        samples for it, taken on the device (k = 0 only)."""
+        still in flight), `plan` is its successor planned ahead: each sequence's tokens (the one after
+        its accepted drafts, then the new drafts), start and state slot come from `previous` on the device."""
         for request in plan.new_requests:
             self.requests[request.request_id] = RequestSampling(
                 request.params, request.prompt_token_ids, self.eos_token_ids)
@@ -49,17 +49,19 @@ class ModelRunner:
             return PendingStep(output=StepOutput([]))
         rows = [self.requests[s.request_id] for s in plan.sequences]
         if previous is not None:
-            if not self.can_run_ahead(plan.sequences, rows):
-                raise ValueError("a step planned ahead must be a decode step the decode graphs can run, at k = 0")
-            return self._launch_decode(plan, rows, previous.emitted.decode_tokens)
+            if not self.can_run_ahead(plan.sequences, rows) or previous.decode is None:
+                raise ValueError("a step planned ahead must follow, and be, a step of the decode graphs")
+            return self._launch_decode(plan, rows, previous.decode)
         if self.decode_graphs is not None and self.decode_graphs.can_run(plan.sequences, rows):
             return self._launch_decode(plan, rows)
         return PendingStep(output=self._execute_general(plan))
 
     def can_run_ahead(self, sequences, rows: list[RequestSampling]) -> bool:
         """Whether the successor of this decode step can be launched before its tokens are known."""
-        return (self.num_spec_tokens == 0 and self.decode_graphs is not None
-                and self.decode_graphs.can_run(sequences, rows, extra_outputs=1))
+        drafts_in_graph = self.num_spec_tokens == 0 or (self.decode_graphs is not None
+                                                         and self.decode_graphs.mtp is not None)
+        return (drafts_in_graph and self.decode_graphs is not None
+                and self.decode_graphs.can_run(sequences, rows, extra_outputs=1 + self.num_spec_tokens))
 
     def _execute_general(self, plan: StepPlan) -> StepOutput:
         """Any step, eagerly: prefill chunks, mixed steps, penalties, logprobs."""
@@ -81,10 +83,10 @@ class ModelRunner:
 
 
     def _launch_decode(self, plan: StepPlan, rows: list[RequestSampling],
-                       previous_tokens: torch.Tensor | None = None) -> "PendingStep":
+                       previous: DecodeResult | None = None) -> "PendingStep":
         """A decode-only step through the decode graphs (or the same code eagerly), its results queued
         for the host."""
-        result = self.decode_graphs.run(plan.sequences, rows, self.generator, previous_tokens)
+        result = self.decode_graphs.run(plan.sequences, rows, self.generator, previous)
         num_seqs = len(plan.sequences)
         emitted = _Emitted(plan, 1 + self.num_spec_tokens)
         emitted.decode_tokens, emitted.num_accepted = result.token_ids[:num_seqs], result.num_accepted[:num_seqs]
@@ -97,7 +99,7 @@ class ModelRunner:
                 sampled=emitted.sampled, emitted=emitted.host_tokens,
             ))
         emitted.queue_host_copy(drafts)
-        return PendingStep(emitted=emitted, drafts=drafts, requests=self.requests)
+        return PendingStep(emitted=emitted, drafts=drafts, requests=self.requests, decode=result)
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor, emitted: "_Emitted") -> None:
         decodes = [s for s in plan.sequences if s.is_decode]
@@ -132,8 +134,9 @@ class PendingStep:
     """A launched step: its output is ready (an eager step) or waits on its queued host copy."""
 
     def __init__(self, output: StepOutput | None = None, emitted: "_Emitted | None" = None,
-                 drafts: torch.Tensor | None = None, requests: dict | None = None):
+                 drafts: torch.Tensor | None = None, requests: dict | None = None, decode: DecodeResult | None = None):
         self.output, self.emitted, self.drafts, self.requests = output, emitted, drafts, requests
+        self.decode = decode  # the decode graphs' result (device tensors) of a decode step
 
     def finish(self) -> StepOutput:
         if self.output is None:

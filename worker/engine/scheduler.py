@@ -144,22 +144,29 @@ class Scheduler:
         """The step after `plan`, planned before `plan`'s tokens are known: each of its decodes feeds the
         token `plan` is sampling for it, one position further (the runner takes it on the device). None
         when the next step cannot be known yet: speculative tokens, waiting requests or aborts, a
-        sequence that `plan` leaves out or will finish by length, or too few free blocks (no preemption)."""
-        if self.config.num_spec_tokens or self.waiting or self._pending_aborts or not plan.sequences:
+        sequence that `plan` leaves out or may finish by length, or too few free blocks (no preemption).
+
+        With k speculative tokens the step feeds the correction or bonus token and the k new drafts,
+        from a position that depends on how many drafts `plan` accepts: start_position and
+        num_accepted_slot here assume none, and the runner sets both on the device. Blocks are
+        allocated for the most `plan` can accept."""
+        if self.waiting or self._pending_aborts or not plan.sequences:
             return None
+        q = self.config.decode_query_len
         seqs = [self._sequences.get(entry.request_id) for entry in plan.sequences]
         if len(seqs) != len(self.running) or any(
-                seq is None or not entry.is_decode or self._ends_by_length_after_one(seq)
+                seq is None or not entry.is_decode or self._may_end_by_length(seq, q)
                 for entry, seq in zip(plan.sequences, seqs)):
             return None
-        needed = sum(self.cache.blocks_needed(seq, seq.num_computed_tokens + 2) for seq in seqs)
+        reach = q + q + self.config.lookahead  # plan's tokens, this step's, the MTP's chained drafts
+        needed = sum(self.cache.blocks_needed(seq, seq.num_computed_tokens + reach) for seq in seqs)
         if needed > self.cache.num_free_blocks:
             return None
         entries = []
         for seq in seqs:
-            self.cache.allocate(seq, seq.num_computed_tokens + 2)
+            self.cache.allocate(seq, seq.num_computed_tokens + reach)
             entries.append(ScheduledSequence(
-                request_id=seq.request_id, token_ids=[PENDING_TOKEN], start_position=seq.num_computed_tokens + 1,
+                request_id=seq.request_id, token_ids=[PENDING_TOKEN] * q, start_position=seq.num_computed_tokens + 1,
                 block_table=list(seq.block_table), state_group=seq.state_group, num_accepted_slot=1, is_decode=True,
                 sample=True))
         self._step_id += 1
@@ -167,9 +174,9 @@ class Scheduler:
         self._new_requests, self._retired_ids = [], []
         return ahead
 
-    def _ends_by_length_after_one(self, seq: Sequence) -> bool:
-        return (len(seq.output_token_ids) + 1 >= seq.params.max_tokens
-                or seq.num_tokens + 1 >= self.config.max_model_len)
+    def _may_end_by_length(self, seq: Sequence, num_new: int) -> bool:
+        return (len(seq.output_token_ids) + num_new >= seq.params.max_tokens
+                or seq.num_tokens + num_new >= self.config.max_model_len)
 
     def _decode_entry(self, seq: Sequence) -> ScheduledSequence:
         drafts = seq.draft_token_ids[: self.config.num_spec_tokens]

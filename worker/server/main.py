@@ -51,7 +51,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     option("--async-scheduling", env="NEXTSERVE_ASYNC_SCHEDULING", default="0", type=_flag, nargs="?", const=True,
            help="launch the next decode step before waiting for the current one's tokens, so host work overlaps "
-                "the GPU (no speculative tokens, one rank)")
+                "the GPU (one rank)")
 
 
 def _flag(value) -> bool:
