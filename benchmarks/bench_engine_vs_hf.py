@@ -188,6 +188,7 @@ def main():
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256])
     parser.add_argument("--ks", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--async-ks", type=int, nargs="*", default=[0, 1], help="ks also run with async scheduling")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/nextserve-80b-shape"))
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU, batch 1 and 2, k 0 and 1")
@@ -197,7 +198,7 @@ def main():
     if args.smoke:
         from worker.tools.tiny_checkpoint import builtin_model_dir
 
-        model_dir, args.batches, args.ks, args.new_tokens = builtin_model_dir(), [1, 2], [0, 1], 4
+        model_dir, args.batches, args.ks, args.new_tokens, args.async_ks = builtin_model_dir(), [1, 2], [0, 1], 4, [0]
         rates = None
     else:
         rates = ceilings()
@@ -207,12 +208,14 @@ def main():
         result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device)
     truth = {}
     for k in args.ks:
-        kinds = ["mtp", "scripted"] if k else ["none", "async"]  # async: k = 0 with async scheduling
+        kinds = ["mtp", "scripted"] if k else ["none"]
+        if k in args.async_ks:
+            kinds.append("mtp-async" if k else "async")  # the same with async scheduling
         for kind in kinds:
             proposer, script_truth = None, dict(truth)
             if kind == "scripted":
                 proposer = ScriptedProposer(always_right(script_truth), k)
-            engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer, kind == "async")
+            engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer, kind.endswith("async"))
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
