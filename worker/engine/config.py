@@ -26,6 +26,7 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps run the same code eagerly)
+    disable_custom_all_reduce: bool = False  # CUDA, tp > 1: NCCL for every all-reduce, no one-shot over peer memory
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
