@@ -49,6 +49,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            help="auto: the checkpoint's safetensors; dummy: random weights from config.json (benchmarks)")
     option("--enforce-eager", env="NEXTSERVE_ENFORCE_EAGER", default="0", type=_flag, nargs="?", const=True,
            help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    option("--disable-custom-all-reduce", env="NEXTSERVE_DISABLE_CUSTOM_ALL_REDUCE", default="0", type=_flag,
+           nargs="?", const=True,
+           help="CUDA, tp > 1: NCCL for every all-reduce, instead of the one-shot all-reduce over peer memory "
+                "for messages up to 64 KB")
 
 
 def _flag(value) -> bool:
@@ -109,6 +113,7 @@ def engine_config(args: argparse.Namespace):
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
         load_format=args.load_format, enforce_eager=args.enforce_eager,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
     )
 
 
