@@ -98,14 +98,8 @@ class OneShotAllReduce(GroupAllReduce):
         self.handle = symm_mem.rendezvous(self.buffer, group)
         self.handle.barrier()
 
-    def fits(self, x: torch.Tensor) -> bool:
-        # The kernel moves 4, 8 or 16 bytes at a time, as the size and offset allow.
-        num_bytes = x.numel() * x.element_size()
-        return (x.dtype in ONE_SHOT_DTYPES and 0 < num_bytes <= self.max_bytes and num_bytes % 4 == 0
-                and x.is_contiguous() and x.storage_offset() * x.element_size() % 16 == 0)
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fits(x):
+        if not fits_one_shot(x, self.max_bytes):
             return super().all_reduce(x)
         shared = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
         # A copy kernel, then the all-reduce, rather than torch's one_shot_all_reduce_copy_out: that
@@ -131,11 +125,21 @@ class OneShotAllReduce(GroupAllReduce):
         return f"one-shot over peer memory up to {self.max_bytes >> 10} KB (bf16, fp32), NCCL above"
 
 
+def fits_one_shot(x: torch.Tensor, max_bytes: int) -> bool:
+    """Whether torch's one-shot kernel takes x: bf16 or fp32, contiguous, at most `max_bytes`, in whole
+    4-byte words (it moves 4, 8 or 16 bytes at a time, as the size allows), at a 16-byte aligned
+    offset (the sum is stored into x with the same vector width as it is read from the buffer)."""
+    num_bytes = x.numel() * x.element_size()
+    return (x.dtype in ONE_SHOT_DTYPES and 0 < num_bytes <= max_bytes and num_bytes % 4 == 0 and x.is_contiguous()
+            and x.storage_offset() * x.element_size() % 16 == 0)
+
+
 def choose_all_reduce(group: dist.ProcessGroup, device: torch.device, control_group: dist.ProcessGroup,
                       disable_custom: bool = False) -> AllReduce:
     """The all-reduce for `group`'s tensors on `device` (every rank calls this once, after the group
-    formed). The ranks agree over `control_group` (gloo) after each step of setting up the one-shot
-    path, so they take the same one, or all fall back to NCCL."""
+    formed). After each step of setting up the one-shot path (support, rendezvous, a self-test) the
+    ranks agree over `control_group` (gloo) before the next, so all take it, or all fall back to NCCL
+    at the same step: a rank alone in a one-shot kernel would wait for its peers forever."""
     if dist.get_world_size(group) == 1:
         return AllReduce()
     fallback = GroupAllReduce(group)
@@ -145,22 +149,27 @@ def choose_all_reduce(group: dist.ProcessGroup, device: torch.device, control_gr
         logger.info("all-reduce: NCCL for every message (the custom all-reduce is disabled)")
         return fallback
     reason = _why_unsupported(device, dist.get_world_size(group))
-    one_shot = None
-    if _every_rank_ok(reason, control_group):
-        try:
-            one_shot = OneShotAllReduce(group, device)
-        except Exception as e:  # RuntimeError from torch; anything else from builds without it
-            reason = f"symmetric memory could not be set up ({type(e).__name__}: {e})"
-        if one_shot is not None and one_shot.multicast_ptr():
+    if not _every_rank_ok(reason, control_group):
+        return _fall_back(fallback, reason)
+    try:
+        one_shot = OneShotAllReduce(group, device)
+        if one_shot.multicast_ptr():
             reason = "symmetric memory mapped an NVLink multicast object, which must not be used"
-    if one_shot is not None and _every_rank_ok(reason, control_group):
-        try:
-            reason = one_shot.self_test()
-        except Exception as e:
-            reason = f"the one-shot all-reduce failed ({type(e).__name__}: {e})"
-        if _every_rank_ok(reason, control_group):
-            logger.info("all-reduce: %s", one_shot.describe())
-            return one_shot
+    except Exception as e:  # RuntimeError from torch; anything else from builds without it
+        reason = f"symmetric memory could not be set up ({type(e).__name__}: {e})"
+    if not _every_rank_ok(reason, control_group):
+        return _fall_back(fallback, reason)
+    try:
+        reason = one_shot.self_test()
+    except Exception as e:
+        reason = f"the one-shot all-reduce failed ({type(e).__name__}: {e})"
+    if not _every_rank_ok(reason, control_group):
+        return _fall_back(fallback, reason)
+    logger.info("all-reduce: %s", one_shot.describe())
+    return one_shot
+
+
+def _fall_back(fallback: GroupAllReduce, reason: str | None) -> GroupAllReduce:
     logger.warning("all-reduce: NCCL for every message; the one-shot peer-memory all-reduce is unavailable: %s",
                    reason or "not on every rank (see the other ranks' logs)")
     return fallback
@@ -170,8 +179,10 @@ def _why_unsupported(device: torch.device, size: int) -> str | None:
     try:
         from torch.distributed import _symmetric_memory  # noqa: F401
 
-        torch.ops.symm_mem.one_shot_all_reduce_out
-    except (ImportError, AttributeError, RuntimeError):
+        has_one_shot = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out")
+    except (ImportError, RuntimeError):
+        has_one_shot = False
+    if not has_one_shot:
         return f"torch {torch.__version__} has no symmetric-memory one-shot all-reduce"
     # Ranks run on cuda:0..size-1 of one host (worker.parallel.group.rank_device).
     index = torch.cuda.current_device() if device.index is None else device.index
