@@ -1,12 +1,12 @@
 """Joining, watching and stopping the ranks of a tensor-parallel worker group.
 
 Rank 0 (the caller) starts ranks 1..N-1 (worker/parallel/launch.py) and hosts the TCPStore they
-rendezvous on. Model collectives run on the default process group (NCCL on GPUs, gloo on the CPU),
-small all-reduces on GPUs over peer memory (worker/parallel/all_reduce.py); step plans travel over a
-separate gloo group. Until every rank has loaded its shard, a rank that
-dies makes rank 0 raise RankStartupError; after that, a rank that dies takes the group down:
-children die with their parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees a child
-gone, so the router reports UNAVAILABLE instead of waiting on a collective that never ends.
+rendezvous on. Model collectives run on the default process group (NCCL on GPUs, gloo on the CPU;
+small all-reduces on GPUs over peer memory, worker/parallel/all_reduce.py); step plans travel over
+a separate gloo group. Until every rank has loaded its shard, a rank that dies makes rank 0 raise
+RankStartupError; after that, a rank that dies takes the group down: children die with their
+parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees a child gone, so the router reports
+UNAVAILABLE instead of waiting on a collective that never ends.
 
 Sampling: every rank samples from the same all-gathered logits with the same per-request generators
 (seeded identically), so no token broadcast is needed. A broadcast would add a collective and a

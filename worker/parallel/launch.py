@@ -2,9 +2,9 @@
 
 Each rank is a fresh interpreter running `python -m worker.parallel.rank_main`, so it never imports
 the user's `__main__` (multiprocessing's spawn does, and a script without a main guard then re-runs
-itself in every rank). Its environment is ours with NVLink multicast turned off (NO_MULTICAST_ENV in
-worker/parallel/all_reduce.py). A rank's output goes through a pipe to rank 0's stderr, and rank 0 keeps the
-last lines of each, so an error can show why a rank died.
+itself in every rank). Its environment is ours with NVLink multicast turned off (NO_MULTICAST_ENV
+in worker/parallel/all_reduce.py). A rank's output goes through a pipe to rank 0's stderr, and
+rank 0 keeps the last lines of each, so an error can show why a rank died.
 
 Start-up has two waits, both on keys the ranks set in rank 0's TCPStore: every rank connected
 ("joined", then the process group forms at once), and every rank loaded its shard and sized its
