@@ -16,7 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from worker.distributed import tensor_parallel_as
 from worker.kernels import add_rms_norm as ref
+from worker.model.layers.checkpoint_tensor import CheckpointTensor
+from worker.model.layers.linear import RowParallelLinear
 from worker.parallel import all_reduce
 from worker.parallel.all_reduce import NO_MULTICAST_ENV, GroupAllReduce, fits_one_shot, forbid_multicast
 
@@ -159,3 +162,20 @@ def test_one_shot_takes_small_aligned_bf16_and_fp32_only():
     assert not fits_one_shot(torch.empty(3, dtype=torch.bfloat16), 64 << 10)  # 6 bytes
     assert not fits_one_shot(torch.empty(12)[2:], 64 << 10)  # 8-byte offset
     assert not fits_one_shot(torch.empty(0), 64 << 10)
+
+
+def test_unreduced_row_parallel_shards_sum_to_the_whole_layer_with_its_bias_once():
+    """reduce_results=False leaves the sum to the norm after it; the bias must be in it once (rank 0's)."""
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(24, 64, generator=gen), torch.randn(24, generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    layers = []
+    for rank, size in [(0, 1), (0, SIZE), (1, SIZE)]:
+        with tensor_parallel_as(rank, size):
+            layer = RowParallelLinear(64, 24, bias=True, reduce_results=False)
+        for param, tensor in ((layer.weight, weight), (layer.bias, bias)):
+            param.weight_loader(param, CheckpointTensor.from_tensor(tensor))
+        layers.append(layer)
+    whole, ranks = layers[0], layers[1:]
+    partial = sum(layer(x[:, 32 * rank : 32 * (rank + 1)]) for rank, layer in enumerate(ranks))
+    torch.testing.assert_close(partial, whole(x), rtol=1e-5, atol=1e-5)
