@@ -1,6 +1,7 @@
 """Tensor-parallel group state: which rank this process is and how to reduce across ranks.
 
-With one rank (the default) every collective is the identity, so the model runs unchanged.
+With one rank (the default) every collective is the identity, so the model runs unchanged. The
+all-reduce is chosen when the group forms (worker/parallel/all_reduce.py).
 """
 
 import contextlib
@@ -9,16 +10,28 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from worker.parallel.all_reduce import AllReduce, GroupAllReduce
+
 
 @dataclass(frozen=True)
 class TensorParallel:
     rank: int = 0
     size: int = 1
+    reducer: AllReduce | None = None  # None: the identity at size 1, else the default group's all-reduce
+
+    def __post_init__(self):
+        if self.reducer is None:
+            object.__setattr__(self, "reducer", AllReduce() if self.size == 1 else GroupAllReduce(None))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x)
-        return x
+        """-> x summed over the ranks (x itself, reduced in place)."""
+        return self.reducer.all_reduce(x)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (normed, new residual): x summed over the ranks, added to the residual stream, then the
+        zero-centred RMSNorm (AllReduce.all_reduce_add_rms_norm)."""
+        return self.reducer.all_reduce_add_rms_norm(x, residual, weight, eps)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
@@ -40,9 +53,9 @@ def get_tp() -> TensorParallel:
     return _TP
 
 
-def set_tp(rank: int, size: int) -> None:
+def set_tp(rank: int, size: int, reducer: AllReduce | None = None) -> None:
     global _TP
-    _TP = TensorParallel(rank, size)
+    _TP = TensorParallel(rank, size, reducer)
 
 
 @contextlib.contextmanager

@@ -68,7 +68,8 @@ def engine_argv(args: argparse.Namespace, model: str) -> list[str]:
             "--cache-memory-mb", str(args.cache_memory_mb), "--seed", str(args.seed),
             "--kernel-backend", args.kernel_backend, "--load-format", args.load_format,
             "--enforce-eager", "1" if args.enforce_eager else "0",
-            "--async-scheduling", "1" if args.async_scheduling else "0"]
+            "--async-scheduling", "1" if args.async_scheduling else "0",
+            "--disable-custom-all-reduce", "1" if args.disable_custom_all_reduce else "0"]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
     return argv

@@ -27,6 +27,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps run the same code eagerly)
     async_scheduling: bool = False  # launch the next decode step before waiting for this one's tokens (tp 1)
+    disable_custom_all_reduce: bool = False  # CUDA, tp > 1: NCCL for every all-reduce, no one-shot over peer memory
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

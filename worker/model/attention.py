@@ -13,7 +13,7 @@ from worker.model.layers.rotary import PartialRotaryEmbedding
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str):
+    def __init__(self, config: ModelConfig, prefix: str, reduce_results: bool = True):
         super().__init__()
         tp = get_tp()
         self.head_dim = config.head_dim
@@ -31,7 +31,7 @@ class GatedAttention(nn.Module):
         self.q_proj = ColumnParallelLinear(hidden, 2 * q_width, bias, quant_config=quant, prefix=f"{prefix}.q_proj")
         self.k_proj = ColumnParallelLinear(hidden, kv_width, bias, kv_replicas, quant, prefix=f"{prefix}.k_proj")
         self.v_proj = ColumnParallelLinear(hidden, kv_width, bias, kv_replicas, quant, prefix=f"{prefix}.v_proj")
-        self.o_proj = RowParallelLinear(q_width, hidden, bias, quant_config=quant, prefix=f"{prefix}.o_proj")
+        self.o_proj = RowParallelLinear(q_width, hidden, bias, reduce_results, quant, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = PartialRotaryEmbedding(

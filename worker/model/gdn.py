@@ -29,7 +29,7 @@ class DepthwiseConvWeight(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str):
+    def __init__(self, config: ModelConfig, prefix: str, reduce_results: bool = True):
         super().__init__()
         self.tp = tp = get_tp()
         self.num_k_heads = tp.shard(config.linear_num_key_heads, "linear_num_key_heads")
@@ -69,7 +69,8 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
         self.dt_bias.weight_loader = self._load_value_heads
         self.norm = GatedRMSNorm(dv, config.rms_norm_eps)
-        self.out_proj = RowParallelLinear(nv * dv, hidden, **quant, prefix=f"{prefix}.out_proj")
+        self.out_proj = RowParallelLinear(nv * dv, hidden, reduce_results=reduce_results, **quant,
+                                          prefix=f"{prefix}.out_proj")
         self.conv_states: torch.Tensor | None = None  # [G, conv_dim, K-1+k], bound by the runner
         self.ssm_states: torch.Tensor | None = None  # [G, 1+k, HV, K, V]
 

@@ -133,9 +133,10 @@ class Router(ReplicatedLinear):
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str):
+    def __init__(self, config: ModelConfig, prefix: str, reduce_results: bool = True):
         super().__init__()
         self.tp = get_tp()
+        self.reduce_results = reduce_results
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         quant, shared = config.quantization, config.shared_expert_intermediate_size
@@ -162,4 +163,4 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return self.tp.all_reduce(out)
+        return self.tp.all_reduce(out) if self.reduce_results else out

@@ -16,32 +16,37 @@ from worker.model.gdn import GatedDeltaNet
 from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.model.layers.fp8 import require_unquantized
 from worker.model.layers.linear import ReplicatedLinear
-from worker.model.layers.norm import RMSNorm
+from worker.model.layers.norm import AllReduceRMSNorm, RMSNorm
 from worker.model.moe import DenseMLP, SparseMoeBlock
 
 
 class DecoderLayer(nn.Module):
+    """Token mixer and MLP, each before a norm. Their row-parallel projections (o_proj / out_proj,
+    down_proj) leave the sum over tensor-parallel ranks to the norm after them, which reduces, adds the
+    residual and normalises in one call (AllReduceRMSNorm)."""
+
     def __init__(self, config: ModelConfig, layer_type: str, use_moe: bool, prefix: str):
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config, f"{prefix}.linear_attn")
+            self.linear_attn = GatedDeltaNet(config, f"{prefix}.linear_attn", reduce_results=False)
         else:
-            self.self_attn = GatedAttention(config, f"{prefix}.self_attn")
+            self.self_attn = GatedAttention(config, f"{prefix}.self_attn", reduce_results=False)
         if use_moe:
-            self.mlp = SparseMoeBlock(config, f"{prefix}.mlp")
+            self.mlp = SparseMoeBlock(config, f"{prefix}.mlp", reduce_results=False)
         else:
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, quant_config=config.quantization,
-                                prefix=f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, reduce_results=False,
+                                quant_config=config.quantization, prefix=f"{prefix}.mlp")
+        self.input_layernorm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     @property
     def token_mixer(self) -> nn.Module:
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
-        """-> (this layer's MLP output, the residual stream before it): the next norm adds the two."""
+        """-> (this layer's MLP output, a per-rank partial sum; the residual stream before it): the next
+        norm reduces the first and adds the two."""
         if residual is None:
             residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
@@ -59,7 +64,7 @@ class Qwen3NextModel(nn.Module):
             DecoderLayer(config, config.layer_types[i], config.is_moe_layer(i), f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
@@ -82,7 +87,7 @@ class MultiTokenPredictor(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, "full_attention", config.num_experts > 0, f"mtp.layers.{i}") for i in range(num_layers)
         )
-        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.norm = AllReduceRMSNorm(hidden, config.rms_norm_eps)
 
     def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
                 step: int = 0) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Joining, watching and stopping the ranks of a tensor-parallel worker group.
 
 Rank 0 (the caller) starts ranks 1..N-1 (worker/parallel/launch.py) and hosts the TCPStore they
-rendezvous on. Model collectives run on the default process group (NCCL on GPUs, gloo on the CPU);
-step plans travel over a separate gloo group. Until every rank has loaded its shard, a rank that
-dies makes rank 0 raise RankStartupError; after that, a rank that dies takes the group down:
-children die with their parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees a child
-gone, so the router reports UNAVAILABLE instead of waiting on a collective that never ends.
+rendezvous on. Model collectives run on the default process group (NCCL on GPUs, gloo on the CPU;
+small all-reduces on GPUs over peer memory, worker/parallel/all_reduce.py); step plans travel over
+a separate gloo group. Until every rank has loaded its shard, a rank that dies makes rank 0 raise
+RankStartupError; after that, a rank that dies takes the group down: children die with their
+parent (PR_SET_PDEATHSIG), and rank 0 exits as soon as it sees a child gone, so the router reports
+UNAVAILABLE instead of waiting on a collective that never ends.
 
 Sampling: every rank samples from the same all-gathered logits with the same per-request generators
 (seeded identically), so no token broadcast is needed. A broadcast would add a collective and a
@@ -30,6 +31,7 @@ from worker.distributed import set_tp
 from worker.engine.config import EngineConfig
 from worker.engine.memory import CachePlan
 from worker.parallel import plan_codec
+from worker.parallel.all_reduce import choose_all_reduce, forbid_multicast
 from worker.parallel.launch import JOIN_TIMEOUT_S, LOAD_TIMEOUT_S, RankProcess, spawn_ranks, wait_for_ranks
 
 logger = logging.getLogger(__name__)
@@ -51,14 +53,18 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
 
 
 def join_group(config: EngineConfig, rank: int, store: dist.Store):
-    """Join the default group and the plan group; -> the plan group (gloo)."""
+    """Join the default group and the plan group, and choose the model's all-reduce; -> the plan group (gloo)."""
     size = config.tensor_parallel_size
     backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    forbid_multicast()
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    set_tp(rank, size)
-    return dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    plan_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    reducer = choose_all_reduce(dist.group.WORLD, rank_device(config, rank), plan_group,
+                                config.disable_custom_all_reduce)
+    set_tp(rank, size, reducer)
+    return plan_group
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -2,8 +2,9 @@
 
 Each rank is a fresh interpreter running `python -m worker.parallel.rank_main`, so it never imports
 the user's `__main__` (multiprocessing's spawn does, and a script without a main guard then re-runs
-itself in every rank). A rank's output goes through a pipe to rank 0's stderr, and rank 0 keeps the
-last lines of each, so an error can show why a rank died.
+itself in every rank). Its environment is ours with NVLink multicast turned off (NO_MULTICAST_ENV
+in worker/parallel/all_reduce.py). A rank's output goes through a pipe to rank 0's stderr, and
+rank 0 keeps the last lines of each, so an error can show why a rank died.
 
 Start-up has two waits, both on keys the ranks set in rank 0's TCPStore: every rank connected
 ("joined", then the process group forms at once), and every rank loaded its shard and sized its
@@ -26,6 +27,7 @@ from dataclasses import asdict
 import torch.distributed as dist
 
 from worker.engine.config import EngineConfig
+from worker.parallel.all_reduce import forbid_multicast
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 300.0  # a fresh interpreter imports torch and connects: seconds, minutes on a cold disk
@@ -54,8 +56,10 @@ class RankProcess:
         argv = [sys.executable, "-m", "worker.parallel.rank_main", "--rank", str(rank), "--store-port",
                 str(store_port), "--parent-pid", str(os.getpid()), "--config", json.dumps(asdict(config))]
         self.rank = rank
+        env = dict(os.environ)
+        forbid_multicast(env)
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, errors="replace")
+                                      stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
         self.pid = self.popen.pid
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._reader = threading.Thread(target=self._forward, name=f"tp-rank-{rank}-output", daemon=True)

@@ -52,6 +52,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     option("--async-scheduling", env="NEXTSERVE_ASYNC_SCHEDULING", default="0", type=_flag, nargs="?", const=True,
            help="launch the next decode step before waiting for the current one's tokens, so host work overlaps "
                 "the GPU (one rank)")
+    option("--disable-custom-all-reduce", env="NEXTSERVE_DISABLE_CUSTOM_ALL_REDUCE", default="0", type=_flag,
+           nargs="?", const=True,
+           help="CUDA, tp > 1: NCCL for every all-reduce, instead of the one-shot all-reduce over peer memory "
+                "for messages up to 64 KB")
 
 
 def _flag(value) -> bool:
@@ -112,6 +116,7 @@ def engine_config(args: argparse.Namespace):
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
         load_format=args.load_format, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
     )
 
 

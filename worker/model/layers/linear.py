@@ -108,7 +108,8 @@ class ColumnParallelLinear(_Linear):
 
 
 class RowParallelLinear(_Linear):
-    """Input columns split across ranks; the partial products are summed by an all-reduce."""
+    """Input columns split across ranks; the partial products are summed by an all-reduce, or, with
+    `reduce_results=False`, by the caller (AllReduceRMSNorm, which reduces, adds and normalises)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True,
                  quant_config: Fp8Config | None = None, prefix: str = ""):
@@ -124,8 +125,11 @@ class RowParallelLinear(_Linear):
         return narrow(param, loaded, -1, self.tp.rank * self.in_per_rank, self.in_per_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Bias is added once, after the reduction, so it is not counted tp times.
+        # Bias is added once, so it is not counted tp times: after the reduction, or by rank 0 alone
+        # when the caller reduces.
         y = self._matmul(x, None)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
+        elif self.tp.rank > 0:
+            return y
         return y if self.bias is None else y + self.bias

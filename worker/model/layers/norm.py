@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from worker import kernels
+from worker.distributed import get_tp
 from worker.kernels.qk_norm_rope import rms_norm_zero_centred
 
 
@@ -20,6 +21,22 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm_zero_centred(x, self.weight, self.eps)
         return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class AllReduceRMSNorm(RMSNorm):
+    """The norm after a sublayer whose row-parallel projection leaves the sum over tensor-parallel
+    ranks to it (`reduce_results=False`): given the residual stream, it sums x over the ranks, adds it
+    to the residual and normalises (TensorParallel.all_reduce_add_rms_norm) -> (normed, new residual).
+    Without one, x is whole on every rank (the embedding, the MTP's input) and it is the plain norm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps)
+        self.tp = get_tp()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm_zero_centred(x, self.weight, self.eps)
+        return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
