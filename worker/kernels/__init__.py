@@ -18,6 +18,7 @@ from worker.kernels import add_rms_norm as _norm_ref
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
+from worker.kernels import gated_rms_norm as _gated_norm_ref
 from worker.kernels import paged_attention as _attn_ref
 from worker.kernels import qk_norm_rope as _qk_ref
 from worker.kernels.moe import fp8_reference as _moe_fp8_ref
@@ -78,6 +79,11 @@ def causal_conv1d_fn(x, weight, cu_seqlens, conv_states, state_indices, num_acce
 def causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation="silu"):
     impl = _triton_module("causal_conv1d") if _use_triton(x) else _conv_ref
     return impl.causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation=activation)
+
+
+def gated_rms_norm(x, z, weight, eps):
+    impl = _triton_module("gated_rms_norm") if _use_triton(x) else _gated_norm_ref
+    return impl.gated_rms_norm(x, z, weight, eps)
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
@@ -149,4 +155,5 @@ __all__ = [
     "reshape_and_cache",
     "qk_norm_rope_and_cache",
     "fused_add_rms_norm",
+    "gated_rms_norm",
 ]

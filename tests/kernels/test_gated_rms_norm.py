@@ -1,0 +1,49 @@
+"""The GDN output norm (RMSNorm, weight, SiLU gate): the Triton kernel against the torch reference
+(outputs NaN-poisoned)."""
+
+import importlib
+
+import pytest
+import torch
+
+from tests.kernels.conftest import HAS_CUDA
+from tests.kernels.helpers import assert_rel_close, generator, randn, tolerance
+
+ref = importlib.import_module("worker.kernels.gated_rms_norm")
+tk = pytest.importorskip("worker.kernels.triton_gated_rms_norm", reason="triton is not installed")
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def nan_norm_output(monkeypatch):
+    monkeypatch.setattr(tk, "_empty_output", lambda like: torch.full_like(like, float("nan")))
+
+
+def check(rows, dim, dtype, device, seed):
+    gen = generator(seed, device)
+    args = dict(x=randn(rows, dim, gen=gen, device=device, dtype=dtype, scale=2.0),
+                z=randn(rows, dim, gen=gen, device=device, dtype=dtype),
+                weight=(1 + randn(dim, gen=gen, device=device, scale=0.1)).to(dtype), eps=1e-6)
+    assert_rel_close(tk.gated_rms_norm(**args), ref.gated_rms_norm(**args), tolerance(dtype), "gated norm")
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 48), (7, 128), (63, 100)], ids=str)
+def test_gated_rms_norm(rows, dim, device):
+    check(rows, dim, torch.float32, device, seed=rows)
+
+
+def test_strided_rows_are_read_in_place(device):
+    gen = generator(1, device)
+    wide = randn(9, 256, gen=gen, device=device)
+    x, z = wide[:, :128], wide[:, 128:]  # rows of a wider buffer, as the projections leave them
+    weight = torch.ones(128, device=device)
+    assert_rel_close(tk.gated_rms_norm(x, z, weight, 1e-6), ref.gated_rms_norm(x, z, weight, 1e-6), 1e-5, "strided")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tokens", [1, 64, 4097])
+def test_gated_rms_norm_real_shapes(tokens, dtype, device):
+    check(tokens * 32, 128, dtype, device, seed=tokens)  # 32 value heads of 128

@@ -1,0 +1,20 @@
+"""The Gated DeltaNet's output norm, torch reference: RMSNorm with a plain weight, then a SiLU gate.
+
+`y = (w * rms_norm(x)) * silu(z)` per row of V features, with the norm rounded to the activation
+dtype before the weight and the gate, as Qwen3-Next's `Qwen3NextRMSNormGated` computes it.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def gated_rms_norm(
+    x: torch.Tensor,  # [R, V] the core attention output, one row per (token, value head)
+    z: torch.Tensor,  # [R, V] the gate
+    weight: torch.Tensor,  # [V]
+    eps: float,
+) -> torch.Tensor:  # [R, V] in x's dtype
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = weight * y
+    return (y.float() * F.silu(z.float())).to(x.dtype)
