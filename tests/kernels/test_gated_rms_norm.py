@@ -17,7 +17,8 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 @pytest.fixture(autouse=True)
 def nan_norm_output(monkeypatch):
-    monkeypatch.setattr(tk, "_empty_output", lambda like: torch.full_like(like, float("nan")))
+    monkeypatch.setattr(tk, "_empty_output", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype,
+                                                                            device=like.device))
 
 
 def check(rows, dim, dtype, device, seed):
@@ -33,12 +34,15 @@ def test_gated_rms_norm(rows, dim, device):
     check(rows, dim, torch.float32, device, seed=rows)
 
 
-def test_strided_rows_are_read_in_place(device):
+def test_heads_of_a_wider_buffer_are_read_in_place(device):
+    """x [T, H, V] contiguous, z [T, H, V] the last columns of a projection's output, as the GDN passes them."""
     gen = generator(1, device)
-    wide = randn(9, 256, gen=gen, device=device)
-    x, z = wide[:, :128], wide[:, 128:]  # rows of a wider buffer, as the projections leave them
-    weight = torch.ones(128, device=device)
-    assert_rel_close(tk.gated_rms_norm(x, z, weight, 1e-6), ref.gated_rms_norm(x, z, weight, 1e-6), 1e-5, "strided")
+    x = randn(5, 3, 32, gen=gen, device=device)
+    z = randn(5, 200, gen=gen, device=device)[:, 104:].view(5, 3, 32)
+    weight = 1 + randn(32, gen=gen, device=device, scale=0.1)
+    out = tk.gated_rms_norm(x, z, weight, 1e-6)
+    assert out.shape == (5, 3, 32)
+    assert_rel_close(out, ref.gated_rms_norm(x, z, weight, 1e-6), 1e-5, "strided heads")
 
 
 @pytest.mark.gpu

@@ -12,44 +12,49 @@ import triton.language as tl
 from worker.kernels.triton_paged_attention import _check
 
 
-def _empty_output(like: torch.Tensor) -> torch.Tensor:
+def _empty_output(shape, like: torch.Tensor) -> torch.Tensor:
     """Every buffer a kernel must fill; tests replace this with a NaN fill."""
-    return torch.empty_like(like)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 @triton.jit
-def _gated_rms_norm_kernel(x, z, weight, out, R, V, stride_x, stride_z, stride_o, eps,
+def _gated_rms_norm_kernel(x, z, weight, out, R, H, V, stride_xt, stride_xh, stride_zt, stride_zh, eps,
                            BR: tl.constexpr, BV: tl.constexpr):
+    """Rows r = (token r // H, head r % H) of x and z, each V features."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BV)
     mask = (rows < R)[:, None] & (cols < V)[None, :]
-    rows = rows.to(tl.int64)
-    xv = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    t, h = (rows // H).to(tl.int64), (rows % H).to(tl.int64)
+    xv = tl.load(x + (t * stride_xt + h * stride_xh)[:, None] + cols[None, :], mask=mask, other=0.0)
     xf = xv.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 1) / V + eps)
     normed = (xf * rstd[:, None]).to(xv.dtype)
     w = tl.load(weight + cols, mask=cols < V, other=0.0)
     y = (w[None, :] * normed).to(tl.float32)
-    zf = tl.load(z + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + rows[:, None] * stride_o + cols[None, :], (y * zf * tl.sigmoid(zf)).to(out.dtype.element_ty),
+    zf = tl.load(z + (t * stride_zt + h * stride_zh)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + rows.to(tl.int64)[:, None] * V + cols[None, :], (y * zf * tl.sigmoid(zf)).to(out.dtype.element_ty),
              mask=mask)
 
 
 def gated_rms_norm(
-    x: torch.Tensor,  # [R, V]
-    z: torch.Tensor,  # [R, V]
+    x: torch.Tensor,  # [R, V] or [T, H, V]
+    z: torch.Tensor,  # the same shape; any strides but the last
     weight: torch.Tensor,  # [V]
     eps: float,
-) -> torch.Tensor:  # [R, V] in x's dtype
-    _check(x.dim() == 2 and z.shape == x.shape, f"x and z must be [R, V], got {tuple(x.shape)}, {tuple(z.shape)}")
-    R, V = x.shape
+) -> torch.Tensor:  # x's shape, contiguous, in x's dtype
+    _check(x.dim() in (2, 3) and z.shape == x.shape,
+           f"x and z must be [R, V] or [T, H, V] alike, got {tuple(x.shape)}, {tuple(z.shape)}")
+    V = x.shape[-1]
     _check(weight.shape == (V,), f"weight must be [{V}], got {tuple(weight.shape)}")
-    x = x if x.stride(1) == 1 else x.contiguous()
-    z = z if z.stride(1) == 1 else z.contiguous()
-    out = _empty_output(x)
-    if R:
+    out = _empty_output(x.shape, x)
+    x3, z3 = (x, z) if x.dim() == 3 else (x[:, None], z[:, None])
+    x3 = x3 if x3.stride(2) == 1 else x3.contiguous()
+    z3 = z3 if z3.stride(2) == 1 else z3.contiguous()
+    T, H = x3.shape[:2]
+    if T * H:
         BV = triton.next_power_of_2(V)
         BR = max(1, min(16, 4096 // BV))
-        _gated_rms_norm_kernel[(triton.cdiv(R, BR),)](x, z, weight, out, R, V, x.stride(0), z.stride(0),
-                                                       out.stride(0), eps, BR=BR, BV=BV, num_warps=4)
+        _gated_rms_norm_kernel[(triton.cdiv(T * H, BR),)](
+            x3, z3, weight, out, T * H, H, V, x3.stride(0), x3.stride(1), z3.stride(0), z3.stride(1), eps,
+            BR=BR, BV=BV, num_warps=4)
     return out

@@ -61,6 +61,12 @@ class GatedDeltaNet(nn.Module):
             self.in_proj_qkvz = ColumnParallelLinear(hidden, nk * (2 * dk + 2 * self.ratio * dv), **quant,
                                                      prefix=f"{prefix}.in_proj_qkvz")
             self.in_proj_ba = ColumnParallelLinear(hidden, nk * 2 * self.ratio, **quant, prefix=f"{prefix}.in_proj_ba")
+            # Column orders that turn the per-group packing into [q | k | v | z] and [b | a] in one gather.
+            rdv = self.ratio * dv
+            self.register_buffer("qkvz_order", _grouped_to_planar(self.num_k_heads, [dk, dk, rdv, rdv]),
+                                 persistent=False)
+            self.register_buffer("ba_order", _grouped_to_planar(self.num_k_heads, [self.ratio, self.ratio]),
+                                 persistent=False)
 
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
@@ -112,13 +118,11 @@ class GatedDeltaNet(nn.Module):
         if self.split_projections:
             z = self.in_proj_z(hidden_states).view(tokens, self.num_v_heads, self.head_v_dim)
             return self.in_proj_qkv(hidden_states), z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
-        dk, rdv = self.head_k_dim, self.ratio * self.head_v_dim
-        qkvz = self.in_proj_qkvz(hidden_states).view(tokens, self.num_k_heads, 2 * dk + 2 * rdv)
-        q, k, v, z = qkvz.split([dk, dk, rdv, rdv], dim=-1)
-        b, a = self.in_proj_ba(hidden_states).view(tokens, self.num_k_heads, 2 * self.ratio).split(self.ratio, dim=-1)
-        mixed_qkv = torch.cat([q.reshape(tokens, -1), k.reshape(tokens, -1), v.reshape(tokens, -1)], dim=-1)
-        z = z.reshape(tokens, self.num_v_heads, self.head_v_dim)
-        return mixed_qkv, z, b.reshape(tokens, self.num_v_heads), a.reshape(tokens, self.num_v_heads)
+        conv_dim = 2 * self.key_dim + self.value_dim
+        qkvz = self.in_proj_qkvz(hidden_states).index_select(1, self.qkvz_order)
+        ba = self.in_proj_ba(hidden_states).index_select(1, self.ba_order)
+        z = qkvz[:, conv_dim:].view(tokens, self.num_v_heads, self.head_v_dim)
+        return qkvz[:, :conv_dim], z, ba[:, : self.num_v_heads], ba[:, self.num_v_heads :]
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         meta = get_context().gdn
@@ -135,8 +139,8 @@ class GatedDeltaNet(nn.Module):
                 core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], g[:n_tok], beta[:n_tok], meta, n_dec, q_len)
             if n_tok < tokens:
                 core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g[n_tok:], beta[n_tok:], meta, n_dec)
-        out = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
-        return self.out_proj(out.view(tokens, -1))
+        out = self.norm(core, z)  # [T, HV, V]; z may be rows of the projection's output
+        return self.out_proj(out.reshape(tokens, -1))
 
     def _split_heads(self, mixed_qkv: torch.Tensor):
         q, k, v = mixed_qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -162,3 +166,11 @@ class GatedDeltaNet(nn.Module):
         x = kernels.causal_conv1d_fn(mixed_qkv, self.conv1d.weight, cu, self.conv_states, slots, accepted, has_init)
         q, k, v = self._split_heads(x)
         return kernels.chunk_gated_delta_rule(q, k, v, g, beta, cu, self.ssm_states, slots, accepted, has_init)
+
+
+def _grouped_to_planar(num_groups: int, widths: list[int]) -> torch.Tensor:
+    """Columns [g0: p0 p1 .. | g1: p0 p1 .. | ..] -> [p0 of every group | p1 of every group | ..], as indices."""
+    group_width = sum(widths)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return torch.tensor([g * group_width + start + i for start, width in zip(starts, widths)
+                         for g in range(num_groups) for i in range(width)], dtype=torch.int64)
