@@ -111,14 +111,15 @@ def verify_batch(logits: Tensor, draft_ids: Tensor, params: RowSamplingParams | 
     Q == 1 this samples one token per row. The rule is `sampler.verify_drafts`'.
     """
     num_seqs, num_query, vocab_size = logits.shape
-    logits = logits.float()
-    argmax_ids = logits.argmax(dim=-1)  # [N, Q]
+    argmax_ids = logits.argmax(dim=-1)  # [N, Q]; widening to fp32 is exact, so the argmax needs none
+    if params is None and num_query == 1:  # greedy decode: the argmax, in two launches rather than a dozen
+        return argmax_ids, torch.zeros(num_seqs, dtype=torch.int64, device=logits.device)
     accepted = draft_ids == argmax_ids[:, :-1]
     if params is None:
         num_accepted = count_accepted(accepted)
         return emitted_tokens(draft_ids, num_accepted, argmax_ids.gather(1, num_accepted[:, None]).squeeze(1)), \
             num_accepted
-    probs = filtered_probs(logits.view(-1, vocab_size), params.repeat_rows(num_query), True, True, True)
+    probs = filtered_probs(logits.float().view(-1, vocab_size), params.repeat_rows(num_query), True, True, True)
     probs = probs.view(num_seqs, num_query, vocab_size)
     draft_probs = probs[:, :-1].gather(2, draft_ids[:, :, None]).squeeze(2)
     accepted = torch.where(params.is_greedy[:, None], accepted, uniforms[:, :-1] < draft_probs)
