@@ -31,6 +31,15 @@ def test_fused_add_rms_norm(tokens, hidden, device):
     check(tokens, hidden, torch.float32, device, seed=tokens)
 
 
+@pytest.mark.parametrize("tokens,hidden", [(1, 64), (63, 200)], ids=lambda v: str(v))
+def test_rms_norm_without_a_residual(tokens, hidden, device):
+    gen = generator(tokens + 1, device)
+    x = randn(tokens, hidden, gen=gen, device=device, scale=2.0)
+    weight = randn(hidden, gen=gen, device=device, scale=0.1)
+    assert_rel_close(tk.rms_norm(x=x, weight=weight, eps=1e-6), ref.rms_norm(x=x, weight=weight, eps=1e-6),
+                     tolerance(torch.float32), "normed")
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -91,6 +91,13 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return impl.fused_add_rms_norm(x, residual, weight, eps)
 
 
+def rms_norm(x, weight, eps):
+    if x.dim() != 2:  # the kernel takes rows of tokens; other shapes stay with the reference
+        return _norm_ref.rms_norm(x, weight, eps)
+    impl = _triton_module("add_rms_norm") if _use_triton(x) else _norm_ref
+    return impl.rms_norm(x, weight, eps)
+
+
 def _moe_impl(x):
     return importlib.import_module("worker.kernels.moe.triton") if _use_triton(x) else _moe_ref
 
@@ -155,5 +162,6 @@ __all__ = [
     "reshape_and_cache",
     "qk_norm_rope_and_cache",
     "fused_add_rms_norm",
+    "rms_norm",
     "gated_rms_norm",
 ]

@@ -1,4 +1,5 @@
-"""Residual add + zero-centred RMSNorm in one pass, Triton (torch reference: worker.kernels.add_rms_norm).
+"""Residual add + zero-centred RMSNorm in one pass, and the norm alone, Triton (torch reference:
+worker.kernels.add_rms_norm).
 
 One program per token reads x and the residual once, writes the new residual and the normed row:
 two launches' worth of traffic (and six small ops) become one. The sum is rounded to the activation
@@ -19,13 +20,14 @@ def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 @triton.jit
 def _add_rms_norm_kernel(x, residual, weight, out, new_residual, stride_x, stride_r, stride_o, stride_n, H, eps,
-                         BH: tl.constexpr):
+                         BH: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BH)
     mask = h < H
-    r = tl.load(x + t * stride_x + h, mask=mask, other=0.0) + tl.load(residual + t * stride_r + h, mask=mask,
-                                                                       other=0.0)
-    tl.store(new_residual + t * stride_n + h, r, mask=mask)
+    r = tl.load(x + t * stride_x + h, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = r + tl.load(residual + t * stride_r + h, mask=mask, other=0.0)
+        tl.store(new_residual + t * stride_n + h, r, mask=mask)
     rf = r.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(rf * rf, 0) / H + eps)
     w = tl.load(weight + h, mask=mask, other=0.0).to(tl.float32)
@@ -48,6 +50,23 @@ def fused_add_rms_norm(
     if T:
         BH = triton.next_power_of_2(H)
         _add_rms_norm_kernel[(T,)](x, residual, weight, out, new_residual, x.stride(0), residual.stride(0),
-                                   out.stride(0), new_residual.stride(0), H, eps, BH=BH,
+                                   out.stride(0), new_residual.stride(0), H, eps, BH=BH, HAS_RESIDUAL=True,
                                    num_warps=min(16, max(1, BH // 256)))
     return out, new_residual
+
+
+def rms_norm(
+    x: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+) -> torch.Tensor:  # [T, H]
+    _check(x.dim() == 2, f"x must be [T, H], got {tuple(x.shape)}")
+    T, H = x.shape
+    _check(weight.shape == (H,), f"weight must be [{H}], got {tuple(weight.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = _empty_output(x)
+    if T:
+        BH = triton.next_power_of_2(H)
+        _add_rms_norm_kernel[(T,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, H, eps, BH=BH,
+                                   HAS_RESIDUAL=False, num_warps=min(16, max(1, BH // 256)))
+    return out

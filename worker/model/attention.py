@@ -54,5 +54,5 @@ class GatedAttention(nn.Module):
             query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
             meta.max_context_len,
         )
-        out = out.reshape(tokens, -1) * torch.sigmoid(gate.reshape(tokens, -1))
+        out = (out * torch.sigmoid(gate)).reshape(tokens, -1)  # gate read in place: no copy of the strided half
         return self.o_proj(out)

@@ -3,7 +3,6 @@ from torch import nn
 
 from worker import kernels
 from worker.distributed import get_tp
-from worker.kernels.qk_norm_rope import rms_norm_zero_centred
 
 
 class RMSNorm(nn.Module):
@@ -19,7 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return rms_norm_zero_centred(x, self.weight, self.eps)
+            return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -35,7 +34,7 @@ class AllReduceRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return rms_norm_zero_centred(x, self.weight, self.eps)
+            return kernels.rms_norm(x, self.weight, self.eps)
         return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
 
 
