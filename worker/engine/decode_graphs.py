@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from worker import kernels
 from worker.engine.plan import ScheduledSequence
 from worker.engine.sampler import MIN_TEMPERATURE, RequestSampling, _draw_uniforms
 from worker.engine.sampling_ops import RowSamplingParams, verify_batch
@@ -107,7 +108,6 @@ class DecodeGraphs:
         self.uniforms = torch.zeros(m, q, dtype=torch.float32, device=dev)
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev) * q
         self.row_starts = torch.arange(m, dtype=torch.int64, device=dev) * q
-        self.query_offsets = torch.arange(q, dtype=torch.int64, device=dev)
         self.seq_index = torch.arange(m, dtype=torch.int64, device=dev)
         self.has_initial_state = torch.ones(m, dtype=torch.bool, device=dev)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -200,16 +200,14 @@ class DecodeGraphs:
         return buffer[off : off + bucket]
 
     def _context(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, StepContext, torch.Tensor]:
-        q, bs = self.q_len, self.block_size
+        q = self.q_len
         input_ids = self.ints[: bucket * q]
-        start = self._field("start", bucket)
         valid = self._field("valid", bucket) != 0
-        positions = start[:, None] + self.query_offsets[None, :]  # [bucket, Q]
         tables = self.tables[:bucket]
-        blocks = tables.gather(1, positions // bs).long()
-        slots = torch.where(valid[:, None], blocks * bs + positions % bs, PAD_SLOT)
+        positions, slots, context_lens = kernels.decode_metadata(self._field("start", bucket), tables, valid, q,
+                                                                 self.block_size)
         attn = AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens[: bucket + 1], context_lens=(start + q).to(torch.int32),
+            cu_seqlens_q=self.cu_seqlens[: bucket + 1], context_lens=context_lens,
             slot_mapping=slots.reshape(-1), block_tables=tables, max_seqlen_q=q,
             max_context_len=self.max_model_len,
         )

@@ -13,7 +13,8 @@ import torch
 
 from worker.engine.host_io import index_tensor
 from worker.engine.plan import StepPlan
-from worker.model.context import PAD_SLOT, AttentionMetadata, StepContext, forward_context
+from worker import kernels
+from worker.model.context import AttentionMetadata, StepContext, forward_context
 
 
 @dataclass
@@ -83,14 +84,11 @@ class MTPProposer:
     def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor,
                              max_context_len: int, row_valid: torch.Tensor | None) -> AttentionMetadata:
         n = positions.shape[0]
-        blocks = block_tables.gather(1, (positions // self.block_size)[:, None].to(block_tables.dtype)).squeeze(1)
-        slot_mapping = blocks.long() * self.block_size + positions % self.block_size
-        if row_valid is not None:
-            slot_mapping = torch.where(row_valid, slot_mapping, PAD_SLOT)
+        _, slots, context_lens = kernels.decode_metadata(positions, block_tables, row_valid, 1, self.block_size)
         return AttentionMetadata(
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=positions.device),
-            context_lens=(positions + 1).to(torch.int32),
-            slot_mapping=slot_mapping,
+            context_lens=context_lens,
+            slot_mapping=slots.view(-1),
             block_tables=block_tables,
             max_seqlen_q=1,
             max_context_len=max_context_len,  # the target step's bound plus the chained steps

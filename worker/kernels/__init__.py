@@ -16,6 +16,7 @@ import importlib
 
 from worker.kernels import add_rms_norm as _norm_ref
 from worker.kernels import causal_conv1d as _conv_ref
+from worker.kernels import decode_metadata as _meta_ref
 from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
@@ -91,6 +92,11 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return impl.fused_add_rms_norm(x, residual, weight, eps)
 
 
+def decode_metadata(start, block_tables, valid, query_len, block_size):
+    impl = _triton_module("decode_metadata") if _use_triton(start) else _meta_ref
+    return impl.decode_metadata(start, block_tables, valid, query_len, block_size)
+
+
 def rms_norm(x, weight, eps):
     if x.dim() != 2:  # the kernel takes rows of tokens; other shapes stay with the reference
         return _norm_ref.rms_norm(x, weight, eps)
@@ -163,5 +169,6 @@ __all__ = [
     "qk_norm_rope_and_cache",
     "fused_add_rms_norm",
     "rms_norm",
+    "decode_metadata",
     "gated_rms_norm",
 ]
