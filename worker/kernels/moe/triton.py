@@ -202,6 +202,19 @@ def select_experts(
     return weights, ids
 
 
+def check_moe_shapes(hidden_states, w13, w2, topk_weights, topk_ids) -> tuple[int, int, int, int]:
+    """-> (T, H, E, I) of a fused MoE call, after checking that its tensors agree."""
+    _check(hidden_states.dim() == 2, f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
+    T, H = hidden_states.shape
+    _check(w13.dim() == 3 and w13.shape[2] == H and w13.shape[1] % 2 == 0,
+           f"w13 must be [E, 2I, {H}], got {tuple(w13.shape)}")
+    E, I = w13.shape[0], w13.shape[1] // 2
+    _check(tuple(w2.shape) == (E, H, I), f"w2 must be [{E}, {H}, {I}], got {tuple(w2.shape)}")
+    _check(topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
+           f"topk_weights and topk_ids must be [{T}, S], got {tuple(topk_weights.shape)}, {tuple(topk_ids.shape)}")
+    return T, H, E, I
+
+
 def _launch_grid(num_blocks: int, N: int, BN: int) -> tuple[int]:
     return (num_blocks * triton.cdiv(N, BN),)
 
@@ -219,14 +232,7 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, S]
     config: dict | None = None,  # tile config (tile_configs' format); None: looked up
 ) -> torch.Tensor:  # [T, H]
-    _check(hidden_states.dim() == 2, f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
-    T, H = hidden_states.shape
-    _check(w13.dim() == 3 and w13.shape[2] == H and w13.shape[1] % 2 == 0,
-           f"w13 must be [E, 2I, {H}], got {tuple(w13.shape)}")
-    E, I = w13.shape[0], w13.shape[1] // 2
-    _check(tuple(w2.shape) == (E, H, I), f"w2 must be [{E}, {H}, {I}], got {tuple(w2.shape)}")
-    _check(topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
-           f"topk_weights and topk_ids must be [{T}, S], got {tuple(topk_weights.shape)}, {tuple(topk_ids.shape)}")
+    T, H, E, I = check_moe_shapes(hidden_states, w13, w2, topk_weights, topk_ids)
     _check(w13.dtype == w2.dtype == hidden_states.dtype,
            f"hidden_states, w13 and w2 must share a dtype, got {hidden_states.dtype}, {w13.dtype}, {w2.dtype}")
     _check(w13.stride(2) == 1 and w2.stride(2) == 1, "w13 and w2 must be contiguous in their last dim")

@@ -21,7 +21,7 @@ from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv
 from worker.kernels.fp8.triton import _round_to_e4m3, per_token_group_quant_fp8
 from worker.kernels.moe.align import moe_align_block_size
 from worker.kernels.moe import triton as bf16_kernels
-from worker.kernels.moe.triton import _block_pairs, _check, _sum_slots_kernel, _tile
+from worker.kernels.moe.triton import _block_pairs, _check, _sum_slots_kernel, _tile, check_moe_shapes
 
 DEFAULT_CONFIG = {"BLOCK_M": 16, "gate_up": dict(GROUP_M=1, num_warps=4, num_stages=3),
                   "down": dict(BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)}
@@ -106,12 +106,7 @@ def fused_moe_fp8(
     block: int,
     config: dict | None = None,  # {"BLOCK_M", "gate_up": {...}, "down": {"BLOCK_N", ...}}; None: the default
 ) -> torch.Tensor:  # [T, H]
-    _check(hidden_states.dim() == 2, f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
-    T, H = hidden_states.shape
-    _check(w13.dim() == 3 and w13.shape[2] == H and w13.shape[1] % 2 == 0,
-           f"w13 must be [E, 2I, {H}], got {tuple(w13.shape)}")
-    E, I = w13.shape[0], w13.shape[1] // 2
-    _check(tuple(w2.shape) == (E, H, I), f"w2 must be [{E}, {H}, {I}], got {tuple(w2.shape)}")
+    T, H, E, I = check_moe_shapes(hidden_states, w13, w2, topk_weights, topk_ids)
     _check(w13.dtype == w2.dtype == FP8_DTYPE, f"w13 and w2 must be {FP8_DTYPE}, got {w13.dtype}, {w2.dtype}")
     _check(block >= 16 and not block & (block - 1), f"the FP8 kernels need a power-of-two block of at least 16, "
                                                     f"got {block}")
@@ -120,8 +115,6 @@ def fused_moe_fp8(
            f"w13_scale_inv must be [{E}, {2 * I // block}, {cdiv(H, block)}], got {tuple(w13_scale_inv.shape)}")
     _check(tuple(w2_scale_inv.shape) == (E, cdiv(H, block), I // block),
            f"w2_scale_inv must be [{E}, {cdiv(H, block)}, {I // block}], got {tuple(w2_scale_inv.shape)}")
-    _check(topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
-           f"topk_weights and topk_ids must be [{T}, S], got {tuple(topk_weights.shape)}, {tuple(topk_ids.shape)}")
     _check(w13.stride(2) == 1 and w2.stride(2) == 1, "w13 and w2 must be contiguous in their last dim")
     S = topk_ids.shape[1]
     out = bf16_kernels._empty_output(hidden_states)
