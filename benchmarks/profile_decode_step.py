@@ -45,7 +45,7 @@ def main():
     for _ in range(4):
         engine.step()
     graphs = engine.worker.decode_graphs
-    graph = graphs.graphs[(graphs.bucket_for(args.batch), True)][0]
+    graph = graphs.graphs[(graphs.bucket_for(args.batch), True, False)][0]
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

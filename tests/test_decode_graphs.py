@@ -28,14 +28,33 @@ def test_decode_steps_take_the_static_path_and_padding_writes_nothing(checkpoint
         graphs = llm.engine.worker.decode_graphs
         assert graphs.num_eager_steps > 0 and graphs.num_replays == 0
         steps = graphs.num_eager_steps
-        llm.generate(prompts[:1], SamplingParams(max_tokens=4, logprobs=1), use_tqdm=False)
-        assert graphs.num_eager_steps == steps, "a request with logprobs must take the general path"
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, repetition_penalty=1.2), use_tqdm=False)
+        assert graphs.num_eager_steps == steps, "a request with penalties must take the general path"
         before = [t.clone() for t in caches(llm)]
         graphs._write_padding()
         with torch.inference_mode():
             for greedy_only in (True, False):
-                graphs.step(graphs.max_batch, greedy_only)
+                for with_logprobs in (False, True):
+                    graphs.step(graphs.max_batch, greedy_only, with_logprobs)
         assert all(torch.equal(a, b) for a, b in zip(before, caches(llm)))
+
+
+@pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])
+def test_logprobs_on_the_static_path_equal_the_general_paths(checkpoint_factory, k):
+    """Four sequences fill bucket 4 (no padding), so both paths run the same shapes: the same bits."""
+    prompts = make_prompts([5, 9, 13, 7], seed=8)
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=n) for n in (0, 2, 5, None)]
+    results = []
+    for static in (True, False):
+        with LLM(checkpoint_factory("tiny"), speculative_tokens=k, max_num_seqs=4, cache_memory_bytes=32 << 20) as llm:
+            graphs = llm.engine.worker.decode_graphs
+            if not static:
+                llm.engine.runner.decode_graphs = None
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            assert (graphs.num_eager_steps > 0) == static
+            results.append([(o.token_ids, o.logprobs) for o in outputs])
+    assert results[0] == results[1]
+    assert len(results[0][2][1][0][1]) == 5 and results[0][3][1] is None
 
 
 @pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])

@@ -1,8 +1,9 @@
 """CUDA graphs of decode and verify steps give exactly what the same steps give eagerly.
 
 Two engines on the same tiny checkpoint, one replaying graphs and one with `enforce_eager`, run the
-same requests (greedy and seeded sampling mixed, a batch padded up to its bucket) at k = 0, 1 and 3:
-the tokens, the acceptance counts and every KV and GDN state tensor must be bitwise equal. This is
+same requests (greedy and seeded sampling mixed, some with logprobs, a batch padded up to its bucket)
+at k = 0, 1 and 3: the tokens, their logprobs, the acceptance counts and every KV and GDN state tensor
+must be bitwise equal. This is
 the bug class of a drafter whose graph mode reads stale buffers (ATOM's lost gsm8k accuracy).
 """
 
@@ -25,11 +26,11 @@ def model_dir(checkpoint_factory):
 def mixed_params() -> list[SamplingParams]:
     common = dict(max_tokens=24, ignore_eos=True)
     return [
-        SamplingParams(temperature=0.0, **common),
+        SamplingParams(temperature=0.0, logprobs=3, **common),
         SamplingParams(temperature=0.8, top_p=0.9, seed=11, **common),
-        SamplingParams(temperature=1.0, top_k=20, seed=12, **common),
+        SamplingParams(temperature=1.0, top_k=20, seed=12, logprobs=0, **common),
         SamplingParams(temperature=0.0, **common),
-        SamplingParams(temperature=0.7, min_p=0.05, seed=13, **common),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=13, logprobs=5, **common),
     ]
 
 
@@ -63,6 +64,7 @@ def test_graph_equals_eager(model_dir, k, dtype):
     assert clean, "capture wrote into a cache"
     assert replays > 0 and graph_eager == 0 and no_replays == 0 and eager_steps > 0
     assert [o.token_ids for o in graph_out] == [o.token_ids for o in eager_out]
+    assert [o.logprobs for o in graph_out] == [o.logprobs for o in eager_out]
     assert [o.num_accepted_tokens for o in graph_out] == [o.num_accepted_tokens for o in eager_out]
     for i, (g, e) in enumerate(zip(graph_caches, eager_caches)):
         assert torch.equal(g, e), f"cache tensor {i} differs between graph and eager"

@@ -1,8 +1,9 @@
 """Decode and verify steps on static buffers, replayed as CUDA graphs per batch-size bucket.
 
 A decode-only step (every sequence feeds its last token and its k drafts) whose requests need no
-penalties, min_tokens masking or logprobs runs here: the target's (1+k)·B positions, sampling or
-draft verification, and the MTP head's chained drafts, all read from static buffers. The host
+penalties or min_tokens masking runs here: the target's (1+k)·B positions, sampling or draft
+verification, logprobs (the top MAX_LOGPROBS, cut to what each request asked on the host), and the
+MTP head's chained drafts, all read from static buffers. The host
 writes one packed int64 and one fp32 vector of inputs and the used columns of the block tables into
 pinned memory, copies them without blocking, draws the step's uniforms (so seeded requests keep
 their own streams), and replays the graph of the smallest bucket that holds the batch.
@@ -23,7 +24,8 @@ from tqdm import tqdm
 from worker import kernels
 from worker.engine.plan import ScheduledSequence
 from worker.engine.sampler import MIN_TEMPERATURE, RequestSampling, _draw_uniforms
-from worker.engine.sampling_ops import RowSamplingParams, verify_batch
+from worker.engine.sampling_ops import RowSamplingParams, token_logprobs, verify_batch
+from worker.engine.sampling_params import MAX_LOGPROBS
 from worker.engine.host_io import index_tensor
 from worker.model.context import PAD_SLOT, AttentionMetadata, GDNMetadata, StepContext, forward_context
 
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 BUCKET_STEP = 8  # buckets 1, 2, 4, 8, then every 8
 INT_FIELDS = ("start", "state", "accepted", "valid", "top_k", "greedy")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+VARIANTS = [(greedy_only, with_logprobs) for greedy_only in (True, False) for with_logprobs in (False, True)]
 PAD_ROW = dict(start=0, state=PAD_SLOT, accepted=1, valid=0, greedy=1, temperature=1.0, top_p=1.0, min_p=0.0)
 
 
@@ -50,9 +53,9 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 def graph_compatible(rows: list[RequestSampling], extra_outputs: int = 0) -> bool:
-    """Rows whose sampling needs nothing but their parameters (no penalties, min_tokens, logprobs),
+    """Rows whose sampling needs nothing but their parameters (no penalties, no min_tokens masking),
     counting `extra_outputs` tokens not yet recorded (a step planned ahead)."""
-    return all(not row.params.has_penalties and row.params.logprobs is None
+    return all(not row.params.has_penalties
                and (row.num_output_tokens + extra_outputs >= row.params.min_tokens or not row.min_tokens_stop_ids)
                for row in rows)
 
@@ -66,6 +69,8 @@ class DecodeResult:
     input_ids: torch.Tensor  # [bucket * Q]
     positions: torch.Tensor
     hidden_states: torch.Tensor  # [bucket * Q, H]
+    logprobs: torch.Tensor | None = None  # [bucket, Q] of the emitted tokens (0 past them), with_logprobs only
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # ([bucket, Q, MAX_LOGPROBS] values, ids)
 
 
 class DecodeGraphs:
@@ -81,7 +86,7 @@ class DecodeGraphs:
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-(max_model_len + num_spec_tokens) // block_size)
         self.vocab_size = model.config.vocab_size
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, DecodeResult]] = {}
+        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, DecodeResult]] = {}
         self.num_replays = 0  # steps run by replaying a graph
         self.num_eager_steps = 0  # steps run by calling `step` (no graph, or none captured for the bucket)
         self._allocate_buffers()
@@ -167,15 +172,16 @@ class DecodeGraphs:
         each sequence's tokens, start position and state slot come from its results on the device."""
         bucket = self.bucket_for(len(sequences))
         greedy_only = all(row.params.is_greedy for row in rows)
+        with_logprobs = any(row.params.logprobs is not None for row in rows)
         self._write_inputs(sequences, rows, bucket)
         if previous is not None:
             self._continue_from(previous, len(sequences))
         if not greedy_only:
             self._write_uniforms(rows, generator)
-        graph = self.graphs.get((bucket, greedy_only))
+        graph = self.graphs.get((bucket, greedy_only, with_logprobs))
         if graph is None:
             self.num_eager_steps += 1
-            return self.step(bucket, greedy_only)
+            return self.step(bucket, greedy_only, with_logprobs)
         graph[0].replay()
         self.num_replays += 1
         return graph[1]
@@ -225,7 +231,7 @@ class DecodeGraphs:
             min_p=self._field("min_p", bucket),
         )
 
-    def step(self, bucket: int, greedy_only: bool) -> DecodeResult:
+    def step(self, bucket: int, greedy_only: bool, with_logprobs: bool = False) -> DecodeResult:
         """One decode / verify step of `bucket` rows, from the static buffers alone."""
         input_ids, positions, ctx, valid = self._context(bucket)
         with forward_context(ctx):
@@ -235,13 +241,19 @@ class DecodeGraphs:
         params = None if greedy_only else self._sampling_params(bucket)
         uniforms = None if greedy_only else self.uniforms[:bucket]
         token_ids, num_accepted = verify_batch(logits, draft_ids, params, uniforms)
+        logprobs = top = None
+        if with_logprobs:
+            logprobs, top = token_logprobs(logits.view(bucket * self.q_len, -1).float(), token_ids.view(-1),
+                                           MAX_LOGPROBS)
+            logprobs = logprobs.view(bucket, self.q_len)
+            top = tuple(t.view(bucket, self.q_len, MAX_LOGPROBS) for t in top)
         drafts = None
         if self.mtp is not None:
             anchor_rows = self.row_starts[:bucket] + num_accepted
             anchor_next = token_ids.gather(1, num_accepted[:, None]).squeeze(1)
             drafts = self.mtp.draft(ctx.attn, input_ids, positions, hidden, anchor_rows, anchor_next,
                                     self.seq_index[:bucket], valid)
-        return DecodeResult(token_ids, num_accepted, drafts, ctx, input_ids, positions, hidden)
+        return DecodeResult(token_ids, num_accepted, drafts, ctx, input_ids, positions, hidden, logprobs, top)
 
     # -- capture ------------------------------------------------------------------------------
 
@@ -263,17 +275,17 @@ class DecodeGraphs:
         started, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         self._write_padding()
         pool = torch.cuda.graph_pool_handle()
-        keys = [(b, g) for b in reversed(self.buckets) for g in (True, False)]
+        keys = [(b, *variant) for b in reversed(self.buckets) for variant in VARIANTS]
         side = _warmup_stream(self.device)
-        for bucket, greedy_only in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
+        for key in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, sets up cuBLAS, off the capture
-                self.step(bucket, greedy_only)
+                self.step(*key)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                result = self.step(bucket, greedy_only)
-            self.graphs[(bucket, greedy_only)] = (graph, result)
+                result = self.step(*key)
+            self.graphs[key] = (graph, result)
         torch.cuda.synchronize(self.device)
         used = torch.cuda.memory_reserved(self.device) - before
         logger.info("captured %d CUDA graphs (batch buckets %s, %d tokens each) in %.1f s, %.1f MiB",
@@ -288,8 +300,8 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        for greedy_only in (True, False):
-            self.step(self.max_batch, greedy_only)
+        for variant in VARIANTS:
+            self.step(self.max_batch, *variant)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
 

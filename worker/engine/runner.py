@@ -90,6 +90,10 @@ class ModelRunner:
         num_seqs = len(plan.sequences)
         emitted = _Emitted(plan, 1 + self.num_spec_tokens)
         emitted.decode_tokens, emitted.num_accepted = result.token_ids[:num_seqs], result.num_accepted[:num_seqs]
+        num_top = max((row.params.logprobs for row in rows if row.params.logprobs is not None), default=None)
+        if num_top is not None:
+            top = None if num_top == 0 else tuple(t[:num_seqs, :, :num_top] for t in result.top_logprobs)
+            emitted.decode_logprobs = (result.logprobs[:num_seqs], top)
         drafts = None if result.drafts is None else result.drafts[:num_seqs]
         if self.num_spec_tokens and drafts is None:  # a proposer outside the graph (e.g. scripted drafts)
             anchor_rows, anchor_next = emitted.anchors(self.device)

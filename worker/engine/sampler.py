@@ -18,12 +18,12 @@ from torch import Tensor
 
 from worker.engine.host_io import index_tensor, to_device
 from worker.engine.sampling_params import SamplingParams
-from worker.engine.sampling_ops import (PAD_TOKEN_ID, RowSamplingParams, count_accepted, emitted_tokens,
-                                        filtered_probs, inverse_cdf, sample_correction)
+from worker.engine.sampling_ops import PAD_LOGPROB, PAD_TOKEN_ID  # noqa: F401 (part of this module's API)
+from worker.engine.sampling_ops import (RowSamplingParams, count_accepted, emitted_tokens, filtered_probs,
+                                        inverse_cdf, sample_correction, token_logprobs)
 
 # Temperatures below this are clamped so that logits / temperature stays finite.
 MIN_TEMPERATURE = 1e-6
-PAD_LOGPROB = 0.0
 
 
 class RequestSampling:
@@ -293,21 +293,6 @@ def _max_num_top_logprobs(rows: list[RequestSampling]) -> int | None:
     return max(asked) if asked else None
 
 
-def _logprobs(raw_logits: Tensor, token_ids: Tensor, num_top: int):
-    """raw_logits [R, V], token_ids [R] (-1 = pad) -> (logprobs [R], (values [R, n], ids [R, n])
-    or None when n == 0). Padded rows get PAD_LOGPROB / PAD_TOKEN_ID."""
-    logprobs = torch.log_softmax(raw_logits, dim=-1)
-    is_pad = token_ids < 0
-    chosen = logprobs.gather(1, token_ids.clamp(min=0)[:, None]).squeeze(1)
-    chosen = chosen.masked_fill(is_pad, PAD_LOGPROB)
-    if num_top == 0:
-        return chosen, None
-    top_values, top_ids = logprobs.topk(num_top, dim=-1)
-    top_values = top_values.masked_fill(is_pad[:, None], PAD_LOGPROB)
-    top_ids = top_ids.masked_fill(is_pad[:, None], PAD_TOKEN_ID)
-    return chosen, (top_values, top_ids)
-
-
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -338,7 +323,7 @@ def sample(logits: Tensor, rows: list[RequestSampling],
     result = SampleResult(token_ids=token_ids)
     num_top = _max_num_top_logprobs(rows)
     if num_top is not None:
-        result.logprobs, result.top_logprobs = _logprobs(logits, token_ids, num_top)
+        result.logprobs, result.top_logprobs = token_logprobs(logits, token_ids, num_top)
     return result
 
 
@@ -388,7 +373,7 @@ def verify_drafts(logits: Tensor, draft_ids: Tensor, rows: list[RequestSampling]
     result = VerifyResult(num_accepted=num_accepted, token_ids=token_ids)
     num_top = _max_num_top_logprobs(rows)
     if num_top is not None:
-        chosen, top = _logprobs(flat_logits, token_ids.view(-1), num_top)
+        chosen, top = token_logprobs(flat_logits, token_ids.view(-1), num_top)
         result.logprobs = chosen.view(num_seqs, num_query)
         if top is not None:
             result.top_logprobs = (top[0].view(num_seqs, num_query, num_top),

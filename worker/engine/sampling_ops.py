@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 PAD_TOKEN_ID = -1
+PAD_LOGPROB = 0.0
 
 
 @dataclass
@@ -128,3 +129,18 @@ def verify_batch(logits: Tensor, draft_ids: Tensor, params: RowSamplingParams | 
     sampled_ids = sample_correction(probs, draft_ids, num_accepted, uniforms[:, -1])
     final_ids = torch.where(params.is_greedy, greedy_ids, sampled_ids)
     return emitted_tokens(draft_ids, num_accepted, final_ids), num_accepted
+
+
+def token_logprobs(raw_logits: Tensor, token_ids: Tensor, num_top: int):
+    """raw_logits [R, V], token_ids [R] (-1 = pad) -> (logprobs [R], (values [R, n], ids [R, n])
+    or None when n == 0). Padded rows get PAD_LOGPROB / PAD_TOKEN_ID."""
+    logprobs = torch.log_softmax(raw_logits, dim=-1)
+    is_pad = token_ids < 0
+    chosen = logprobs.gather(1, token_ids.clamp(min=0)[:, None]).squeeze(1)
+    chosen = chosen.masked_fill(is_pad, PAD_LOGPROB)
+    if num_top == 0:
+        return chosen, None
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)
+    top_values = top_values.masked_fill(is_pad[:, None], PAD_LOGPROB)
+    top_ids = top_ids.masked_fill(is_pad[:, None], PAD_TOKEN_ID)
+    return chosen, (top_values, top_ids)
