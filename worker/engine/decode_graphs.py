@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from worker import kernels
 from worker.engine.plan import ScheduledSequence
-from worker.engine.sampler import MIN_TEMPERATURE, RequestSampling, _draw_uniforms
+from worker.engine.sampler import RequestSampling, draw_uniforms, sampling_columns
 from worker.engine.sampling_ops import RowSamplingParams, token_logprobs, verify_batch
 from worker.engine.sampling_params import MAX_LOGPROBS
 from worker.engine.host_io import index_tensor
@@ -135,14 +135,12 @@ class DecodeGraphs:
         pad = bucket - n
         ids = [t for s in sequences for t in s.token_ids]
         ints[: bucket * q] = ids + [0] * (pad * q)
-        params = [row.params for row in rows]
+        sampling = sampling_columns(rows, self.vocab_size)
         columns = dict(
             start=[s.start_position for s in sequences], state=[s.state_group for s in sequences],
-            accepted=[s.num_accepted_slot for s in sequences], valid=[1] * n,
-            top_k=[p.top_k if 0 < p.top_k < self.vocab_size else self.vocab_size for p in params],
-            greedy=[int(p.is_greedy) for p in params],
-            temperature=[max(p.temperature, MIN_TEMPERATURE) for p in params], top_p=[p.top_p for p in params],
-            min_p=[p.min_p for p in params],
+            accepted=[s.num_accepted_slot for s in sequences], valid=[1] * n, top_k=sampling["top_k"],
+            greedy=[int(g) for g in sampling["is_greedy"]], temperature=sampling["temperature"],
+            top_p=sampling["top_p"], min_p=sampling["min_p"],
         )
         for name, values in columns.items():
             target = floats if name in FLOAT_FIELDS else ints
@@ -163,7 +161,7 @@ class DecodeGraphs:
         """The uniforms the eager sampler would draw, in its order, for the rows that sample."""
         sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if sampled:
-            draws = _draw_uniforms([rows[i] for i in sampled], self.q_len, self.device, generator)
+            draws = draw_uniforms([rows[i] for i in sampled], self.q_len, self.device, generator)
             self.uniforms.index_copy_(0, index_tensor(sampled, self.device), draws)
 
     def run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], generator: torch.Generator,
@@ -271,7 +269,8 @@ class DecodeGraphs:
         self.uniforms.fill_(0.5)
 
     def capture(self, progress: bool = True) -> None:
-        """Capture every (bucket, greedy or sampling) graph, the largest first so the rest reuse its pool."""
+        """Capture every (bucket, greedy or sampling, with or without logprobs) graph, the largest first so
+        the rest reuse its pool."""
         started, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         self._write_padding()
         pool = torch.cuda.graph_pool_handle()

@@ -76,10 +76,12 @@ class ModelWorker:
 
     @torch.inference_mode()
     def _profile_step(self) -> None:
-        """The largest decode step, then a prefill of a full token budget, on throwaway caches, to measure
-        peak activation memory (and what the CUDA graphs will keep)."""
-        allocate_and_bind(self.model, self.shapes, 1, 1, self.device)
-        self._graph_memory = self.decode_graphs.profile_memory()
+        """With CUDA graphs the largest decode step (what the graphs will keep), then a prefill of a full
+        token budget, on throwaway caches, to measure peak activation memory."""
+        self._graph_memory = 0
+        if self.uses_cuda_graphs:
+            allocate_and_bind(self.model, self.shapes, 1, 1, self.device)
+            self._graph_memory = self.decode_graphs.profile_memory()
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
         num_blocks = num_tokens // self.config.block_size + 2
         allocate_and_bind(self.model, self.shapes, num_blocks, 1, self.device)

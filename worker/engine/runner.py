@@ -12,7 +12,7 @@ from worker.engine.host_io import PendingHostCopy, index_tensor, to_device
 from worker.engine.plan import SequenceOutput, StepOutput, StepPlan
 from worker.engine.prompt_logprobs import PromptLogprobs
 from worker.engine.proposer import ProposalInputs, Proposer
-from worker.engine.sampler import RequestSampling, sample, verify_drafts
+from worker.engine.sampler import RequestSampling, max_num_top_logprobs, sample, verify_drafts
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
 from worker.model.context import forward_context
 
@@ -57,14 +57,14 @@ class ModelRunner:
         return PendingStep(output=self._execute_general(plan))
 
     def can_run_ahead(self, sequences, rows: list[RequestSampling]) -> bool:
-        """Whether the successor of this decode step can be launched before its tokens are known."""
-        drafts_in_graph = self.num_spec_tokens == 0 or (self.decode_graphs is not None
-                                                         and self.decode_graphs.mtp is not None)
-        return (drafts_in_graph and self.decode_graphs is not None
-                and self.decode_graphs.can_run(sequences, rows, extra_outputs=1 + self.num_spec_tokens))
+        """Whether the successor of this decode step can be launched before its tokens are known: its
+        drafts (if any) must come from the graphs, not from a proposer on the host."""
+        graphs = self.decode_graphs
+        return (graphs is not None and (self.num_spec_tokens == 0 or graphs.mtp is not None)
+                and graphs.can_run(sequences, rows, extra_outputs=1 + self.num_spec_tokens))
 
     def _execute_general(self, plan: StepPlan) -> StepOutput:
-        """Any step, eagerly: prefill chunks, mixed steps, penalties, logprobs."""
+        """Any step, eagerly: prefill chunks, mixed steps, penalties, min_tokens masking."""
         q_len = 1 + self.num_spec_tokens
         slices = [SequenceSlice(s.token_ids, s.start_position, s.block_table, s.state_group,
                                 s.num_accepted_slot, s.is_decode) for s in plan.sequences]
@@ -81,7 +81,6 @@ class ModelRunner:
         self.prompt_logprobs.attach(output, prompt_logprobs)
         return output
 
-
     def _launch_decode(self, plan: StepPlan, rows: list[RequestSampling],
                        previous: DecodeResult | None = None) -> "PendingStep":
         """A decode-only step through the decode graphs (or the same code eagerly), its results queued
@@ -90,18 +89,14 @@ class ModelRunner:
         num_seqs = len(plan.sequences)
         emitted = _Emitted(plan, 1 + self.num_spec_tokens)
         emitted.decode_tokens, emitted.num_accepted = result.token_ids[:num_seqs], result.num_accepted[:num_seqs]
-        num_top = max((row.params.logprobs for row in rows if row.params.logprobs is not None), default=None)
+        num_top = max_num_top_logprobs(rows)
         if num_top is not None:
             top = None if num_top == 0 else tuple(t[:num_seqs, :, :num_top] for t in result.top_logprobs)
             emitted.decode_logprobs = (result.logprobs[:num_seqs], top)
         drafts = None if result.drafts is None else result.drafts[:num_seqs]
         if self.num_spec_tokens and drafts is None:  # a proposer outside the graph (e.g. scripted drafts)
-            anchor_rows, anchor_next = emitted.anchors(self.device)
-            drafts = self.proposer.propose(ProposalInputs(
-                plan=plan, ctx=result.ctx, input_ids=result.input_ids, positions=result.positions,
-                hidden_states=result.hidden_states, anchor_rows=anchor_rows, anchor_next_ids=anchor_next,
-                sampled=emitted.sampled, emitted=emitted.host_tokens,
-            ))
+            drafts = self._propose(plan, result.ctx, result.input_ids, result.positions, result.hidden_states,
+                                   emitted)
         emitted.queue_host_copy(drafts)
         return PendingStep(emitted=emitted, drafts=drafts, requests=self.requests, decode=result)
 

@@ -233,16 +233,28 @@ def apply_penalties(logits: Tensor, rows: list[RequestSampling],
 # Sampling distribution and draws
 
 
-def row_sampling_params(rows: list[RequestSampling], vocab_size: int, device) -> RowSamplingParams:
-    """The requests' sampling parameters as tensors [R], filters that are off normalised."""
+def sampling_columns(rows: list[RequestSampling], vocab_size: int) -> dict[str, list]:
+    """The requests' sampling parameters per row, filters that are off normalised (top_k = V, top_p = 1,
+    min_p = 0) and temperatures clamped away from 0: what the tensor-only sampling code reads."""
     params = [row.params for row in rows]
+    return dict(
+        is_greedy=[p.is_greedy for p in params],
+        temperature=[max(p.temperature, MIN_TEMPERATURE) for p in params],
+        top_k=[p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params],
+        top_p=[p.top_p for p in params],
+        min_p=[p.min_p for p in params],
+    )
+
+
+def row_sampling_params(rows: list[RequestSampling], vocab_size: int, device) -> RowSamplingParams:
+    """The requests' sampling parameters as tensors [R] (`sampling_columns`)."""
+    columns = sampling_columns(rows, vocab_size)
     return RowSamplingParams(
-        is_greedy=_row_tensor([p.is_greedy for p in params], device, torch.bool),
-        temperature=_row_tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device),
-        top_k=_row_tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], device,
-                          torch.int64),
-        top_p=_row_tensor([p.top_p for p in params], device),
-        min_p=_row_tensor([p.min_p for p in params], device),
+        is_greedy=_row_tensor(columns["is_greedy"], device, torch.bool),
+        temperature=_row_tensor(columns["temperature"], device),
+        top_k=_row_tensor(columns["top_k"], device, torch.int64),
+        top_p=_row_tensor(columns["top_p"], device),
+        min_p=_row_tensor(columns["min_p"], device),
     )
 
 
@@ -258,7 +270,7 @@ def _filtered_probs(logits: Tensor, rows: list[RequestSampling]) -> Tensor:
                           use_min_p)
 
 
-def _draw_uniforms(rows: list[RequestSampling], num_draws: int, device,
+def draw_uniforms(rows: list[RequestSampling], num_draws: int, device,
                    default_generator: torch.Generator | None) -> Tensor:
     """-> [R, num_draws] uniforms in [0, 1): seeded rows from their own generator, the others from
     default_generator (torch's global one if None), in row order."""
@@ -287,7 +299,7 @@ def target_probs(logits: Tensor, rows: list[RequestSampling],
 # Logprobs
 
 
-def _max_num_top_logprobs(rows: list[RequestSampling]) -> int | None:
+def max_num_top_logprobs(rows: list[RequestSampling]) -> int | None:
     """None when no row asks for logprobs, else the largest top-n asked."""
     asked = [row.params.logprobs for row in rows if row.params.logprobs is not None]
     return max(asked) if asked else None
@@ -318,10 +330,10 @@ def sample(logits: Tensor, rows: list[RequestSampling],
         index = index_tensor(sampled, logits.device)
         sampled_rows = [rows[i] for i in sampled]
         probs = _filtered_probs(processed[index], sampled_rows)
-        uniforms = _draw_uniforms(sampled_rows, 1, logits.device, default_generator)
+        uniforms = draw_uniforms(sampled_rows, 1, logits.device, default_generator)
         token_ids[index] = inverse_cdf(probs, uniforms[:, 0])
     result = SampleResult(token_ids=token_ids)
-    num_top = _max_num_top_logprobs(rows)
+    num_top = max_num_top_logprobs(rows)
     if num_top is not None:
         result.logprobs, result.top_logprobs = token_logprobs(logits, token_ids, num_top)
     return result
@@ -359,7 +371,7 @@ def verify_drafts(logits: Tensor, draft_ids: Tensor, rows: list[RequestSampling]
         probs = _filtered_probs(processed[index].view(-1, vocab_size),
                                 [row for row in sampled_rows for _ in range(num_query)])
         probs = probs.view(len(sampled), num_query, vocab_size)
-        uniforms = _draw_uniforms(sampled_rows, num_query, device, default_generator)  # [M, Q]
+        uniforms = draw_uniforms(sampled_rows, num_query, device, default_generator)  # [M, Q]
         draft_probs = probs[:, :-1].gather(2, draft_ids[index][:, :, None]).squeeze(2)
         accepted[index] = uniforms[:, :-1] < draft_probs
     num_accepted = count_accepted(accepted)  # [N]
@@ -371,7 +383,7 @@ def verify_drafts(logits: Tensor, draft_ids: Tensor, rows: list[RequestSampling]
     token_ids = emitted_tokens(draft_ids, num_accepted, final_ids)
 
     result = VerifyResult(num_accepted=num_accepted, token_ids=token_ids)
-    num_top = _max_num_top_logprobs(rows)
+    num_top = max_num_top_logprobs(rows)
     if num_top is not None:
         chosen, top = token_logprobs(flat_logits, token_ids.view(-1), num_top)
         result.logprobs = chosen.view(num_seqs, num_query)

@@ -8,7 +8,7 @@ and the MTP head for each chained draft (Q = 1).
 
 import torch
 
-PAD_SLOT = -1
+PAD_SLOT = -1  # a KV slot or GDN state group that nothing reads or writes (worker.model.context re-exports it)
 
 
 def decode_metadata(

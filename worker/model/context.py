@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-PAD_SLOT = -1
+from worker.kernels.decode_metadata import PAD_SLOT  # noqa: F401 (the one definition; layers import it from here)
 
 
 @dataclass
