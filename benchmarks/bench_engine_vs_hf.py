@@ -14,6 +14,7 @@ at k = 0, to the roofline: non-expert weights + the distinct experts the step to
 """
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -93,11 +94,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_for(model_dir: Path, k: int, max_batch: int, device: str, dtype: str, proposer=None,
+def engine_for(model_dir: Path, k: int, batches: list[int], device: str, dtype: str, proposer=None,
                async_scheduling: bool = False) -> LLMEngine:
+    """Graphs for the measured batch sizes only: capture time is device time."""
+    max_batch = max(batches)
     return LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, speculative_tokens=k,
                                   max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN),
-                                  max_model_len=1024, gpu_memory_utilization=0.85,
+                                  max_model_len=1024, gpu_memory_utilization=0.85, cuda_graph_sizes=tuple(batches),
                                   async_scheduling=async_scheduling), proposer)
 
 
@@ -196,7 +199,7 @@ def main():
     args = parser.parse_args()
     device, dtype = ("cpu", "float32") if args.smoke else ("cuda", "bfloat16")
     if args.smoke:
-        from worker.tools.tiny_checkpoint import builtin_model_dir
+        from worker.tools.builtin_model import builtin_model_dir
 
         model_dir, args.batches, args.ks, args.new_tokens, args.async_ks = builtin_model_dir(), [1, 2], [0, 1], 4, [0]
         rates = None
@@ -215,7 +218,7 @@ def main():
             proposer, script_truth = None, dict(truth)
             if kind == "scripted":
                 proposer = ScriptedProposer(always_right(script_truth), k)
-            engine = engine_for(model_dir, k, max(args.batches), device, dtype, proposer, kind.endswith("async"))
+            engine = engine_for(model_dir, k, args.batches, device, dtype, proposer, kind.endswith("async"))
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
@@ -246,6 +249,7 @@ def main():
                     Path(args.out).write_text(json.dumps(result, indent=1))
             engine.shutdown()
             del engine
+            gc.collect()  # the engine's objects refer to one another: free its weights before the next one
             if device == "cuda":
                 torch.cuda.empty_cache()
     emit(result, args.out)

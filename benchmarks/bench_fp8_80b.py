@@ -12,6 +12,8 @@ and the concurrency it allows at 8k context; then FP8 against bf16 ms/step on th
 """
 
 import argparse
+import gc
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,11 +31,13 @@ from worker.tools.model_shapes import write_shape_config  # noqa: E402
 CONTEXT = 8192
 
 
-def engine(model_dir: Path, k: int, max_batch: int) -> LLMEngine:
+def engine(model_dir: Path, k: int, batches: list[int]) -> LLMEngine:
+    """Graphs for the measured batch sizes only: capture time is device time."""
+    max_batch = max(batches)
     return LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                                   speculative_tokens=k, max_num_seqs=max_batch, max_model_len=CONTEXT,
                                   max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN),
-                                  gpu_memory_utilization=0.92))
+                                  gpu_memory_utilization=0.92, cuda_graph_sizes=tuple(batches)))
 
 
 def cache_memory(e: LLMEngine) -> dict:
@@ -64,6 +68,19 @@ def measure(e: LLMEngine, k: int, batches, new_tokens: int, rates: dict | None) 
     return rows
 
 
+def free_weights() -> None:
+    """After an engine is dropped: its objects refer to one another, so only a collection frees its 80 GB
+    of weights before the next engine is built."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def save_partial(result: dict, out: str | None) -> None:
+    """What is measured so far, so that a run cut short keeps it."""
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=48)
@@ -78,21 +95,23 @@ def main():
     root = Path(tempfile.mkdtemp())
     full = write_shape_config(root / "fp8-full", num_layers=args.layers, quantize="fp8")
     for k in args.ks:
-        e = engine(full, k, max(args.batches))
+        e = engine(full, k, args.batches)
         result["memory"][f"k{k}"] = cache_memory(e)
         result["rows"] += measure(e, k, args.batches, args.new_tokens, rates)
+        save_partial(result, args.out)
         e.shutdown()
         del e
-        torch.cuda.empty_cache()
+        free_weights()
     small = {"fp8": write_shape_config(root / "fp8-4", num_layers=4, quantize="fp8"),
              "bf16": write_shape_config(root / "bf16-4", num_layers=4)}
     result["four_layers"] = {}
     for name, model_dir in small.items():
-        e = engine(model_dir, 0, max(args.batches))
+        e = engine(model_dir, 0, args.batches)
         result["four_layers"][name] = measure(e, 0, args.batches, args.new_tokens, None)
+        save_partial(result, args.out)
         e.shutdown()
         del e
-        torch.cuda.empty_cache()
+        free_weights()
     emit(result, args.out)
 
 

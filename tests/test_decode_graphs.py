@@ -5,6 +5,7 @@ import torch
 
 from tests.engine_helpers import make_prompts
 from worker import LLM, SamplingParams
+from worker.engine.config import EngineConfig
 from worker.engine.decode_graphs import batch_buckets
 
 
@@ -13,6 +14,27 @@ def test_batch_buckets():
     assert batch_buckets(6) == [1, 2, 4, 8]
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert batch_buckets(65)[-1] == 72
+
+
+def test_cuda_graph_sizes_choose_the_buckets(checkpoint_factory):
+    """Only the sizes asked for (as vLLM's --cuda-graph-sizes): a batch above the largest takes the general path."""
+    from worker.server.main import parse_args
+
+    assert parse_args(["--cuda-graph-sizes", "8,1"]).cuda_graph_sizes == (8, 1)
+    with pytest.raises(SystemExit):
+        parse_args(["--cuda-graph-sizes", "1,x"])
+    with pytest.raises(ValueError, match="cuda_graph_sizes"):
+        EngineConfig(model="unused", cuda_graph_sizes=(0, 4))
+    sizes = EngineConfig(model="unused", cuda_graph_sizes=(4, 2, 2, 64)).cuda_graph_sizes
+    assert sizes == (2, 4, 64)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with LLM(checkpoint_factory("tiny"), max_num_seqs=8, cuda_graph_sizes=sizes, cache_memory_bytes=32 << 20) as llm:
+        graphs = llm.engine.worker.decode_graphs
+        assert graphs.buckets == [2, 4] and graphs.max_batch == 4
+        llm.generate(make_prompts([5, 9, 13, 7, 6], seed=3), params, use_tqdm=False)
+        assert graphs.num_eager_steps == 0, "5 sequences are above the largest size"
+        llm.generate(make_prompts([5, 9, 13], seed=3), params, use_tqdm=False)
+        assert graphs.num_eager_steps == 3, "3 sequences pad up to 4"
 
 
 def caches(llm: LLM) -> list[torch.Tensor]:

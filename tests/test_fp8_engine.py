@@ -20,10 +20,10 @@ MAX_TOKENS = 40
 FP8_GREEDY_MARGIN = 1e-2
 
 
-def decided_prefix(logprobs) -> int:
+def decided_prefix(logprobs, margin: float = FP8_GREEDY_MARGIN) -> int:
     """Tokens before the first greedy near-tie of a k = 0 run (top-2 logprob gap = logit gap)."""
     rows = torch.tensor([[lp for _, lp in top[:2]] for _, top in logprobs])
-    ties = greedy_near_ties(rows, margin=FP8_GREEDY_MARGIN)
+    ties = greedy_near_ties(rows, margin=margin)
     return ties[0].position if ties else len(logprobs)
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from tests import cpu_capabilities
 from tests.test_tiny_checkpoint import file_hashes
-from worker.tools.tiny_checkpoint import DTYPES, PRESETS, builtin_model_dir, write_tiny_checkpoint
+from worker.tools.tiny_checkpoint import DTYPES, PRESETS, TINY_MODEL_NAME, tiny_model_dir, write_tiny_checkpoint
 from worker.tools.tiny_weights import PortableRandom
 
 # sha256 of `write_tiny_checkpoint(dir)` (preset tiny, seed 0, 3 shards, bfloat16, with MTP).
-# A change here changes every test's weights and the built-in model: bump BUILTIN_MODEL_NAME with it.
+# A change here changes every test's weights and the built-in model: bump TINY_MODEL_NAME with it.
 PINNED_TINY_WEIGHTS = {
     "model-00001-of-00003.safetensors": "a126ae1264aaf1eb270acccc3f6c0b43f63c740a0168b17e93559364af34c1a9",
     "model-00002-of-00003.safetensors": "7b4fb7d5cce761823d802a51430690d89cafdf6b954ed62de62948a61e591525",
@@ -80,12 +80,12 @@ def test_portable_draws_have_the_documented_distributions():
     assert not np.array_equal(PortableRandom(5).normal(10), PortableRandom(6).normal(10))
 
 
-def test_a_cached_older_builtin_model_is_not_served(tmp_path, monkeypatch):
+def test_a_cached_older_tiny_model_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("NEXTSERVE_CACHE", str(tmp_path))
-    stale = tmp_path / "builtin-tiny-v1"
+    stale = tmp_path / "builtin-tiny-v1"  # the v1 weights, cached under their old name
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    path = builtin_model_dir()
-    assert path.name == "builtin-tiny-v2" and path != stale
+    path = tiny_model_dir()
+    assert path.name == TINY_MODEL_NAME and path != stale
     assert file_hashes(path)["model-00001-of-00003.safetensors"] == PINNED_TINY_WEIGHTS[
         "model-00001-of-00003.safetensors"]

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.tools import tiny_checkpoint as tc
-from worker.tools.tiny_checkpoint import PRESETS, builtin_model_dir, write_tiny_checkpoint
+from worker.tools.tiny_checkpoint import PRESETS, TINY_MODEL_NAME, tiny_model_dir, write_tiny_checkpoint
 
 NON_ASCII_SAMPLE = "Crème brûlée, Straße, Ελληνικά, 你好世界, こんにちは, 🚀👨‍👩‍👧 ok"
 
@@ -255,17 +255,17 @@ def test_eos_ids_agree_between_tokenizer_and_configs(checkpoint):
     assert max(im_end, endoftext) < config["vocab_size"]
 
 
-# ---------------------------------------------------------------- built-in model
+# ---------------------------------------------------------------- the cached random preset
 
-def test_builtin_model_is_written_once_and_reused(tmp_path, monkeypatch):
+def test_tiny_model_is_written_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("NEXTSERVE_CACHE", str(tmp_path))
-    first = builtin_model_dir()
-    assert first == tmp_path / "builtin-tiny-v2"
+    first = tiny_model_dir()
+    assert first == tmp_path / TINY_MODEL_NAME
     assert (first / "model.safetensors.index.json").exists()
 
     def must_not_rewrite(*args, **kwargs):
-        raise AssertionError("builtin model rewritten")
+        raise AssertionError("tiny model rewritten")
 
     monkeypatch.setattr(tc, "write_tiny_checkpoint", must_not_rewrite)
-    assert builtin_model_dir() == first
-    assert [p.name for p in tmp_path.iterdir()] == ["builtin-tiny-v2"]
+    assert tiny_model_dir() == first
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_MODEL_NAME]

@@ -72,6 +72,8 @@ def engine_argv(args: argparse.Namespace, model: str) -> list[str]:
             "--disable-custom-all-reduce", "1" if args.disable_custom_all_reduce else "0"]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    if args.cuda_graph_sizes:
+        argv += ["--cuda-graph-sizes", ",".join(map(str, args.cuda_graph_sizes))]
     return argv
 
 
@@ -107,10 +109,10 @@ def serve_main(argv) -> None:
     args = parse_args(argv)
     model = args.model
     if model is None:
-        from worker.tools.tiny_checkpoint import builtin_model_dir
+        from worker.tools.builtin_model import builtin_model_dir
 
         model = str(builtin_model_dir())
-        logger.info("no --model given: serving the built-in tiny checkpoint at %s", model)
+        logger.info("no --model given: serving the built-in model at %s", model)
     worker_port = args.worker_port or free_port()
     router_port = args.port or free_port()
     http_port = None if args.http_port is None else args.http_port or free_port()

@@ -38,9 +38,9 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def builtin_model():
-    from worker.tools.tiny_checkpoint import builtin_model_dir
+    from worker.tools.tiny_checkpoint import tiny_model_dir
 
-    return builtin_model_dir()
+    return tiny_model_dir()
 
 
 @pytest.fixture(scope="session")

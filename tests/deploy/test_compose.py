@@ -92,7 +92,7 @@ def test_gpu_compose_services():
 
 
 def test_cpu_compose_shares_the_builtin_model_through_a_volume():
-    from worker.tools.tiny_checkpoint import BUILTIN_MODEL_NAME
+    from worker.tools.builtin_model import BUILTIN_MODEL_NAME
 
     compose = load(CPU_COMPOSE)
     worker, router = compose["services"]["worker"], compose["services"]["router"]

@@ -7,6 +7,7 @@ import pytest
 
 from nextserve.v1 import generation_pb2, generation_pb2_grpc
 from tests.deploy.conftest import scrape, wait_idle
+from worker.tools.tiny_checkpoint import TINY_MODEL_NAME
 
 PROMPT_LENGTHS = [3, 5, 7, 9]
 MAX_TOKENS = [4, 5, 6, 7]
@@ -86,7 +87,7 @@ def test_worker_metrics_count_the_traffic(traffic, stack):
     for gauge in ("kv_blocks_used", "gdn_slot_groups_used", "running_sequences", "waiting_sequences",
                   "kv_cache_usage_ratio"):
         assert value(after, f"nextserve_worker_{gauge}") == 0, gauge
-    assert value(after, "nextserve_worker_model_info", dtype="float32", model="builtin-tiny-v2",
+    assert value(after, "nextserve_worker_model_info", dtype="float32", model=TINY_MODEL_NAME,
                  speculative_tokens=str(K), tensor_parallel_size="1") == 1
 
 

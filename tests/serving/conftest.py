@@ -65,9 +65,9 @@ class Process:
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from worker.tools.tiny_checkpoint import builtin_model_dir
+    from worker.tools.tiny_checkpoint import tiny_model_dir
 
-    return builtin_model_dir()
+    return tiny_model_dir()
 
 
 @pytest.fixture
@@ -116,11 +116,12 @@ def channel_to():
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, model_dir):
-    """`nextserve serve` with the HTTP API on the built-in model, prefill chunks of 64 tokens, shared by
+    """`nextserve serve` with the HTTP API on the random tiny model, prefill chunks of 64 tokens, shared by
     the HTTP API tests. -> (http port, grpc port)."""
     grpc_port, http_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("openai") / "serve.log"
-    server = Process(["serve", "--host", "127.0.0.1", "--port", str(grpc_port), "--http-port", str(http_port),
+    server = Process(["serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(grpc_port),
+                      "--http-port", str(http_port),
                       "--cache-memory-mb", "64", "--max-num-batched-tokens", "64"], log)
     try:
         server.wait_serving(f"127.0.0.1:{grpc_port}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.tools.tiny_checkpoint import BUILTIN_MODEL_NAME as MODEL
+from worker.tools.tiny_checkpoint import TINY_MODEL_NAME as MODEL
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

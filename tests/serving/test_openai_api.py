@@ -17,7 +17,7 @@ from tests.engine_helpers import make_prompts
 from tests.helpers import hf_logits, load_hf
 from tests.router.http_helpers import parse_events
 from tests.serving.conftest import free_port
-from worker.tools.tiny_checkpoint import BUILTIN_MODEL_NAME as MODEL
+from worker.tools.tiny_checkpoint import TINY_MODEL_NAME as MODEL
 
 MIN_MARGIN = 1e-3  # the reference's top-1 / top-2 logit gap that makes a greedy comparison meaningful
 NUM_TOKENS = 16

@@ -26,6 +26,9 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
     enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps run the same code eagerly)
+    # CUDA: the batch sizes to capture (None: 1, 2, 4, 8, then every 8 up to max_num_seqs); a batch pads up to
+    # the next one, and a batch above the largest runs eagerly.
+    cuda_graph_sizes: tuple[int, ...] | None = None
     async_scheduling: bool = False  # launch the next decode step before waiting for this one's tokens (tp 1)
     disable_custom_all_reduce: bool = False  # CUDA, tp > 1: NCCL for every all-reduce, no one-shot over peer memory
 
@@ -41,6 +44,11 @@ class EngineConfig:
         if self.device.startswith("cuda") and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; "
                              f"{torch.cuda.device_count()} visible")
+        if self.cuda_graph_sizes is not None:
+            sizes = tuple(sorted(set(self.cuda_graph_sizes)))
+            if not sizes or sizes[0] < 1:
+                raise ValueError(f"cuda_graph_sizes must be positive batch sizes, got {self.cuda_graph_sizes!r}")
+            self.cuda_graph_sizes = sizes
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

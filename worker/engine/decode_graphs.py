@@ -75,14 +75,16 @@ class DecodeResult:
 
 class DecodeGraphs:
     def __init__(self, model, mtp_proposer, num_spec_tokens: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, device: torch.device):
+                 max_model_len: int, device: torch.device, sizes: tuple[int, ...] | None = None):
         self.model = model
         self.mtp = mtp_proposer
         self.q_len = 1 + num_spec_tokens
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.device = device
-        self.buckets = batch_buckets(max_num_seqs)
+        self.buckets = batch_buckets(max_num_seqs) if sizes is None else [s for s in sizes if s <= max_num_seqs]
+        if not self.buckets:
+            raise ValueError(f"no CUDA-graph size in {list(sizes)} is at most max_num_seqs = {max_num_seqs}")
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-(max_model_len + num_spec_tokens) // block_size)
         self.vocab_size = model.config.vocab_size

@@ -25,7 +25,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, proposer: Proposer | None = None, **engine_args):
         if model is None:
-            from worker.tools.tiny_checkpoint import builtin_model_dir
+            from worker.tools.builtin_model import builtin_model_dir
 
             model = builtin_model_dir()
         self.model_dir = Path(model)

@@ -40,7 +40,7 @@ class ModelWorker:
             proposer = MTPProposer(self.model, k, config.block_size)
         self.decode_graphs = DecodeGraphs(
             self.model, proposer if isinstance(proposer, MTPProposer) else None, k, config.block_size,
-            config.max_num_seqs, self.max_model_len, device)
+            config.max_num_seqs, self.max_model_len, device, config.cuda_graph_sizes)
         self.cache_plan = self._plan_cache()
         if agree is not None:
             self.cache_plan = agree(self.cache_plan)

@@ -25,7 +25,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's flags; each defaults to its environment variable (named in --help), read when
     this is called."""
     option = _option_adder(parser)
-    option("--model", env="NEXTSERVE_MODEL", help="HF checkpoint folder (default: the built-in tiny model)")
+    option("--model", env="NEXTSERVE_MODEL", help="HF checkpoint folder (default: the built-in model)")
     option("--device", env="NEXTSERVE_DEVICE", default="cpu", help="cpu or cuda")
     option("--dtype", env="NEXTSERVE_DTYPE", default="float32", choices=["float32", "bfloat16", "float16"],
            help="weights and activations")
@@ -49,6 +49,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            help="auto: the checkpoint's safetensors; dummy: random weights from config.json (benchmarks)")
     option("--enforce-eager", env="NEXTSERVE_ENFORCE_EAGER", default="0", type=_flag, nargs="?", const=True,
            help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    option("--cuda-graph-sizes", env="NEXTSERVE_CUDA_GRAPH_SIZES", type=_sizes,
+           help="CUDA: the batch sizes to capture, comma-separated (default: 1,2,4,8, then every 8 up to "
+                "--max-num-seqs); a batch pads up to the next, one above the largest runs eagerly")
     option("--async-scheduling", env="NEXTSERVE_ASYNC_SCHEDULING", default="0", type=_flag, nargs="?", const=True,
            help="launch the next decode step before waiting for the current one's tokens, so host work overlaps "
                 "the GPU (one rank)")
@@ -56,6 +59,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
            nargs="?", const=True,
            help="CUDA, tp > 1: NCCL for every all-reduce, instead of the one-shot all-reduce over peer memory "
                 "for messages up to 64 KB")
+
+
+def _sizes(value) -> tuple[int, ...] | None:
+    """Comma-separated positive integers (empty: None, the default)."""
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {value!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {value!r}")
+    return sizes
 
 
 def _flag(value) -> bool:
@@ -106,7 +123,7 @@ def engine_config(args: argparse.Namespace):
 
     model = args.model
     if model is None:
-        from worker.tools.tiny_checkpoint import builtin_model_dir
+        from worker.tools.builtin_model import builtin_model_dir
 
         model = str(builtin_model_dir())
     return EngineConfig(
@@ -116,6 +133,7 @@ def engine_config(args: argparse.Namespace):
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_memory_bytes=args.cache_memory_mb << 20, seed=args.seed, kernel_backend=args.kernel_backend,
         load_format=args.load_format, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        cuda_graph_sizes=args.cuda_graph_sizes,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
     )
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,10 +23,16 @@ from safetensors.torch import save_file
 
 from worker.tools.tiny_fp8 import fp8_config, quantize_tensors
 from worker.tools.tiny_tokenizer import ENDOFTEXT, IM_END, write_json, write_tokenizer
-from worker.tools.tiny_weights import is_moe_layer, layer_types, materialize, tensor_specs
+from worker.tools.tiny_weights import (
+    is_moe_layer,
+    layer_types,
+    materialize,
+    tensor_specs,
+)
 
 # layer_types and is_moe_layer are re-exported: callers read presets through this module.
-__all__ = ["PRESETS", "builtin_model_dir", "is_moe_layer", "layer_types", "published_config", "write_tiny_checkpoint"]
+__all__ = ["PRESETS", "TINY_MODEL_NAME", "is_moe_layer", "layer_types", "published_config", "tiny_model_dir",
+           "write_tiny_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("fp8",)
@@ -247,30 +251,15 @@ def write_tiny_checkpoint(
 
 
 # The version names the weights' bytes: v1 came from torch.randn and differed by CPU, v2 is portable.
-# A cache holding an older version is left alone, never served.
-BUILTIN_MODEL_NAME = "builtin-tiny-v2"
+# A cache holding an older version is left alone, never used.
+TINY_MODEL_NAME = "tiny-random-v2"
 
 
-def builtin_model_dir() -> Path:
-    """The `tiny` preset, written once into the cache and reused afterwards."""
-    cache_root = Path(os.environ.get("NEXTSERVE_CACHE") or Path.home() / ".cache" / "nextserve")
-    target = cache_root / BUILTIN_MODEL_NAME
-    if target.is_dir():
-        return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL_NAME}-", dir=cache_root))
-    try:
-        write_tiny_checkpoint(staging, preset="tiny")
-        staging.chmod(0o755)  # mkdtemp makes it owner-only
-        # A rename is atomic, so readers never see a half-written checkpoint.
-        os.rename(staging, target)
-    except OSError:
-        # Another process renamed its copy into place first; theirs is as good as ours.
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+def tiny_model_dir() -> Path:
+    """The random `tiny` preset (what the serving and deployment tests run), written once into the cache."""
+    from worker.tools.builtin_model import publish_atomically
+
+    return publish_atomically(TINY_MODEL_NAME, lambda staging: write_tiny_checkpoint(staging, preset="tiny"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,107 @@
+"""MTP speculative decoding on the CPU with the built-in model: tokens/s at k = 1, 2, 3 against k = 0 in one run.
+
+    python benchmarks/bench_builtin_cpu.py [--batches 1 8] [--ks 0 1 2 3] [--max-tokens 128] [--repeats 3] [--out FILE]
+
+Greedy continuations of the held-out code prompts (worker/tools/builtin/heldout.py), batch b taking the
+first b of them. Each (batch, k) is timed --repeats times after a warm-up and the median is kept; the
+tokens are checked equal to k = 0's (MTP is lossless), and the mean accepted length (tokens per verify
+step) is reported beside the speed-up. Prints JSON with the machine's description.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_engine import git_commit  # noqa: E402
+from worker import LLM, SamplingParams  # noqa: E402
+from worker.tools.builtin.heldout import HELD_OUT_PROMPTS  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def timed_run(llm: LLM, prompts, params) -> tuple[float, list]:
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start, outputs
+
+
+def measure(k: int, batches: list[int], prompts: list[list[int]], args) -> dict[int, dict]:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    rows = {}
+    with LLM(speculative_tokens=k, max_num_seqs=max(batches)) as llm:
+        llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        for batch in batches:
+            runs = [timed_run(llm, prompts[:batch], params) for _ in range(args.repeats)]
+            elapsed = statistics.median(t for t, _ in runs)
+            outputs = runs[0][1]
+            generated = sum(len(o.token_ids) for o in outputs)
+            verify_steps = sum(o.num_drafted_tokens for o in outputs) / k if k else 0
+            accepted = sum(o.num_accepted_tokens for o in outputs)
+            rows[batch] = {
+                "k": k, "batch": batch, "elapsed_s": round(elapsed, 4),
+                "elapsed_runs_s": [round(t, 4) for t, _ in runs],
+                "output_tokens_per_s": round(generated / elapsed, 2),
+                "mean_accepted_length": round((accepted + verify_steps) / verify_steps, 4) if k else None,
+                "tokens": [o.token_ids for o in outputs],
+            }
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--ks", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if max(args.batches) > len(HELD_OUT_PROMPTS):
+        parser.error(f"at most {len(HELD_OUT_PROMPTS)} prompts (the held-out set)")
+    if 0 not in args.ks:
+        parser.error("k = 0 is the baseline: keep it in --ks")
+    with LLM() as llm:
+        prompts = [llm.tokenizer.encode(p) for p in HELD_OUT_PROMPTS]
+        model = str(llm.model_dir)
+    by_k = {k: measure(k, args.batches, prompts, args) for k in args.ks}
+    rows = []
+    for k in args.ks:
+        for batch in args.batches:
+            row, base = by_k[k][batch], by_k[0][batch]
+            row["speedup_vs_k0"] = round(row["output_tokens_per_s"] / base["output_tokens_per_s"], 3)
+            row["tokens_equal_k0"] = row["tokens"] == base["tokens"]
+            rows.append(row)
+    for row in rows:
+        del row["tokens"]
+    result = {"benchmark": "bench_builtin_cpu", "model": model, "device": "cpu", "dtype": "float32",
+              "machine": machine(), "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "command": " ".join(["python", *sys.argv]), "commit": git_commit(), "rows": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
