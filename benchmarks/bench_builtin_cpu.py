@@ -3,7 +3,7 @@
     python benchmarks/bench_builtin_cpu.py [--batches 1 8] [--ks 0 1 2 3] [--max-tokens 128] [--repeats 3] [--out FILE]
 
 Greedy continuations of the held-out code prompts (worker/tools/builtin/heldout.py), batch b taking the
-first b of them. Each (batch, k) is timed --repeats times after a warm-up and the median is kept; the
+first b of them. Each (batch, k) is timed --repeats times after a warm-up, the ks in turn, and the median is kept; the
 tokens are checked equal to k = 0's (MTP is lossless), and the mean accepted length (tokens per verify
 step) is reported beside the speed-up. Prints JSON with the machine's description.
 """
@@ -47,25 +47,27 @@ def timed_run(llm: LLM, prompts, params) -> tuple[float, list]:
     return time.perf_counter() - start, outputs
 
 
-def measure(k: int, batches: list[int], prompts: list[list[int]], args) -> dict[int, dict]:
+def measure(llms: dict[int, LLM], batch: int, prompts: list[list[int]], args) -> dict[int, dict]:
+    """Round-robin over k, repeat after repeat, so that a machine that speeds up or slows down over the run
+    (shared CPUs do) moves every k alike."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    runs = {k: [] for k in llms}
+    for _ in range(args.repeats):
+        for k, llm in llms.items():
+            runs[k].append(timed_run(llm, prompts[:batch], params))
     rows = {}
-    with LLM(speculative_tokens=k, max_num_seqs=max(batches)) as llm:
-        llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
-        for batch in batches:
-            runs = [timed_run(llm, prompts[:batch], params) for _ in range(args.repeats)]
-            elapsed = statistics.median(t for t, _ in runs)
-            outputs = runs[0][1]
-            generated = sum(len(o.token_ids) for o in outputs)
-            verify_steps = sum(o.num_drafted_tokens for o in outputs) / k if k else 0
-            accepted = sum(o.num_accepted_tokens for o in outputs)
-            rows[batch] = {
-                "k": k, "batch": batch, "elapsed_s": round(elapsed, 4),
-                "elapsed_runs_s": [round(t, 4) for t, _ in runs],
-                "output_tokens_per_s": round(generated / elapsed, 2),
-                "mean_accepted_length": round((accepted + verify_steps) / verify_steps, 4) if k else None,
-                "tokens": [o.token_ids for o in outputs],
-            }
+    for k, timed in runs.items():
+        elapsed = statistics.median(t for t, _ in timed)
+        outputs = timed[0][1]
+        generated = sum(len(o.token_ids) for o in outputs)
+        verify_steps = sum(o.num_drafted_tokens for o in outputs) / k if k else 0
+        accepted = sum(o.num_accepted_tokens for o in outputs)
+        rows[k] = {
+            "k": k, "batch": batch, "elapsed_s": round(elapsed, 4), "elapsed_runs_s": [round(t, 4) for t, _ in timed],
+            "output_tokens_per_s": round(generated / elapsed, 2),
+            "mean_accepted_length": round((accepted + verify_steps) / verify_steps, 4) if k else None,
+            "tokens": [o.token_ids for o in outputs],
+        }
     return rows
 
 
@@ -84,11 +86,17 @@ def main():
     with LLM() as llm:
         prompts = [llm.tokenizer.encode(p) for p in HELD_OUT_PROMPTS]
         model = str(llm.model_dir)
-    by_k = {k: measure(k, args.batches, prompts, args) for k in args.ks}
+    llms = {k: LLM(speculative_tokens=k, max_num_seqs=max(args.batches)) for k in args.ks}
+    warm_up = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for llm in llms.values():
+        llm.generate(prompts[:1], warm_up, use_tqdm=False)
+    by_batch = {batch: measure(llms, batch, prompts, args) for batch in args.batches}
+    for llm in llms.values():
+        llm.shutdown()
     rows = []
     for k in args.ks:
         for batch in args.batches:
-            row, base = by_k[k][batch], by_k[0][batch]
+            row, base = by_batch[batch][k], by_batch[batch][0]
             row["speedup_vs_k0"] = round(row["output_tokens_per_s"] / base["output_tokens_per_s"], 3)
             row["tokens_equal_k0"] = row["tokens"] == base["tokens"]
             rows.append(row)
