@@ -297,9 +297,10 @@ def test_select_experts_vs_hf_router(top_k, renormalize):
     assert_close(weights, hf_weights, "routing weights")
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 4], ids=lambda k: f"top{k}")
-def test_fused_moe_vs_token_loop(top_k):
-    tokens, hidden, inter, experts = 63, 16, 12, 8
+@pytest.mark.parametrize("tokens", [5, 63], ids=["per-pair", "per-expert"])  # <= / > PER_PAIR_MAX_PAIRS pairs
+@pytest.mark.parametrize("top_k", [2, 4], ids=lambda k: f"top{k}")
+def test_fused_moe_vs_token_loop(top_k, tokens):
+    hidden, inter, experts = 16, 12, 8
     x = randn(tokens, hidden, seed=61)
     w13 = randn(experts, 2 * inter, hidden, seed=62, scale=0.3)
     w2 = randn(experts, hidden, inter, seed=63, scale=0.3)

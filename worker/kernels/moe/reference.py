@@ -2,7 +2,8 @@
 
 A token's experts are its `top_k` routed experts plus, when the block fuses it, the shared expert
 as one more slot: its id is `num_experts` (the last expert of the stacked weights) and its weight
-`sigmoid(shared gate logit)`. Slots are summed in slot order.
+`sigmoid(shared gate logit)`. Small batches (decode and verify) sum a token's slots in slot order, as the
+Triton kernels do; larger ones loop over the experts and add in expert order.
 """
 
 import torch
@@ -75,6 +76,8 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, S]
 ) -> torch.Tensor:  # [T, H]
     """sum over slots s of topk_weights[t, s] * down(silu(gate(x)) * up(x)) with expert topk_ids[t, s]."""
+    if topk_ids.numel() <= PER_PAIR_MAX_PAIRS:
+        return _fused_moe_per_pair(hidden_states, w13, w2, topk_weights, topk_ids)
     out = torch.zeros_like(hidden_states)
     inter = w2.shape[-1]
     for expert in topk_ids.unique().tolist():
@@ -83,4 +86,24 @@ def fused_moe(
         gate_up = x @ w13[expert].t()
         y = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2[expert].t()
         out.index_add_(0, token_idx, (y * topk_weights[token_idx, slot, None]).to(out.dtype))
+    return out
+
+
+# Up to this many (token, slot) pairs (decode and verify steps on the CPU), each pair gathers its expert's
+# weights and the pairs run as one batched product: no Python loop over the experts.
+PER_PAIR_MAX_PAIRS = 64
+
+
+def _fused_moe_per_pair(hidden_states, w13, w2, topk_weights, topk_ids):
+    tokens, slots = topk_ids.shape
+    inter = w2.shape[-1]
+    ids = topk_ids.reshape(-1)
+    x = hidden_states.repeat_interleave(slots, dim=0).unsqueeze(-1)  # [P, H, 1]
+    gate_up = torch.bmm(w13.index_select(0, ids), x).squeeze(-1)  # [P, 2I]
+    act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).unsqueeze(-1)
+    y = torch.bmm(w2.index_select(0, ids), act).view(tokens, slots, -1)  # [T, S, H]
+    y = (y * topk_weights[..., None]).to(hidden_states.dtype)
+    out = y[:, 0]
+    for s in range(1, slots):  # slot order
+        out = out + y[:, s]
     return out
