@@ -16,10 +16,14 @@ def test_every_package_is_listed():
     assert found == set(SETUPTOOLS["packages"])
 
 
-def test_the_builtin_model_ships_as_package_data():
+def test_every_data_file_ships_as_package_data():
+    """The built-in model, the tuned MoE tile configs, the tokenizer corpus: whatever is not Python."""
     from worker.tools.builtin_model import ASSET_DIR, MODEL_FILES
 
     patterns = SETUPTOOLS["package-data"]["worker"]
     worker = REPO / "worker"
     shipped = {path for pattern in patterns for path in worker.glob(pattern)}
+    data = {path for path in worker.rglob("*")
+            if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts}
     assert {ASSET_DIR / name for name in MODEL_FILES} <= shipped
+    assert data <= shipped, sorted(str(p.relative_to(REPO)) for p in data - shipped)
