@@ -2,8 +2,8 @@
 
 A token's experts are its `top_k` routed experts plus, when the block fuses it, the shared expert
 as one more slot: its id is `num_experts` (the last expert of the stacked weights) and its weight
-`sigmoid(shared gate logit)`. Small batches (decode and verify) sum a token's slots in slot order, as the
-Triton kernels do; larger ones loop over the experts and add in expert order.
+`sigmoid(shared gate logit)`. Small batches (decode and verify) sum a token's slots in slot order in fp32,
+as the Triton kernels do; larger ones loop over the experts and add in expert order.
 """
 
 import torch
@@ -102,8 +102,8 @@ def _fused_moe_per_pair(hidden_states, w13, w2, topk_weights, topk_ids):
     gate_up = torch.bmm(w13.index_select(0, ids), x).squeeze(-1)  # [P, 2I]
     act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).unsqueeze(-1)
     y = torch.bmm(w2.index_select(0, ids), act).view(tokens, slots, -1)  # [T, S, H]
-    y = (y * topk_weights[..., None]).to(hidden_states.dtype)
+    y = (y * topk_weights[..., None]).to(hidden_states.dtype).float()
     out = y[:, 0]
-    for s in range(1, slots):  # slot order
+    for s in range(1, slots):  # as the Triton kernels sum: each weighted output rounded, added in fp32 in slot order
         out = out + y[:, s]
-    return out
+    return out.to(hidden_states.dtype)
