@@ -18,6 +18,7 @@ from worker.kernels import add_rms_norm as _norm_ref
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import decode_metadata as _meta_ref
 from worker.kernels.fp8 import reference as _fp8_ref
+from worker.kernels.fp8.quant import kernel_block
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
 from worker.kernels import paged_attention as _attn_ref
@@ -117,14 +118,14 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids):
 
 
 def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):
-    if _use_triton(x) and block >= 16 and not block & (block - 1):  # the kernel's K tile is one block
+    if _use_triton(x) and kernel_block(block):
         return importlib.import_module("worker.kernels.fp8.triton").w8a8_block_fp8_linear(
             x, weight, weight_scale_inv, block, bias)
     return _fp8_ref.w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, bias)
 
 
 def fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block):
-    if _use_triton(hidden_states) and block >= 16 and not block & (block - 1) and w2.shape[-1] % block == 0:
+    if _use_triton(hidden_states) and kernel_block(block) and w2.shape[-1] % block == 0:
         return importlib.import_module("worker.kernels.moe.triton_fp8").fused_moe_fp8(
             hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block)
     return _moe_fp8_ref.fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids,

@@ -20,6 +20,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def kernel_block(block: int) -> bool:
+    """Whether the Triton FP8 kernels take blocks of this side: their K tile is one block, so a power of two
+    of at least 16."""
+    return block >= 16 and not block & (block - 1)
+
+
 def scale_shape(weight_shape: tuple[int, ...], block: int) -> tuple[int, ...]:
     """[..., N, K] -> [..., ceil(N/b), ceil(K/b)]: the shape of a weight's `weight_scale_inv`."""
     *lead, n, k = weight_shape

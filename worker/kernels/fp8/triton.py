@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv, kernel_block, scale_shape
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -124,12 +124,13 @@ def w8a8_block_fp8_linear(
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
     if weight.dtype != FP8_DTYPE:
         raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
-    if tuple(weight_scale_inv.shape) != (cdiv(n, block), cdiv(k, block)):
-        raise ValueError(f"weight_scale_inv must be [{cdiv(n, block)}, {cdiv(k, block)}] for a [{n}, {k}] weight "
+    expected = scale_shape((n, k), block)
+    if tuple(weight_scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv must be [{expected[0]}, {expected[1]}] for a [{n}, {k}] weight "
                          f"in blocks of {block}, got {tuple(weight_scale_inv.shape)}")
     if weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
         raise ValueError("weight and weight_scale_inv must be contiguous in their last dimension")
-    if block < 16 or block & (block - 1):
+    if not kernel_block(block):
         raise ValueError(f"the FP8 kernel needs a power-of-two block of at least 16, got {block}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

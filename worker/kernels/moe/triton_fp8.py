@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, kernel_block, scale_shape
 from worker.kernels.fp8.triton import _round_to_e4m3, per_token_group_quant_fp8
 from worker.kernels.moe.align import moe_align_block_size
 from worker.kernels.moe import triton as bf16_kernels
@@ -108,13 +108,12 @@ def fused_moe_fp8(
 ) -> torch.Tensor:  # [T, H]
     T, H, E, I = check_moe_shapes(hidden_states, w13, w2, topk_weights, topk_ids)
     _check(w13.dtype == w2.dtype == FP8_DTYPE, f"w13 and w2 must be {FP8_DTYPE}, got {w13.dtype}, {w2.dtype}")
-    _check(block >= 16 and not block & (block - 1), f"the FP8 kernels need a power-of-two block of at least 16, "
-                                                    f"got {block}")
+    _check(kernel_block(block), f"the FP8 kernels need a power-of-two block of at least 16, got {block}")
     _check(I % block == 0, f"w2 has {I} intermediate columns, not a multiple of the block {block}")
-    _check(tuple(w13_scale_inv.shape) == (E, 2 * I // block, cdiv(H, block)),
-           f"w13_scale_inv must be [{E}, {2 * I // block}, {cdiv(H, block)}], got {tuple(w13_scale_inv.shape)}")
-    _check(tuple(w2_scale_inv.shape) == (E, cdiv(H, block), I // block),
-           f"w2_scale_inv must be [{E}, {cdiv(H, block)}, {I // block}], got {tuple(w2_scale_inv.shape)}")
+    for name, weight, scale in (("w13", w13, w13_scale_inv), ("w2", w2, w2_scale_inv)):
+        expected = scale_shape(tuple(weight.shape), block)
+        _check(tuple(scale.shape) == expected,
+               f"{name}_scale_inv must be [{', '.join(map(str, expected))}], got {tuple(scale.shape)}")
     _check(w13.stride(2) == 1 and w2.stride(2) == 1, "w13 and w2 must be contiguous in their last dim")
     S = topk_ids.shape[1]
     out = bf16_kernels._empty_output(hidden_states)
