@@ -21,7 +21,6 @@ import argparse
 import os
 import pickle
 import queue
-import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_bench import card, emit, git_commit, graph_time_us  # noqa: E402
+from worker.launcher import free_port  # noqa: E402
 from worker.parallel.all_reduce import MAX_ONE_SHOT_BYTES, fits_one_shot, forbid_multicast  # noqa: E402
 
 SIZE = 2
@@ -107,12 +107,6 @@ def _rank(rank: int, port: int, args, results) -> None:
         results.put(pickle.dumps(result))
     dist.barrier(group=control)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

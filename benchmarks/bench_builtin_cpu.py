@@ -10,7 +10,6 @@ step) is reported beside the speed-up. Prints JSON with the machine's descriptio
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine import git_commit  # noqa: E402
+from benchmarks.gpu_bench import emit, git_commit  # noqa: E402
 from worker import LLM, SamplingParams  # noqa: E402
+from worker.engine.llm_engine import pooled_accepted_length  # noqa: E402
 from worker.tools.builtin.heldout import HELD_OUT_PROMPTS  # noqa: E402
 
 
@@ -62,14 +62,13 @@ def measure(llms: dict[int, LLM], batch: int, prompts: list[list[int]], args) ->
         elapsed = min(t for t, _ in timed)
         outputs = timed[0][1]
         generated = sum(len(o.token_ids) for o in outputs)
-        verify_steps = sum(o.num_drafted_tokens for o in outputs) / k if k else 0
-        accepted = sum(o.num_accepted_tokens for o in outputs)
+        accepted_length = pooled_accepted_length(outputs)
         rows[k] = {
             "k": k, "batch": batch, "elapsed_s": round(elapsed, 4),
             "median_elapsed_s": round(statistics.median(t for t, _ in timed), 4),
             "elapsed_runs_s": [round(t, 4) for t, _ in timed],
             "output_tokens_per_s": round(generated / elapsed, 2),
-            "mean_accepted_length": round((accepted + verify_steps) / verify_steps, 4) if k else None,
+            "mean_accepted_length": round(accepted_length, 4) if accepted_length else None,
             "tokens": [o.token_ids for o in outputs],
         }
     return rows
@@ -87,10 +86,9 @@ def main():
         parser.error(f"at most {len(HELD_OUT_PROMPTS)} prompts (the held-out set)")
     if 0 not in args.ks:
         parser.error("k = 0 is the baseline: keep it in --ks")
-    with LLM() as llm:
-        prompts = [llm.tokenizer.encode(p) for p in HELD_OUT_PROMPTS]
-        model = str(llm.model_dir)
     llms = {k: LLM(speculative_tokens=k, max_num_seqs=max(args.batches)) for k in args.ks}
+    baseline = llms[0]
+    prompts, model = [baseline.tokenizer.encode(p) for p in HELD_OUT_PROMPTS], str(baseline.model_dir)
     warm_up = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for llm in llms.values():
         llm.generate(prompts[:1], warm_up, use_tqdm=False)
@@ -110,10 +108,7 @@ def main():
     result = {"benchmark": "bench_builtin_cpu", "model": model, "device": "cpu", "dtype": "float32",
               "machine": machine(), "max_tokens": args.max_tokens, "repeats": args.repeats,
               "command": " ".join(["python", *sys.argv]), "commit": git_commit(), "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,17 @@ import argparse
 import json
 import platform
 import random
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from worker import LLM, SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_bench import git_commit  # noqa: E402
+from worker import LLM, SamplingParams  # noqa: E402
+from worker.engine.llm_engine import pooled_accepted_length  # noqa: E402
 
 
 def parse_args():
@@ -31,13 +36,6 @@ def parse_args():
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
@@ -67,8 +65,7 @@ def main():
     elapsed = time.perf_counter() - start
 
     generated = sum(len(o.token_ids) for o in outputs)
-    verify_steps = sum(o.num_drafted_tokens for o in outputs) / max(args.speculative_tokens, 1)
-    accepted = sum(o.num_accepted_tokens for o in outputs)
+    accepted_length = pooled_accepted_length(outputs)
     print(json.dumps({
         "model": str(llm.model_dir),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
@@ -82,7 +79,7 @@ def main():
         "steps_per_s": round(steps[0] / elapsed, 2),
         "output_tokens_per_s": round(generated / elapsed, 2),
         "total_tokens_per_s": round((generated + args.batch * args.prompt_len) / elapsed, 2),
-        "mean_accepted_length": round((accepted + verify_steps) / verify_steps, 4) if args.speculative_tokens else None,
+        "mean_accepted_length": round(accepted_length, 4) if accepted_length else None,
         "commit": git_commit(),
     }))
 

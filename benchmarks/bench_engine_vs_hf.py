@@ -14,7 +14,6 @@ at k = 0, to the roofline: non-expert weights + the distinct experts the step to
 """
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import ceilings, emit  # noqa: E402
+from benchmarks.gpu_bench import ceilings, emit, free_engine_memory, save_partial  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.proposer import ScriptedProposer  # noqa: E402
@@ -95,13 +94,13 @@ def _sync(device: str) -> None:
 
 
 def engine_for(model_dir: Path, k: int, batches: list[int], device: str, dtype: str, proposer=None,
-               async_scheduling: bool = False) -> LLMEngine:
-    """Graphs for the measured batch sizes only: capture time is device time."""
+               **overrides) -> LLMEngine:
+    """Graphs for the measured batch sizes only: capture time is device time. `overrides` go into EngineConfig."""
     max_batch = max(batches)
-    return LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, speculative_tokens=k,
-                                  max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN),
-                                  max_model_len=1024, gpu_memory_utilization=0.85, cuda_graph_sizes=tuple(batches),
-                                  async_scheduling=async_scheduling), proposer)
+    config = dict(model=str(model_dir), device=device, dtype=dtype, speculative_tokens=k, max_num_seqs=max_batch,
+                  max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN), max_model_len=1024,
+                  gpu_memory_utilization=0.85, cuda_graph_sizes=tuple(batches))
+    return LLMEngine(EngineConfig(**{**config, **overrides}), proposer)
 
 
 def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
@@ -218,7 +217,8 @@ def main():
             proposer, script_truth = None, dict(truth)
             if kind == "scripted":
                 proposer = ScriptedProposer(always_right(script_truth), k)
-            engine = engine_for(model_dir, k, args.batches, device, dtype, proposer, kind.endswith("async"))
+            engine = engine_for(model_dir, k, args.batches, device, dtype, proposer,
+                                async_scheduling=kind.endswith("async"))
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
@@ -245,13 +245,10 @@ def main():
                     row.update(traffic, roofline_ms=round(roofline_ms, 4), fraction_of_roofline=round(roofline_ms / ms, 3))
                 result["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr)
-                if args.out:  # partial results survive a run cut short
-                    Path(args.out).write_text(json.dumps(result, indent=1))
+                save_partial(result, args.out)
             engine.shutdown()
             del engine
-            gc.collect()  # the engine's objects refer to one another: free its weights before the next one
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            free_engine_memory()
     emit(result, args.out)
 
 

@@ -12,19 +12,14 @@ and the concurrency it allows at 8k context; then FP8 against bf16 ms/step on th
 """
 
 import argparse
-import gc
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine_vs_hf import PROMPT_LEN, prompts_for, run_batch, step_bytes  # noqa: E402
-from benchmarks.gpu_bench import card, ceilings, emit, git_commit  # noqa: E402
-from worker.engine.config import EngineConfig  # noqa: E402
+from benchmarks.bench_engine_vs_hf import engine_for, prompts_for, run_batch, step_bytes  # noqa: E402
+from benchmarks.gpu_bench import card, ceilings, emit, free_engine_memory, git_commit, save_partial  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.tools.model_shapes import write_shape_config  # noqa: E402
 
@@ -32,12 +27,8 @@ CONTEXT = 8192
 
 
 def engine(model_dir: Path, k: int, batches: list[int]) -> LLMEngine:
-    """Graphs for the measured batch sizes only: capture time is device time."""
-    max_batch = max(batches)
-    return LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
-                                  speculative_tokens=k, max_num_seqs=max_batch, max_model_len=CONTEXT,
-                                  max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN),
-                                  gpu_memory_utilization=0.92, cuda_graph_sizes=tuple(batches)))
+    return engine_for(model_dir, k, batches, "cuda", "bfloat16", load_format="dummy", max_model_len=CONTEXT,
+                      gpu_memory_utilization=0.92)
 
 
 def cache_memory(e: LLMEngine) -> dict:
@@ -68,19 +59,6 @@ def measure(e: LLMEngine, k: int, batches, new_tokens: int, rates: dict | None) 
     return rows
 
 
-def free_weights() -> None:
-    """After an engine is dropped: its objects refer to one another, so only a collection frees its 80 GB
-    of weights before the next engine is built."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def save_partial(result: dict, out: str | None) -> None:
-    """What is measured so far, so that a run cut short keeps it."""
-    if out:
-        Path(out).write_text(json.dumps(result, indent=1))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=48)
@@ -101,7 +79,7 @@ def main():
         save_partial(result, args.out)
         e.shutdown()
         del e
-        free_weights()
+        free_engine_memory()
     small = {"fp8": write_shape_config(root / "fp8-4", num_layers=4, quantize="fp8"),
              "bf16": write_shape_config(root / "bf16-4", num_layers=4)}
     result["four_layers"] = {}
@@ -111,7 +89,7 @@ def main():
         save_partial(result, args.out)
         e.shutdown()
         del e
-        free_weights()
+        free_engine_memory()
     emit(result, args.out)
 
 

@@ -47,8 +47,7 @@ def decode_step_ms(engine: LLMEngine, batch: int, num_steps: int) -> float:
 
 def replay_ms(engine: LLMEngine, batch: int, repeats: int) -> float:
     """GPU time of the last step's graph replayed back to back (its inputs left as they were)."""
-    graphs = engine.worker.decode_graphs
-    graph = graphs.graphs[(graphs.bucket_for(batch), True, False)][0]
+    graph = engine.worker.decode_graphs.graph_for(batch)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -4,6 +4,7 @@ Ceilings are measured in the same process as what they judge: the device-to-devi
 (bytes read plus written) and a large bf16 matrix product's rate, on random data.
 """
 
+import gc
 import json
 import subprocess
 from pathlib import Path
@@ -16,6 +17,20 @@ def git_commit() -> str:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def save_partial(result: dict, out: str | None) -> None:
+    """What is measured so far, so that a run cut short keeps it."""
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+
+
+def free_engine_memory() -> None:
+    """After an engine is dropped: its objects refer to one another, so only a collection frees its weights
+    (80 GB at full size) before the next engine is built."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def card() -> dict:

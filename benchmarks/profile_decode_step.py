@@ -44,8 +44,7 @@ def main():
         engine.add_request(f"p{i}", torch.randint(0, 150000, (128,), generator=gen).tolist(), params)
     for _ in range(4):
         engine.step()
-    graphs = engine.worker.decode_graphs
-    graph = graphs.graphs[(graphs.bucket_for(args.batch), True, False)][0]
+    graph = engine.worker.decode_graphs.graph_for(args.batch)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

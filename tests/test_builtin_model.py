@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from tests.engine_helpers import assert_equal_to_reference, hf_greedy
 from worker import LLM, SamplingParams
+from worker.engine.llm_engine import pooled_accepted_length
 from worker.tools import builtin_model as bm
 from worker.tools.builtin.heldout import HELD_OUT_PROMPTS
 from worker.tools.builtin_model import (
@@ -36,17 +38,15 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(model_dir):
-    with LLM(model_dir) as llm:
-        return [llm.tokenizer.encode(p) for p in HELD_OUT_PROMPTS]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer.encode(p) for p in HELD_OUT_PROMPTS]
 
 
 def run(model_dir, prompts, k):
     """-> (outputs, tokens emitted per verify step over all requests)."""
     with LLM(model_dir, speculative_tokens=k) as llm:
         outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
-    drafted_steps = sum(o.num_drafted_tokens for o in outputs) / k if k else 0
-    accepted = sum(o.num_accepted_tokens for o in outputs)
-    return outputs, (accepted + drafted_steps) / drafted_steps if k else 1.0
+    return outputs, pooled_accepted_length(outputs) if k else 1.0
 
 
 def test_the_package_ships_the_trained_model_and_its_report():

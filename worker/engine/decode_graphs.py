@@ -122,6 +122,11 @@ class DecodeGraphs:
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
+    def graph_for(self, num_seqs: int, greedy_only: bool = True, with_logprobs: bool = False):
+        """The captured graph a batch of num_seqs replays (None: not captured), for profiling."""
+        captured = self.graphs.get((self.bucket_for(num_seqs), greedy_only, with_logprobs))
+        return None if captured is None else captured[0]
+
     def can_run(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], extra_outputs: int = 0) -> bool:
         return (bool(sequences) and all(s.is_decode for s in sequences) and len(sequences) <= self.max_batch
                 and graph_compatible(rows, extra_outputs))

@@ -34,9 +34,16 @@ class RequestOutput:
     finish_reason: str | None = None
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_verify_steps: int = 0
     mean_accepted_length: float = 0.0
     acceptance_rate_per_position: list[float] = field(default_factory=list)
     num_preemptions: int = 0
+
+
+def pooled_accepted_length(outputs: list[RequestOutput]) -> float | None:
+    """Tokens emitted per verify step over all the requests' verify steps (None: no verify step)."""
+    steps = sum(o.num_verify_steps for o in outputs)
+    return (sum(o.num_accepted_tokens for o in outputs) + steps) / steps if steps else None
 
 
 @dataclass
@@ -197,6 +204,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_drafted_tokens=seq.spec.num_drafted_tokens,
             num_accepted_tokens=seq.spec.num_accepted_tokens,
+            num_verify_steps=seq.spec.num_verify_steps,
             mean_accepted_length=seq.spec.mean_accepted_length,
             acceptance_rate_per_position=seq.spec.acceptance_rate_per_position,
             num_preemptions=seq.num_preemptions,
