@@ -271,7 +271,7 @@ def _filtered_probs(logits: Tensor, rows: list[RequestSampling]) -> Tensor:
 
 
 def draw_uniforms(rows: list[RequestSampling], num_draws: int, device,
-                   default_generator: torch.Generator | None) -> Tensor:
+                  default_generator: torch.Generator | None) -> Tensor:
     """-> [R, num_draws] uniforms in [0, 1): seeded rows from their own generator, the others from
     default_generator (torch's global one if None), in row order."""
     num_unseeded = sum(row.params.seed is None for row in rows)

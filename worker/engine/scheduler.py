@@ -143,8 +143,8 @@ class Scheduler:
     def schedule_ahead(self, plan: StepPlan) -> StepPlan | None:
         """The step after `plan`, planned before `plan`'s tokens are known: each of its decodes feeds the
         token `plan` is sampling for it, one position further (the runner takes it on the device). None
-        when the next step cannot be known yet: speculative tokens, waiting requests or aborts, a
-        sequence that `plan` leaves out or may finish by length, or too few free blocks (no preemption).
+        when the next step cannot be known yet: waiting requests or aborts, a sequence that `plan` leaves
+        out or may finish by length, or too few free blocks (no preemption).
 
         With k speculative tokens the step feeds the correction or bonus token and the k new drafts,
         from a position that depends on how many drafts `plan` accepts: start_position and

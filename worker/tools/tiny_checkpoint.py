@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from worker.tools.builtin_model import publish_atomically
 from worker.tools.tiny_fp8 import fp8_config, quantize_tensors
 from worker.tools.tiny_tokenizer import ENDOFTEXT, IM_END, write_json, write_tokenizer
 from worker.tools.tiny_weights import (
@@ -62,7 +63,7 @@ def _preset(**architecture) -> dict:
 
 # config.json fields per preset; token ids and dtype are added when writing.
 PRESETS: dict[str, dict] = {
-    # The built-in model: layers 0-2 linear attention, layer 3 full attention, all MoE.
+    # The parity and serving tests' model: layers 0-2 linear attention, layer 3 full attention, all MoE.
     "tiny": _preset(
         vocab_size=1024,
         hidden_size=64,
@@ -257,8 +258,6 @@ TINY_MODEL_NAME = "tiny-random-v2"
 
 def tiny_model_dir() -> Path:
     """The random `tiny` preset (what the serving and deployment tests run), written once into the cache."""
-    from worker.tools.builtin_model import publish_atomically
-
     return publish_atomically(TINY_MODEL_NAME, lambda staging: write_tiny_checkpoint(staging, preset="tiny"))
 
 

@@ -203,12 +203,13 @@ def greedy_sample(model, tokenizer, prompt: str, num_tokens: int, device) -> dic
     import torch
 
     ids = tokenizer.encode(prompt).ids
+    num_prompt = len(ids)
     model.eval()
     with torch.no_grad():
         for _ in range(num_tokens):
             logits = model.lm(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
             ids.append(int(logits[0, -1].argmax()))
-    return {"prompt": prompt, "completion": tokenizer.decode(ids[len(tokenizer.encode(prompt).ids):])}
+    return {"prompt": prompt, "completion": tokenizer.decode(ids[num_prompt:])}
 
 
 def build_report(args, recipe, corpus, streams, tokenizer, model, device, precision, progress, trained_s, kept,

@@ -111,13 +111,14 @@ def load_stdlib(root: Path | None = None) -> Corpus:
     seen: set[bytes] = set()
     files = []
     for relative in _python_files(root, skipped):
+        data = (root / relative).read_bytes()
         try:
-            text = (root / relative).read_bytes().decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             text = None
         reason = skip_reason(relative, text)
         if reason is None:
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            digest = hashlib.sha256(data).digest()
             reason = "duplicate content" if digest in seen else None
             seen.add(digest)
         if reason is not None:
