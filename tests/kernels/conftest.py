@@ -44,5 +44,7 @@ def nan_outputs(monkeypatch):
     monkeypatch.setattr(triton_moe, "_empty_output", empty_nan)
     from worker.kernels.fp8 import triton as triton_fp8
 
-    monkeypatch.setattr(triton_fp8, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                       device=device))
+    monkeypatch.setattr(triton_fp8, "_empty_output", empty_nan)
+    from worker.kernels import triton_gated_rms_norm
+
+    monkeypatch.setattr(triton_gated_rms_norm, "_empty_output", empty_nan)

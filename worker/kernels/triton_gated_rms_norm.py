@@ -12,9 +12,9 @@ import triton.language as tl
 from worker.kernels.triton_paged_attention import _check
 
 
-def _empty_output(shape, like: torch.Tensor) -> torch.Tensor:
+def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """Every buffer a kernel must fill; tests replace this with a NaN fill."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.empty(like.shape if shape is None else shape, dtype=dtype or like.dtype, device=like.device)
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def gated_rms_norm(
            f"x and z must be [R, V] or [T, H, V] alike, got {tuple(x.shape)}, {tuple(z.shape)}")
     V = x.shape[-1]
     _check(weight.shape == (V,), f"weight must be [{V}], got {tuple(weight.shape)}")
-    out = _empty_output(x.shape, x)
+    out = _empty_output(x)
     x3, z3 = (x, z) if x.dim() == 3 else (x[:, None], z[:, None])
     x3 = x3 if x3.stride(2) == 1 else x3.contiguous()
     z3 = z3 if z3.stride(2) == 1 else z3.contiguous()

@@ -13,9 +13,9 @@ import triton.language as tl
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv, kernel_block, scale_shape
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
+def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """Outputs the kernels must fill; tests replace this with a NaN fill."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(like.shape if shape is None else shape, dtype=dtype or like.dtype, device=like.device)
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def w8a8_block_fp8_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    out = _empty((m, n), x.dtype, x.device)
+    out = _empty_output(x, (m, n))
     if m == 0:
         return out.reshape(*lead, n)
     x_q, x_scale = per_token_group_quant_fp8(x2, block)
