@@ -67,7 +67,7 @@ def test_serve_metrics_port_serves_router_and_worker(tmp_path, builtin_model):
                                                      ignore_eos=True)
             assert sum(len(c.token_ids) for c in generation_pb2_grpc.GenerationStub(channel).Generate(request)) == 6
         samples = scrape(metrics_port)
-        assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in server.output()
+        server.wait_for_output(f"metrics http://127.0.0.1:{metrics_port}/metrics")  # the ready line
     finally:
         server.stop()
     assert samples[("nextserve_router_requests_total", (("code", "OK"), ("method", "Generate")))] == 1

@@ -38,6 +38,15 @@ class Process:
         self.log.flush()
         return open(self.log_path).read()
 
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> None:
+        """Until `text` is in the output: a line printed after the health check that a test waited on turns
+        SERVING comes a poll later."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not in the output after {timeout} s:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+
     def wait_serving(self, address: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
