@@ -1,6 +1,6 @@
 """Which kernels a decode step runs and how long each takes on the GPU, printed as JSON.
 
-    python benchmarks/profile_decode_step.py [--batch 1] [--k 0] [--layers 4] [--out FILE]
+    python benchmarks/profile_decode_step.py [--batch 1] [--k 0] [--layers 4] [--quantize fp8] [--out FILE]
 
 Qwen3-Next-80B's per-layer shapes with random weights made on the device (`load_format="dummy"`).
 After a few steps, one decode step's graph is replayed under torch.profiler (CUDA activity), and
@@ -32,9 +32,10 @@ def main():
     parser.add_argument("--k", type=int, default=0)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--quantize", choices=["fp8"], default=None, help="the published FP8 layout")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    model_dir = write_shape_config(Path(tempfile.mkdtemp()), num_layers=args.layers)
+    model_dir = write_shape_config(Path(tempfile.mkdtemp()), num_layers=args.layers, quantize=args.quantize)
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                                     speculative_tokens=args.k, max_num_seqs=max(8, args.batch), max_model_len=1024,
                                     gpu_memory_utilization=0.8))
@@ -62,7 +63,7 @@ def main():
                     "share": round(us / args.replays / total, 4)} for name, (calls, us) in kernels.items()),
                   key=lambda r: -r["us_per_step"])
     emit(dict(benchmark="profile_decode_step", card=card(), commit=git_commit(), batch=args.batch, k=args.k,
-              layers=args.layers, kernel_us_per_step=round(total, 1),
+              layers=args.layers, quantize=args.quantize, kernel_us_per_step=round(total, 1),
               kernels_per_step=sum(r["calls_per_step"] for r in rows), rows=rows), args.out)
     engine.shutdown()
 

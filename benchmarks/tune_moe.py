@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,7 +46,13 @@ GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in [(4, 256, 2),
                                                                      (16, 256, 4), (16, 128, 4), (8, 128, 2),
                                                                      (16, 512, 8), (4, 2048, 8), (2, 2048, 4),
                                                                      (8, 1024, 8), (4, 1024, 4)]]
+# the down GEMV loads [next_pow2(S), BLOCK_N, BLOCK_K] tiles: all slots at once
+DOWN_GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in [(1, 512, 4), (2, 512, 4), (2, 512, 8),
+                                                                          (4, 256, 4), (4, 512, 8), (2, 256, 4),
+                                                                          (1, 256, 2), (4, 128, 4), (8, 128, 8),
+                                                                          (1, 512, 8), (2, 128, 2), (8, 64, 4)]]
 PAIRS_MAX_TOKENS = 16  # the pair-by-pair GEMV path is tried up to here
+PAIRS_FINALISTS = 3  # the best gate_up and down tiles (each timed alone) are then combined and timed whole
 
 
 def candidates(tokens: int):
@@ -67,7 +74,9 @@ def time_kernel(launch) -> float | None:
 
 
 def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
-    """The best gate_up and down GEMV tiles of the decode path (decode.py), each timed alone."""
+    """The decode path's (decode.py) gate_up and down GEMV tiles: each kernel's finalists timed alone,
+    then every pair of finalists timed whole, with and without the programmatic dependent launch
+    (whose overlap of the two kernels only shows when they run together)."""
     from worker.kernels.moe import decode
 
     tokens, S = routes[0][1].shape
@@ -76,20 +85,36 @@ def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
     def up_launch(cfg):
         return lambda: [decode._gate_up_pairs_kernel[(tokens * S, -(-inter // cfg["BLOCK_N"]))](
             x, w13, inter_buf, ids, inter, H, x.stride(0), w13.stride(0), w13.stride(1), inter_buf.stride(0),
-            S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, num_warps=cfg["num_warps"])
+            S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, PDL=False, num_warps=cfg["num_warps"])
             for _, ids in routes]
 
     def down_launch(cfg):
         return lambda: [decode._down_tokens_kernel[(tokens, -(-H // cfg["BLOCK_N"]))](
             inter_buf, w2, out, w.reshape(-1), ids, H, inter, inter_buf.stride(0), w2.stride(0), w2.stride(1),
-            out.stride(0), S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, num_warps=cfg["num_warps"])
-            for w, ids in routes]
+            out.stride(0), S=S, BS=triton.next_power_of_2(S), BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False,
+            PDL=False, num_warps=cfg["num_warps"]) for w, ids in routes]
 
-    up = [(t, cfg) for cfg in GEMV if (t := time_kernel(up_launch(cfg))) is not None]
-    down = [(t, cfg) for cfg in GEMV if (t := time_kernel(down_launch(cfg))) is not None]
+    up = sorted(((t, cfg) for cfg in GEMV if (t := time_kernel(up_launch(cfg))) is not None), key=lambda p: p[0])
+    down = sorted(((t, cfg) for cfg in DOWN_GEMV if (t := time_kernel(down_launch(cfg))) is not None),
+                  key=lambda p: p[0])
     if not up or not down:
         return None
-    return {"path": "pairs", "gate_up": min(up, key=lambda p: p[0])[1], "down": min(down, key=lambda p: p[0])[1]}
+    whole = []
+    for _, up_cfg in up[:PAIRS_FINALISTS]:
+        for _, down_cfg in down[:PAIRS_FINALISTS]:
+            forms = [dict(pdl=False), dict(pdl=True)] + [dict(fused=True, num_warps=w) for w in (4, 8)]
+            for form in forms:
+                cfg = {"path": "pairs", **form, "gate_up": up_cfg, "down": down_cfg}
+                if (t := time_kernel(lambda: [tk.fused_moe(x, w13, w2, w, i, config=cfg) for w, i in routes])):
+                    whole.append((t, cfg))
+    best_us, best = min(whole, key=lambda p: p[0])
+
+    def best_of(form: str) -> float | None:
+        return min((t for t, cfg in whole if form == ("fused" if cfg.get("fused") else
+                                                      "pdl" if cfg.get("pdl") else "two")), default=None)
+
+    return dict(best, us=best_us, gate_up_alone_us=up[0][0], down_alone_us=down[0][0],
+                two_launches_us=best_of("two"), pdl_us=best_of("pdl"), one_launch_us=best_of("fused"))
 
 
 def whole_us(x, w13, w2, routes, cfg) -> float:
@@ -137,19 +162,24 @@ def tune_point(tokens, inter, w13, w2, gen) -> dict:
         pairs = tune_pairs(x, inter, w13, w2, routes, inter_buf)
         best["grouped_us"] = whole_us(x, w13, w2, routes, best["config"])
         if pairs is not None:
-            best["pairs_us"] = whole_us(x, w13, w2, routes, pairs)
+            best["pairs_us"] = pairs.pop("us")
+            best["pairs_timings"] = {key: pairs.pop(key) for key in list(pairs) if key.endswith("_us")}
             if best["pairs_us"] < best["grouped_us"]:
                 best["config"] = pairs
     return best
 
 
 def write_configs(report: dict, out_dir: Path) -> None:
-    """One file per intermediate size: token count -> the chosen config."""
+    """One file per intermediate size: token count -> the chosen config. Token counts not swept this
+    time keep the configs the file had."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = report["card"]["name"].replace(" ", "_")
     for inter in sorted({p["inter"] for p in report["points"]}):
-        table = {str(p["tokens"]): p["config"] for p in report["points"] if p["inter"] == inter}
-        (out_dir / config_file_name(E, H, inter, torch.bfloat16, device)).write_text(json.dumps(table, indent=1) + "\n")
+        path = out_dir / config_file_name(E, H, inter, torch.bfloat16, device)
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        table.update({str(p["tokens"]): p["config"] for p in report["points"] if p["inter"] == inter})
+        table = dict(sorted(table.items(), key=lambda item: int(item[0])))
+        path.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def main():

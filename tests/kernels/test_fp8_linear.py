@@ -57,12 +57,32 @@ def test_block_fp8_linear_matches_the_reference(tokens, n, k, block, device):
 
 
 def test_a_row_gives_the_same_bits_in_any_batch(device):
+    """Within each kernel: the GEMM (9 rows against 5) and the GEMV (3 rows against 1). Where the launcher
+    switches between them (GEMV_MAX_TOKENS) the sums round differently."""
     gen = generator(3, device)
     weight, scale, _ = layer(128, 96, 32, gen, device, torch.float32)
     x = randn(9, 96, gen=gen, device=device)
     batch = tk.w8a8_block_fp8_linear(x, weight, scale, 32)
+    fewer = tk.w8a8_block_fp8_linear(x[2:7], weight, scale, 32)
+    assert torch.equal(batch[4:5], fewer[2:3])
+    small = tk.w8a8_block_fp8_linear(x[3:6], weight, scale, 32)
     alone = tk.w8a8_block_fp8_linear(x[4:5], weight, scale, 32)
-    assert torch.equal(batch[4:5], alone)
+    assert torch.equal(small[1:2], alone)
+
+
+@pytest.mark.parametrize("tile", [dict(BN=4, NB=1), dict(BN=16, NB=2), dict(BN=8, NB=4)], ids=str)
+@pytest.mark.parametrize("tokens,n,k,block", [(1, 96, 64, 32), (3, 200, 300, 64)], ids=str)
+def test_block_fp8_gemv_matches_the_reference(tokens, n, k, block, tile, device):
+    """The few-token path: partial blocks in N and K, K walked NB blocks at a time past its end."""
+    gen = generator(tokens + n, device)
+    weight, scale, bias = layer(n, k, block, gen, device, torch.float32)
+    x = randn(tokens, k, gen=gen, device=device)
+    x[0, :5] = 0.0
+    for with_bias in (None, bias):
+        out = tk.w8a8_block_fp8_linear(x=x, weight=weight, weight_scale_inv=scale, block=block, bias=with_bias,
+                                       tile=dict(tile, gemv=True, num_warps=2))
+        expected = ref.w8a8_block_fp8_linear(x=x, weight=weight, weight_scale_inv=scale, block=block, bias=with_bias)
+        assert_rel_close(out, expected, 1e-5, "fp32 output")
 
 
 def test_bad_shapes_are_refused(device):
@@ -75,7 +95,7 @@ def test_bad_shapes_are_refused(device):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("tokens", [1, 16, 100, 2048])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 100, 2048])
 @pytest.mark.parametrize("n,k", [(12288, 2048), (2048, 4096), (2048, 512)], ids=["qkvz", "out_proj", "expert-down"])
 def test_block_fp8_linear_real_shapes(tokens, n, k, device):
     gen = generator(tokens, device)

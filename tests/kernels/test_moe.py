@@ -16,6 +16,7 @@ from tests.kernels.helpers import assert_rel_close, generator, randn, tolerance
 ref = importlib.import_module("worker.kernels.moe.reference")
 tk = pytest.importorskip("worker.kernels.moe.triton", reason="triton is not installed")
 align = importlib.import_module("worker.kernels.moe.align")
+decode = importlib.import_module("worker.kernels.moe.decode")
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 POISON = -7
@@ -113,13 +114,19 @@ def test_fused_moe_tile_configs(block_m, block_n, block_k, device):
                     config=tile_config(block_m, block_n, block_k))
 
 
+@pytest.mark.parametrize("launches", ["two", "one"])
 @pytest.mark.parametrize("block_n,block_k", [(4, 32), (8, 64), (16, 16)], ids=lambda v: str(v))
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_fused_moe_pairs_path(tokens, block_n, block_k, device):
-    """The decode path: one GEMV per pair, then per token over its slots (masked N and K tails)."""
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fused_moe_pairs_path(tokens, block_n, block_k, launches, device):
+    """The decode path: one GEMV per pair, then per token over its slots (masked N and K tails), in two
+    launches or in one whose counters are left zero for the next call."""
     gemv = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=2)
-    check_fused_moe(tokens, experts=6, hidden=72, inter=40, top_k=3, dtype=torch.float32, device=device,
-                    seed=tokens + block_n, config={"path": "pairs", "gate_up": gemv, "down": gemv})
+    config = {"path": "pairs", "fused": launches == "one", "gate_up": gemv, "down": gemv}
+    for seed in (tokens + block_n, tokens + block_n + 100)[:1 + (launches == "one")]:
+        check_fused_moe(tokens, experts=6, hidden=72, inter=40, top_k=3, dtype=torch.float32, device=device,
+                        seed=seed, config=config)
+    if launches == "one":
+        assert not decode._token_counters(torch.device(device)).any()
 
 
 def test_shape_errors_are_clear(device):
@@ -158,3 +165,37 @@ def test_select_and_align_real_shapes(tokens, device):
         got = align.moe_align_block_size(ids, 513, block_size)
         for a, b in zip(got, ref.moe_align_block_size(ids, 513, block_size)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("form", ["stream-order", "pdl", "one-launch"])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_pairs_path_in_cuda_graph(tokens, form, device):
+    """The decode path replayed from a CUDA graph gives the eager bits; with the programmatic dependent
+    launch (or in the one-launch form) the down tiles start before gate_up ends and must still read its
+    finished output. Replays
+    over fresh routing and inputs (copied into the captured buffers) so a stale read shows."""
+    gen = generator(tokens, device)
+    w13 = randn(65, 2 * 512, 2048, gen=gen, device=device, dtype=torch.bfloat16, scale=2048**-0.5)
+    w2 = randn(65, 2048, 512, gen=gen, device=device, dtype=torch.bfloat16, scale=512**-0.5)
+    config = {"path": "pairs", "pdl": form == "pdl", "fused": form == "one-launch", "gate_up": dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4),
+              "down": dict(BLOCK_N=2, BLOCK_K=512, num_warps=4)}
+    weights, ids = routing(tokens, 64, 10, gen, device)
+    x = randn(tokens, 2048, gen=gen, device=device, dtype=torch.bfloat16)
+    ids = ids.to(torch.int32)
+    tk.fused_moe(x, w13, w2, weights, ids, config=config)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tk.fused_moe(x, w13, w2, weights, ids, config=config)
+    for _ in range(3):
+        new_weights, new_ids = routing(tokens, 64, 10, gen, device)
+        weights.copy_(new_weights)
+        ids.copy_(new_ids)
+        x.copy_(randn(tokens, 2048, gen=gen, device=device, dtype=torch.bfloat16))
+        graph.replay()
+        expected = tk.fused_moe(x, w13, w2, weights, ids, config=config)
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+        assert_rel_close(out, ref.fused_moe(x, w13, w2, weights, ids), tolerance(torch.bfloat16), "fused_moe")

@@ -28,18 +28,29 @@ def experts(num, hidden, inter, block, gen, device):
     return dict(w13=w13, w2=w2, w13_scale_inv=w13_s, w2_scale_inv=w2_s)
 
 
-def check(tokens, routed, top_k, hidden, inter, block, dtype, device, tol):
+def check(tokens, routed, top_k, hidden, inter, block, dtype, device, tol, config=None):
     gen = generator(tokens + routed, device)
     weights = experts(routed + 1, hidden, inter, block, gen, device)
     topk_weights, topk_ids = routing(tokens, routed, top_k, gen, device)
     x = randn(tokens, hidden, gen=gen, device=device, dtype=dtype)
     args = dict(hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids, block=block, **weights)
-    assert_rel_close(tk.fused_moe_fp8(**args), fused_moe_fp8(**args), tol, "moe output")
+    assert_rel_close(tk.fused_moe_fp8(**args, config=config), fused_moe_fp8(**args), tol, "moe output")
 
 
 @pytest.mark.parametrize("tokens,routed,top_k", [(1, 4, 2), (7, 6, 2), (33, 5, 3)], ids=str)
 def test_fused_moe_fp8_matches_the_reference(tokens, routed, top_k, device):
-    check(tokens, routed, top_k, hidden=96, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3)
+    check(tokens, routed, top_k, hidden=96, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3,
+          config=tk.DEFAULT_CONFIG)
+
+
+@pytest.mark.parametrize("gate_up_n,nb,down_n", [(8, 1, 8), (32, 2, 4), (8, 4, 16)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fp8_decode_path_matches_the_reference(tokens, gate_up_n, nb, down_n, device):
+    """The pair-by-pair path: its own activation quantisation per group, a partial last block in H (80 = 2.5
+    blocks of 32), K walked NB blocks at a time past the end, N tiles narrower than a block."""
+    config = {"path": "pairs", "gate_up": dict(BLOCK_N=gate_up_n, NB=nb, num_warps=2),
+              "down": dict(BLOCK_N=down_n, num_warps=2)}
+    check(tokens, 5, 3, hidden=80, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3, config=config)
 
 
 def test_bad_scales_are_refused(device):

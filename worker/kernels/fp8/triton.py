@@ -4,6 +4,11 @@ Two launches: the activations are quantised to e4m3 per token and group of b fea
 weights' block, 128 in the published checkpoints), then one GEMM walks K one block at a time: an
 e4m3 x e4m3 tensor-core product per [BM, b] x [b, BN] tile, scaled by the token groups' and the
 weight blocks' scales and summed in float32 (the reference sums in float64; see its docstring).
+
+A few tokens (decode, short verify) take one launch instead, a GEMV: one program per (token, BN
+weight rows) quantises its token's features itself (the same rounding; a row is short), walks K
+NB blocks at a time, sums each block's e4m3 products in fp32 and scales them like the GEMM. The
+weight rows are read from memory once, by the first token's program, and from L2 by the others.
 """
 
 import torch
@@ -101,6 +106,48 @@ def _block_fp8_matmul_kernel(a, a_scale, b, b_scale, bias, c, M, N,
     tl.store(out, acc.to(c.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+    """[R, G] fp32 -> (e4m3 values in fp32 [R, G], scales [R]): each row one group, as the quant kernel."""
+    scale = tl.maximum(tl.max(tl.abs(v), axis=1), MIN_AMAX_) / FP8_MAX_
+    return _round_to_e4m3(tl.clamp(tl.math.div_rn(v, scale[:, None]), -FP8_MAX_, FP8_MAX_)), scale
+
+
+@triton.jit
+def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stride_bs, stride_cm,
+                           K: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+    """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb]."""
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    kk = tl.arange(0, NB * BLOCK)
+    b_rows = b + offs_n.to(tl.int64)[:, None] * stride_bn
+    sb_rows = b_scale + (offs_n // BLOCK).to(tl.int64)[:, None] * stride_bs
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, K, NB * BLOCK):
+        k = k0 + kk
+        kmask = k < K
+        xk = tl.load(x + m * stride_xm + k, mask=kmask, other=0.0).to(tl.float32)
+        xq, xs = _quantize_groups(tl.reshape(xk, [NB, BLOCK]), FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
+        w = tl.load(b_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        blocks = tl.sum(tl.reshape(w, [BN, NB, BLOCK]) * xq[None, :, :], 2)  # [BN, NB]
+        kb = k0 // BLOCK + tl.arange(0, NB)
+        sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
+        acc += tl.sum(blocks * xs[None, :] * sb, 1)
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(c + m * stride_cm + offs_n, acc.to(c.dtype.element_ty), mask=nmask)
+
+
+GEMV_MAX_TOKENS = 4  # the GEMV's default up to here
+
+
+def default_gemv_tile(N: int) -> dict:
+    """Narrow row tiles so that even a 2048-row weight spreads over every multiprocessor."""
+    return dict(gemv=True, BN=8 if N >= 8192 else 4, NB=4, num_warps=4)
+
+
 def default_tile(M: int, N: int) -> dict:
     """Launch shape from the token count: memory-bound small tiles for decode, larger for prefill."""
     if M <= 16:
@@ -116,7 +163,7 @@ def w8a8_block_fp8_linear(
     weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
     block: int,
     bias: torch.Tensor | None = None,  # [N]
-    tile: dict | None = None,
+    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, ...}
 ) -> torch.Tensor:  # [T, N] activation dtype
     """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
     n, k = weight.shape
@@ -138,8 +185,16 @@ def w8a8_block_fp8_linear(
     out = _empty_output(x, (m, n))
     if m == 0:
         return out.reshape(*lead, n)
+    tile = tile or (default_gemv_tile(n) if m <= GEMV_MAX_TOKENS else default_tile(m, n))
+    if tile.get("gemv"):
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        _block_fp8_gemv_kernel[(triton.cdiv(n, tile["BN"]), m)](
+            x2, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
+            x2.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
+            K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
+            MIN_AMAX_=MIN_AMAX, num_warps=tile["num_warps"])
+        return out.reshape(*lead, n)
     x_q, x_scale = per_token_group_quant_fp8(x2, block)
-    tile = tile or default_tile(m, n)
     grid = (triton.cdiv(m, tile["BM"]) * triton.cdiv(n, tile["BN"]),)
     _block_fp8_matmul_kernel[grid](
         x_q, x_scale, weight, weight_scale_inv.float(), bias if bias is not None else out, out, m, n,

@@ -1,25 +1,70 @@
-"""The fused MoE for decode-sized batches: two GEMV launches, no grouping by expert.
+"""The fused MoE for decode-sized batches: GEMVs per (token, slot) pair, no grouping by expert.
 
 With a handful of tokens nearly every (token, slot) pair has an expert of its own, so grouping
-them buys nothing and its launches cost more than the weights take to read. Here:
+them buys nothing and its launches cost more than the weights take to read. Two stages:
 1. gate_up: one program per (pair, BN columns) reads its expert's gate and up rows once,
    SwiGLU in the epilogue -> inter [T*S, I];
-2. down: one program per (token, BN columns) walks the token's S slots in slot order, each slot's
-   expert rows scaled by its routing weight, and writes out [T, H] directly: the sum over slots is
-   deterministic and needs no y buffer nor a third launch.
+2. down: one program per (token, BN columns) loads the BN rows of all S slots' experts at once
+   ([S, BN, BK] tiles, no chain of loads slot after slot), scales each slot's product by its
+   routing weight and sums the slots into out [T, H] directly: deterministic, no y buffer.
+The down stage's weights do not depend on gate_up, so its programs load their first tiles before
+they wait for the intermediate activations. Run as either
+- two launches, the second a programmatic dependent launch on Hopper and later (griddepcontrol):
+  it starts while gate_up's last programs run; or
+- one launch (`"fused": True`): the down programs come after all gate_up programs in the grid,
+  so the hardware has dispatched every gate_up program before the first down program, which then
+  spins until its token's gate_up tiles are counted done. The last down program of a token
+  zeroes the counters for the next call, so the launch needs no memset before it.
 Products are in fp32 (elementwise, reduced along K in registers); tiles from tile_configs
 (`"path": "pairs"`).
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+MAX_FUSED_TOKENS = 64  # counters per token of the one-launch form
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs sm_90+; the interpreter has no griddepcontrol."""
+    from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
+
+    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _token_counters(device: torch.device) -> torch.Tensor:
+    """[2, MAX_FUSED_TOKENS] int32, zero between launches (each launch leaves them zero): gate_up tiles
+    done per token, and down programs past their wait per token."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fused MoE's counters are made on first use: run it once before graph capture")
+        _COUNTERS[device] = torch.zeros(2, MAX_FUSED_TOKENS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 @triton.jit
-def _gate_up_pairs_kernel(x, w13, inter, topk_ids, N, K, stride_x_t, stride_w_e, stride_w_n, stride_i_p,
-                          S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
-    pair = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+def _gate_up_step(x_ptr, g_ptr, u_ptr, nmask, k_left, acc_g, acc_u, BK: tl.constexpr):
+    kmask = tl.arange(0, BK) < k_left
+    xk = tl.load(x_ptr, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    wmask = nmask[:, None] & kmask[None, :]
+    acc_g += tl.load(g_ptr, mask=wmask, other=0.0).to(tl.float32) * xk
+    acc_u += tl.load(u_ptr, mask=wmask, other=0.0).to(tl.float32) * xk
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_up_tile(x, w13, inter, topk_ids, pair, n_tile, N, K, stride_x_t, stride_w_e, stride_w_n, stride_i_p,
+                  S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+    """inter[pair, tile] = silu(x . gate rows) * (x . up rows) of the pair's expert."""
+    n = n_tile * BN + tl.arange(0, BN)
     nmask = n < N
     expert = tl.load(topk_ids + pair).to(tl.int64)
     kk = tl.arange(0, BK)
@@ -42,46 +87,103 @@ def _gate_up_pairs_kernel(x, w13, inter, topk_ids, N, K, stride_x_t, stride_w_e,
 
 
 @triton.jit
-def _gate_up_step(x_ptr, g_ptr, u_ptr, nmask, k_left, acc_g, acc_u, BK: tl.constexpr):
+def _down_weights(w_ptr, smask, nmask, k_left, BK: tl.constexpr):
+    """[BS, BN, BK] rows of the slots' experts at one K offset (zeros past K and past S)."""
     kmask = tl.arange(0, BK) < k_left
-    xk = tl.load(x_ptr, mask=kmask, other=0.0).to(tl.float32)[None, :]
-    wmask = nmask[:, None] & kmask[None, :]
-    acc_g += tl.load(g_ptr, mask=wmask, other=0.0).to(tl.float32) * xk
-    acc_u += tl.load(u_ptr, mask=wmask, other=0.0).to(tl.float32) * xk
-    return acc_g, acc_u
+    return tl.load(w_ptr, mask=smask[:, None, None] & nmask[None, :, None] & kmask[None, None, :], other=0.0)
 
 
 @triton.jit
-def _down_step(a_ptr, b_ptr, nmask, k_left, acc, BK: tl.constexpr):
-    kmask = tl.arange(0, BK) < k_left
-    a = tl.load(a_ptr, mask=kmask, other=0.0).to(tl.float32)[None, :]
-    return acc + tl.load(b_ptr, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * a
+def _down_first_weights(w2, topk_ids, t, n_tile, N, K, stride_w_e, stride_w_n,
+                        S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """-> (the token's slot rows at K offset 0, their pointers): what a down tile can load before
+    gate_up has finished (topk_ids was written before gate_up ran)."""
+    n = n_tile * BN + tl.arange(0, BN)
+    s = tl.arange(0, BS)
+    expert = tl.load(topk_ids + t * S + s, mask=s < S, other=0).to(tl.int64)
+    w_ptr = (w2 + expert[:, None, None] * stride_w_e + n[None, :, None].to(tl.int64) * stride_w_n
+             + tl.arange(0, BK)[None, None, :])
+    return _down_weights(w_ptr, s < S, n < N, K, BK), w_ptr
+
+
+@triton.jit
+def _down_tile(inter, out, topk_weights, w, w_ptr, t, n_tile, N, K, stride_i_p, stride_o_t,
+               S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[t, tile] = sum over slots (in one fixed order) of weight * (inter[pair] . w2 rows)."""
+    n = n_tile * BN + tl.arange(0, BN)
+    nmask = n < N
+    s = tl.arange(0, BS)
+    smask = s < S
+    pair = t * S + s
+    kk = tl.arange(0, BK)
+    a_ptr = inter + pair[:, None] * stride_i_p + kk[None, :]
+    acc = tl.zeros([BS, BN], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        kmask = kk < K - k0
+        # .cg: past L1, which is not coherent with what other programs of a fused launch wrote
+        a = tl.load(a_ptr + k0, mask=smask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], 2)
+        k0 += BK
+        if k0 < K:
+            w = _down_weights(w_ptr + k0, smask, nmask, K - k0, BK)
+    slot_out = acc * tl.load(topk_weights + pair, mask=smask, other=0.0)[:, None]  # [BS, BN]
+    tl.store(out + t * stride_o_t + n, tl.sum(slot_out, 0).to(out.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _gate_up_pairs_kernel(x, w13, inter, topk_ids, N, K, stride_x_t, stride_w_e, stride_w_n, stride_i_p,
+                          S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
+                          PDL: tl.constexpr):
+    _gate_up_tile(x, w13, inter, topk_ids, tl.program_id(0).to(tl.int64), tl.program_id(1), N, K,
+                  stride_x_t, stride_w_e, stride_w_n, stride_i_p, S, BN, BK, INTERPRET)
+    if PDL:
+        gdc_launch_dependents()
 
 
 @triton.jit
 def _down_tokens_kernel(inter, w2, out, topk_weights, topk_ids, N, K, stride_i_p, stride_w_e, stride_w_n, stride_o_t,
-                        S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+                        S: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        INTERPRET: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = n < N
-    kk = tl.arange(0, BK)
-    total = tl.zeros([BN], dtype=tl.float32)
-    for s in tl.static_range(S):
-        pair = t * S + s
-        expert = tl.load(topk_ids + pair).to(tl.int64)
-        a_ptr = inter + pair * stride_i_p + kk
-        b_ptr = w2 + expert * stride_w_e + n[:, None].to(tl.int64) * stride_w_n + kk[None, :]
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
-        if INTERPRET:
-            k0 = 0
-            while k0 < K:
-                acc = _down_step(a_ptr + k0, b_ptr + k0, nmask, K - k0, acc, BK)
-                k0 += BK
-        else:
-            for k0 in range(0, K, BK):
-                acc = _down_step(a_ptr + k0, b_ptr + k0, nmask, K - k0, acc, BK)
-        total += tl.load(topk_weights + pair) * tl.sum(acc, 1)
-    tl.store(out + t * stride_o_t + n, total.to(out.dtype.element_ty), mask=nmask)
+    w, w_ptr = _down_first_weights(w2, topk_ids, t, tl.program_id(1), N, K, stride_w_e, stride_w_n, S, BS, BN, BK)
+    if PDL:
+        gdc_wait()  # gate_up's inter is complete and visible from here on
+    _down_tile(inter, out, topk_weights, w, w_ptr, t, tl.program_id(1), N, K, stride_i_p, stride_o_t, S, BS, BN, BK)
+
+
+@triton.jit
+def _fused_pairs_kernel(x, w13, w2, inter, out, topk_weights, topk_ids, counters, T, H, I,
+                        stride_x_t, stride_w13_e, stride_w13_n, stride_w2_e, stride_w2_n, stride_i_p, stride_o_t,
+                        S: tl.constexpr, BS: tl.constexpr, UP_BN: tl.constexpr, UP_BK: tl.constexpr,
+                        DOWN_BN: tl.constexpr, DOWN_BK: tl.constexpr, MAX_T: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """Programs [0, T*S*up_tiles) are gate_up tiles, the rest down tiles (see the module docstring)."""
+    pid = tl.program_id(0)
+    up_tiles = tl.cdiv(I, UP_BN)
+    num_up = T * S * up_tiles
+    ready, passed = counters, counters + MAX_T
+    if pid < num_up:
+        pair = (pid // up_tiles).to(tl.int64)
+        _gate_up_tile(x, w13, inter, topk_ids, pair, pid % up_tiles, I, H, stride_x_t, stride_w13_e, stride_w13_n,
+                      stride_i_p, S, UP_BN, UP_BK, INTERPRET)
+        tl.debug_barrier()  # every thread's stores before the count that publishes them
+        tl.atomic_add(ready + pair // S, 1, sem="release")
+    else:
+        down_tiles = tl.cdiv(H, DOWN_BN)
+        t = ((pid - num_up) // down_tiles).to(tl.int64)
+        n_tile = (pid - num_up) % down_tiles
+        w, w_ptr = _down_first_weights(w2, topk_ids, t, n_tile, H, I, stride_w2_e, stride_w2_n, S, BS, DOWN_BN,
+                                       DOWN_BK)
+        done = tl.atomic_add(ready + t, 0, sem="acquire")
+        while done < S * up_tiles:
+            done = tl.atomic_add(ready + t, 0, sem="acquire")
+        tl.debug_barrier()
+        _down_tile(inter, out, topk_weights, w, w_ptr, t, n_tile, H, I, stride_i_p, stride_o_t, S, BS, DOWN_BN,
+                   DOWN_BK)
+        if tl.atomic_add(passed + t, 1, sem="acq_rel") == down_tiles - 1:  # the token's last: reset for next time
+            tl.atomic_xchg(ready + t, 0)
+            tl.atomic_xchg(passed + t, 0)
 
 
 def fused_moe_pairs(x, w13, w2, weights, topk_ids, out, inter, cfg: dict, interpret: bool) -> None:
@@ -89,9 +191,20 @@ def fused_moe_pairs(x, w13, w2, weights, topk_ids, out, inter, cfg: dict, interp
     T, H = x.shape
     S, I = topk_ids.shape[1], w2.shape[2]
     up, down = cfg["gate_up"], cfg["down"]
+    BS = triton.next_power_of_2(S)
+    if cfg.get("fused") and T <= MAX_FUSED_TOKENS:
+        grid = (T * S * triton.cdiv(I, up["BLOCK_N"]) + T * triton.cdiv(H, down["BLOCK_N"]),)
+        _fused_pairs_kernel[grid](
+            x, w13, w2, inter, out, weights, topk_ids, _token_counters(x.device), T, H, I,
+            x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), inter.stride(0), out.stride(0),
+            S=S, BS=BS, UP_BN=up["BLOCK_N"], UP_BK=up["BLOCK_K"], DOWN_BN=down["BLOCK_N"], DOWN_BK=down["BLOCK_K"],
+            MAX_T=MAX_FUSED_TOKENS, INTERPRET=interpret, num_warps=cfg.get("num_warps", up["num_warps"]))
+        return
+    pdl = cfg.get("pdl", True) and pdl_supported(x.device)
     _gate_up_pairs_kernel[(T * S, triton.cdiv(I, up["BLOCK_N"]))](
         x, w13, inter, topk_ids, I, H, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        S=S, BN=up["BLOCK_N"], BK=up["BLOCK_K"], INTERPRET=interpret, num_warps=up["num_warps"])
+        S=S, BN=up["BLOCK_N"], BK=up["BLOCK_K"], INTERPRET=interpret, PDL=pdl, num_warps=up["num_warps"])
     _down_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, w2, out, weights, topk_ids, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        S=S, BN=down["BLOCK_N"], BK=down["BLOCK_K"], INTERPRET=interpret, num_warps=down["num_warps"])
+        S=S, BS=BS, BN=down["BLOCK_N"], BK=down["BLOCK_K"], INTERPRET=interpret, PDL=pdl,
+        num_warps=down["num_warps"], launch_pdl=pdl)

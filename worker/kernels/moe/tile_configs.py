@@ -2,8 +2,11 @@
 
 A file `configs/E={E},H={H},I={I},dtype={dtype},device={device}.json` maps a token count to
 {"BLOCK_M": ..., "gate_up": {...}, "down": {...}}; both GEMMs share BLOCK_M (the pairs are grouped
-into blocks of that size once). `"path": "pairs"` (no BLOCK_M) selects the decode kernels instead. I is the per-rank intermediate size, so tp 1, 2 and 4 of one model
-have a file each. `benchmarks/tune_moe.py` writes them; the token count nearest the asked one wins.
+into blocks of that size once). `"path": "pairs"` (no BLOCK_M) selects the decode kernels instead
+(decode.py; with `"pdl"` or `"fused"` for how its two stages are launched). I is the per-rank
+intermediate size, so tp 1, 2 and 4 of one model have a file each; dtype=float8_e4m3fn files hold
+the FP8 kernels' configs (triton_fp8.get_fp8_config). `benchmarks/tune_moe.py` writes them; the
+token count nearest the asked one wins.
 """
 
 import functools
@@ -57,9 +60,10 @@ def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
 
 @functools.lru_cache(maxsize=4096)  # called per MoE layer per step: the lookup stays off the hot path
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-               device: torch.device) -> dict:
+               device: torch.device, fallback: bool = True) -> dict | None:
+    """The tuned config nearest num_tokens; without a file: default_config, or None without fallback."""
     table = _load(config_file_name(num_experts, hidden, inter, dtype, device_name(device)))
     if not table:
-        return default_config(num_tokens, dtype)
+        return default_config(num_tokens, dtype) if fallback else None
     nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
     return table[nearest]

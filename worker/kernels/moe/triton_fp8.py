@@ -20,11 +20,25 @@ import triton.language as tl
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, kernel_block, scale_shape
 from worker.kernels.fp8.triton import _round_to_e4m3, per_token_group_quant_fp8
 from worker.kernels.moe.align import moe_align_block_size
+from worker.kernels.moe.decode_fp8 import fused_moe_fp8_pairs
+from worker.kernels.moe.tile_configs import get_config
 from worker.kernels.moe import triton as bf16_kernels
 from worker.kernels.moe.triton import _block_pairs, _check, _sum_slots_kernel, _tile, check_moe_shapes
 
 DEFAULT_CONFIG = {"BLOCK_M": 16, "gate_up": dict(GROUP_M=1, num_warps=4, num_stages=3),
                   "down": dict(BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)}
+DEFAULT_PAIRS_CONFIG = {"path": "pairs", "gate_up": dict(BLOCK_N=4, NB=4, num_warps=4),
+                        "down": dict(BLOCK_N=4, num_warps=4)}
+PAIRS_MAX_TOKENS = 2  # the decode path's default up to here
+
+
+def get_fp8_config(num_tokens: int, num_experts: int, hidden: int, inter: int, device) -> dict:
+    """A tuned config for this shape and device (tile_configs' JSON, dtype float8_e4m3fn), else a default:
+    the decode path (decode_fp8.py) for a few tokens, the grouped kernels beyond."""
+    tuned = get_config(num_tokens, num_experts, hidden, inter, FP8_DTYPE, device, fallback=False)
+    if tuned is not None:
+        return tuned
+    return DEFAULT_PAIRS_CONFIG if num_tokens <= PAIRS_MAX_TOKENS else DEFAULT_CONFIG
 
 
 @triton.jit
@@ -104,7 +118,8 @@ def fused_moe_fp8(
     topk_weights: torch.Tensor,  # [T, S] fp32
     topk_ids: torch.Tensor,  # [T, S]
     block: int,
-    config: dict | None = None,  # {"BLOCK_M", "gate_up": {...}, "down": {"BLOCK_N", ...}}; None: the default
+    config: dict | None = None,  # {"BLOCK_M", "gate_up": {...}, "down": {"BLOCK_N", ...}} or the decode path's
+    # {"path": "pairs", "gate_up": {"BLOCK_N", "NB", ...}, "down": {"BLOCK_N", ...}}; None: get_fp8_config
 ) -> torch.Tensor:  # [T, H]
     T, H, E, I = check_moe_shapes(hidden_states, w13, w2, topk_weights, topk_ids)
     _check(w13.dtype == w2.dtype == FP8_DTYPE, f"w13 and w2 must be {FP8_DTYPE}, got {w13.dtype}, {w2.dtype}")
@@ -119,10 +134,15 @@ def fused_moe_fp8(
     out = bf16_kernels._empty_output(hidden_states)
     if T == 0:
         return out
-    cfg = config or DEFAULT_CONFIG
-    x_q, x_s = per_token_group_quant_fp8(hidden_states, block)
+    cfg = config or get_fp8_config(T, E, H, I, hidden_states.device)
     w13_s, w2_s = w13_scale_inv.float().contiguous(), w2_scale_inv.float().contiguous()
     weights = topk_weights.float().contiguous().view(-1)
+    if cfg.get("path") == "pairs":
+        x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
+        inter = bf16_kernels._empty_output(x, (T * S, I), torch.float32)
+        fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids.contiguous(), out, inter, block, cfg)
+        return out
+    x_q, x_s = per_token_group_quant_fp8(hidden_states, block)
     num_pairs, BM = T * S, cfg["BLOCK_M"]
     sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, E, BM)
     num_blocks = expert_ids.shape[0]

@@ -1,0 +1,120 @@
+"""The FP8 fused MoE for decode-sized batches: the bf16 decode path's plan (decode.py) over
+block-scaled e4m3 experts, in two launches.
+
+1. gate_up: one program per (pair, BN columns, BN dividing the block b) walks K NB blocks at a
+   time. It quantises its token's features to e4m3 per group of b itself (the same rounding as
+   per_token_group_quant_fp8; the vector is short, so no launch of its own), multiplies them
+   with the expert's e4m3 rows, sums each block in fp32 and scales it by the group's and the
+   weight block's scales. SwiGLU -> inter [T*S, I] in fp32, unrounded;
+2. down: one program per (token, BN rows) quantises each slot's intermediate row per group of b
+   (what the grouped kernel's gate_up epilogue does), multiplies with the [S, BN, b] e4m3 rows of
+   all slots' experts at once, scales, weighs by the routing weights and sums the slots in one
+   fixed order into out [T, H]. On Hopper and later it is a programmatic dependent launch that
+   loads its first weights before it waits for gate_up.
+Equal to the grouped FP8 kernels (triton_fp8.py) up to fp32 summation order.
+"""
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from worker.kernels.fp8.quant import FP8_MAX, MIN_AMAX
+from worker.kernels.fp8.triton import _round_to_e4m3
+from worker.kernels.moe.decode import pdl_supported
+
+
+@triton.jit
+def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+    """[R, G] fp32 -> (e4m3 values in fp32 [R, G], scales [R]): each row one group."""
+    scale = tl.maximum(tl.max(tl.abs(v), axis=1), MIN_AMAX_) / FP8_MAX_
+    return _round_to_e4m3(tl.clamp(tl.math.div_rn(v, scale[:, None]), -FP8_MAX_, FP8_MAX_)), scale
+
+
+@triton.jit
+def _gate_up_fp8_pairs_kernel(x, w13, w13_s, inter, topk_ids, N, stride_x_t, stride_w_e, stride_w_n,
+                              stride_ws_e, stride_ws_n, stride_i_p,
+                              K: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+                              BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
+                              PDL: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    expert = tl.load(topk_ids + pair).to(tl.int64)
+    kk = tl.arange(0, NB * BLOCK)
+    g_rows = w13 + expert * stride_w_e + n[:, None].to(tl.int64) * stride_w_n
+    u_rows = g_rows + N * stride_w_n
+    block_row = (tl.program_id(1) * BN) // BLOCK
+    sg = w13_s + expert * stride_ws_e + block_row * stride_ws_n
+    su = sg + (N // BLOCK) * stride_ws_n
+    acc_g = tl.zeros([BN], dtype=tl.float32)
+    acc_u = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, K, NB * BLOCK):
+        k = k0 + kk
+        kmask = k < K
+        xk = tl.load(x + (pair // S) * stride_x_t + k, mask=kmask, other=0.0).to(tl.float32)
+        xq, xs = _quantize_groups(tl.reshape(xk, [NB, BLOCK]), FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
+        kb = k0 // BLOCK + tl.arange(0, NB)
+        bmask = kb * BLOCK < K
+        g = tl.load(g_rows + k[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
+        u = tl.load(u_rows + k[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
+        g_blocks = tl.sum(tl.reshape(g, [BN, NB, BLOCK]) * xq[None, :, :], 2)  # [BN, NB]
+        u_blocks = tl.sum(tl.reshape(u, [BN, NB, BLOCK]) * xq[None, :, :], 2)
+        scale_g = xs * tl.load(sg + kb, mask=bmask, other=0.0)
+        scale_u = xs * tl.load(su + kb, mask=bmask, other=0.0)
+        acc_g += tl.sum(g_blocks * scale_g[None, :], 1)
+        acc_u += tl.sum(u_blocks * scale_u[None, :], 1)
+    tl.store(inter + pair * stride_i_p + n, acc_g * tl.sigmoid(acc_g) * acc_u)
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _down_fp8_tokens_kernel(inter, w2, w2_s, out, topk_weights, topk_ids, N, stride_i_p, stride_w_e, stride_w_n,
+                            stride_ws_e, stride_ws_n, stride_o_t,
+                            K: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
+                            BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < N
+    s = tl.arange(0, BS)
+    smask = s < S
+    pair = t * S + s
+    expert = tl.load(topk_ids + pair, mask=smask, other=0).to(tl.int64)  # written before gate_up ran
+    kk = tl.arange(0, BLOCK)
+    w_ptr = (w2 + expert[:, None, None] * stride_w_e + n[None, :, None].to(tl.int64) * stride_w_n
+             + kk[None, None, :])
+    wmask = smask[:, None, None] & nmask[None, :, None]
+    ws_ptr = w2_s + expert[:, None] * stride_ws_e + (n // BLOCK)[None, :].to(tl.int64) * stride_ws_n  # [BS, BN]
+    w = tl.load(w_ptr, mask=wmask, other=0.0)
+    if PDL:
+        gdc_wait()  # gate_up's inter is complete and visible from here on
+    acc = tl.zeros([BS, BN], dtype=tl.float32)
+    for kb in range(K // BLOCK):
+        a = tl.load(inter + pair[:, None] * stride_i_p + kb * BLOCK + kk[None, :], mask=smask[:, None], other=0.0)
+        aq, a_scale = _quantize_groups(a, FP8_MAX_, MIN_AMAX_)  # [BS, BLOCK], [BS]
+        products = tl.sum(w.to(tl.float32) * aq[:, None, :], 2)  # [BS, BN]
+        w_scale = tl.load(ws_ptr + kb, mask=smask[:, None] & nmask[None, :], other=0.0)
+        acc += products * a_scale[:, None] * w_scale
+        if kb + 1 < K // BLOCK:
+            w = tl.load(w_ptr + (kb + 1) * BLOCK, mask=wmask, other=0.0)
+    slot_out = acc * tl.load(topk_weights + pair, mask=smask, other=0.0)[:, None]
+    tl.store(out + t * stride_o_t + n, tl.sum(slot_out, 0).to(out.dtype.element_ty), mask=nmask)
+
+
+def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, block: int, cfg: dict) -> None:
+    """x [T, H]; w13 [E, 2I, H], w2 [E, H, I] e4m3 with their block scales; weights [T*S] fp32;
+    topk_ids [T, S]; inter [T*S, I] fp32 -> out [T, H]."""
+    T, H = x.shape
+    S, I = topk_ids.shape[1], w2.shape[2]
+    up, down = cfg["gate_up"], cfg["down"]
+    pdl = cfg.get("pdl", True) and pdl_supported(x.device)
+    up_bn = min(up["BLOCK_N"], block)
+    _gate_up_fp8_pairs_kernel[(T * S, I // up_bn)](
+        x, w13, w13_s, inter, topk_ids, I, x.stride(0), w13.stride(0), w13.stride(1), w13_s.stride(0),
+        w13_s.stride(1), inter.stride(0),
+        K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PDL=pdl,
+        num_warps=up["num_warps"])
+    _down_fp8_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
+        inter, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), w2.stride(0), w2.stride(1), w2_s.stride(0),
+        w2_s.stride(1), out.stride(0),
+        K=I, S=S, BS=triton.next_power_of_2(S), BLOCK=block, BN=down["BLOCK_N"], FP8_MAX_=FP8_MAX,
+        MIN_AMAX_=MIN_AMAX, PDL=pdl, num_warps=down["num_warps"], launch_pdl=pdl)
