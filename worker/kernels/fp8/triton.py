@@ -11,6 +11,10 @@ NB blocks at a time, sums each block's e4m3 products in fp32 and scales them lik
 weight rows are read from memory once, by the first token's program, and from L2 by the others.
 """
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -141,11 +145,34 @@ def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stri
 
 
 GEMV_MAX_TOKENS = 4  # the GEMV's default up to here
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def default_gemv_tile(N: int) -> dict:
     """Narrow row tiles so that even a 2048-row weight spreads over every multiprocessor."""
     return dict(gemv=True, BN=8 if N >= 8192 else 4, NB=4, num_warps=4)
+
+
+def config_file_name(n: int, k: int, block: int, device: str) -> str:
+    return f"N={n},K={k},block={block},device={device}.json"
+
+
+@functools.cache
+def _tuned(name: str) -> dict[int, dict] | None:
+    path = CONFIG_DIR / name
+    return {int(m): tile for m, tile in json.loads(path.read_text()).items()} if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=4096)  # per layer per step: off the hot path
+def get_tile(m: int, n: int, k: int, block: int, device: torch.device) -> dict:
+    """The tile tuned for this weight shape on this device (benchmarks/tune_fp8.py) at the nearest token
+    count, else the defaults: the GEMV up to GEMV_MAX_TOKENS, the GEMM beyond."""
+    from worker.kernels.moe.tile_configs import device_name
+
+    table = _tuned(config_file_name(n, k, block, device_name(device)))
+    if table:
+        return table[min(table, key=lambda tokens: (abs(tokens - m), tokens))]
+    return default_gemv_tile(n) if m <= GEMV_MAX_TOKENS else default_tile(m, n)
 
 
 def default_tile(M: int, N: int) -> dict:
@@ -185,7 +212,7 @@ def w8a8_block_fp8_linear(
     out = _empty_output(x, (m, n))
     if m == 0:
         return out.reshape(*lead, n)
-    tile = tile or (default_gemv_tile(n) if m <= GEMV_MAX_TOKENS else default_tile(m, n))
+    tile = tile or get_tile(m, n, k, block, x.device)
     if tile.get("gemv"):
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         _block_fp8_gemv_kernel[(triton.cdiv(n, tile["BN"]), m)](

@@ -1,0 +1,141 @@
+"""Sweep the FP8 kernels' tiles on this GPU and write them as data: the block-scaled linear
+(worker/kernels/fp8/configs, GEMV or GEMM per token count) and the FP8 fused MoE
+(worker/kernels/moe/configs, dtype=float8_e4m3fn: the decode path or the grouped kernels).
+
+    python benchmarks/tune_fp8.py [--tokens 1 2 4 ...] [--only linear|moe] [--report FILE]
+
+Shapes are Qwen3-Next-80B's FP8 layers at tp 1 (128 x 128 blocks): GDN in_proj_qkvz and out_proj,
+attention q (with its gate), k/v and o projections; the MoE with 512 routed experts + the shared
+one, hidden 2048, intermediate 512. Every candidate is timed as CUDA-graph replays over ROTATE
+weight or routing sets (so L2 does not hold them); the fastest wins. Candidates that do not compile
+are skipped. Existing files keep the token counts not swept.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_bench import card, emit, git_commit, graph_time_us  # noqa: E402
+from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
+from worker.kernels.fp8.quant import FP8_DTYPE, quantize_block_fp8  # noqa: E402
+from worker.kernels.moe import tile_configs  # noqa: E402
+from worker.kernels.moe import triton as moe_triton  # noqa: E402
+from worker.kernels.moe import triton_fp8  # noqa: E402
+
+BLOCK = 128
+LINEAR_SHAPES = {"gdn.in_proj_qkvz": (12288, 2048), "gdn.out_proj": (2048, 4096), "attn.q_proj": (8192, 2048),
+                 "attn.k_proj": (512, 2048), "attn.o_proj": (2048, 4096)}
+E, H, I, TOP_K = 513, 2048, 512, 10
+TOKENS = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256]
+ROTATE = 4
+GEMV_MAX = 16  # GEMV candidates are tried up to here
+
+GEMV = [dict(gemv=True, BN=bn, NB=nb, num_warps=w) for bn, nb, w in [
+    (2, 4, 2), (4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 4, 4), (8, 4, 8), (16, 2, 4), (16, 4, 8), (4, 8, 4),
+    (2, 8, 4), (8, 8, 8), (16, 1, 4), (32, 2, 8)]]
+GEMM = [dict(BM=bm, BN=bn, GROUP_M=g, num_warps=w, num_stages=s) for bm, bn, g, w, s in [
+    (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (16, 32, 1, 4, 5), (32, 64, 4, 4, 4), (32, 128, 4, 4, 4),
+    (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 8, 3), (128, 128, 8, 8, 3)]]
+MOE_PAIRS = [{"path": "pairs", "gate_up": dict(BLOCK_N=up_n, NB=nb, num_warps=uw), "down": dict(BLOCK_N=dn, num_warps=dw)}
+             for up_n, nb, uw in [(4, 4, 4), (8, 2, 4), (8, 4, 8), (16, 2, 4), (2, 4, 2), (4, 2, 4)]
+             for dn, dw in [(2, 4), (4, 4), (4, 8), (8, 8)]]
+MOE_GROUPED = [{"BLOCK_M": bm, "gate_up": dict(GROUP_M=g, num_warps=w, num_stages=s),
+                "down": dict(BLOCK_N=dn, GROUP_M=g, num_warps=w, num_stages=s)}
+               for bm, g in [(16, 1), (32, 4), (64, 8)] for dn in (64, 128) for w, s in [(4, 3), (4, 4), (8, 3)]]
+MOE_PAIRS_MAX = 8
+
+
+def timed(fn) -> float | None:
+    try:
+        return graph_time_us(fn, replays=10, inner=ROTATE)
+    except Exception as exc:  # noqa: BLE001 - out of resources and the like: not a candidate
+        print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
+def best_of(candidates, fn) -> tuple[float, dict]:
+    timings = [(t, c) for c in candidates if (t := timed(lambda: fn(c))) is not None]
+    return min(timings, key=lambda p: p[0])
+
+
+def tune_linear(tokens: list[int], gen) -> list[dict]:
+    points = []
+    for name, (n, k) in LINEAR_SHAPES.items():
+        layers = [quantize_block_fp8(torch.randn(n, k, device="cuda", generator=gen) * k**-0.5, BLOCK)
+                  for _ in range(ROTATE)]
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            candidates = (GEMV if m <= GEMV_MAX else []) + GEMM
+            us, tile = best_of(candidates, lambda c: [fp8_triton.w8a8_block_fp8_linear(x, w, s, BLOCK, tile=c)
+                                                      for w, s in layers])
+            weight_bytes = n * k
+            points.append(dict(layer=name, n=n, k=k, tokens=m, us=round(us, 2), tile=tile,
+                               weight_GBps=round(weight_bytes / us / 1e3, 1)))
+            print(json.dumps(points[-1]), file=sys.stderr)
+        del layers
+    return points
+
+
+def tune_moe(tokens: list[int], gen) -> list[dict]:
+    w13, w13_s = quantize_block_fp8(torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5, BLOCK)
+    w2, w2_s = quantize_block_fp8(torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5, BLOCK)
+    points = []
+    for m in tokens:
+        x = torch.randn(m, H, device="cuda", generator=gen).to(torch.bfloat16)
+        routes = [moe_triton.select_experts(torch.randn(m, E, device="cuda", generator=gen), TOP_K, True,
+                                            shared_gate=True) for _ in range(ROTATE)]
+
+        def run(cfg):
+            return [triton_fp8.fused_moe_fp8(x, w13, w2, w13_s, w2_s, w, i, BLOCK, config=cfg) for w, i in routes]
+
+        candidates = (MOE_PAIRS if m <= MOE_PAIRS_MAX else []) + MOE_GROUPED
+        us, cfg = best_of(candidates, run)
+        points.append(dict(tokens=m, us=round(us, 2), config=cfg))
+        print(json.dumps(points[-1]), file=sys.stderr)
+    return points
+
+
+def write(report: dict) -> None:
+    device = report["card"]["name"].replace(" ", "_")
+    tables: dict[Path, dict] = {}
+    for p in report.get("linear", []):
+        path = fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(p["n"], p["k"], BLOCK, device)
+        tables.setdefault(path, {})[str(p["tokens"])] = p["tile"]
+    for p in report.get("moe", []):
+        path = tile_configs.CONFIG_DIR / tile_configs.config_file_name(E, H, I, FP8_DTYPE, device)
+        tables.setdefault(path, {})[str(p["tokens"])] = p["config"]
+    for path, table in tables.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(table)
+        path.write_text(json.dumps(dict(sorted(merged.items(), key=lambda kv: int(kv[0]))), indent=1) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    parser.add_argument("--only", choices=["linear", "moe"], default=None)
+    parser.add_argument("--report", default=None, help="also write the sweep's JSON here")
+    parser.add_argument("--from-report", type=Path, default=None, help="write the configs from an earlier report")
+    args = parser.parse_args()
+    if args.from_report:
+        write(json.loads(args.from_report.read_text()))
+        return
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    report = dict(benchmark="tune_fp8", card=card(), commit=git_commit(), command=" ".join(sys.argv))
+    if args.only in (None, "linear"):
+        report["linear"] = tune_linear(args.tokens, gen)
+    if args.only in (None, "moe"):
+        report["moe"] = tune_moe(args.tokens, gen)
+    write(report)
+    emit(report, args.report)
+
+
+if __name__ == "__main__":
+    main()
