@@ -46,6 +46,9 @@ GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in [(4, 256, 2),
                                                                      (16, 256, 4), (16, 128, 4), (8, 128, 2),
                                                                      (16, 512, 8), (4, 2048, 8), (2, 2048, 4),
                                                                      (8, 1024, 8), (4, 1024, 4)]]
+GEMV += [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, row_acc=True) for bn, bk, w in [(2, 2048, 4), (4, 1024, 4), (4, 2048, 8),
+                                                                                   (8, 512, 4), (8, 1024, 8), (2, 1024, 2),
+                                                                                   (16, 256, 4), (1, 2048, 2)]]
 # the down GEMV loads [next_pow2(S), BLOCK_N, BLOCK_K] tiles: all slots at once
 DOWN_GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in [(1, 512, 4), (2, 512, 4), (2, 512, 8),
                                                                           (4, 256, 4), (4, 512, 8), (2, 256, 4),
@@ -85,8 +88,8 @@ def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
     def up_launch(cfg):
         return lambda: [decode._gate_up_pairs_kernel[(tokens * S, -(-inter // cfg["BLOCK_N"]))](
             x, w13, inter_buf, ids, inter, H, x.stride(0), w13.stride(0), w13.stride(1), inter_buf.stride(0),
-            S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, PDL=False, num_warps=cfg["num_warps"])
-            for _, ids in routes]
+            S=S, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], INTERPRET=False, PDL=False, ROW_ACC=cfg.get("row_acc", False),
+            num_warps=cfg["num_warps"]) for _, ids in routes]
 
     def down_launch(cfg):
         return lambda: [decode._down_tokens_kernel[(tokens, -(-H // cfg["BLOCK_N"]))](

@@ -121,7 +121,7 @@ def test_fused_moe_pairs_path(tokens, block_n, block_k, launches, device):
     """The decode path: one GEMV per pair, then per token over its slots (masked N and K tails), in two
     launches or in one whose counters are left zero for the next call."""
     gemv = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=2)
-    config = {"path": "pairs", "fused": launches == "one", "gate_up": gemv, "down": gemv}
+    config = {"path": "pairs", "fused": launches == "one", "gate_up": dict(gemv, row_acc=block_n == 8), "down": gemv}
     for seed in (tokens + block_n, tokens + block_n + 100)[:1 + (launches == "one")]:
         check_fused_moe(tokens, experts=6, hidden=72, inter=40, top_k=3, dtype=torch.float32, device=device,
                         seed=seed, config=config)

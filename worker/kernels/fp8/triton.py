@@ -125,18 +125,18 @@ def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stri
     m = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
-    kk = tl.arange(0, NB * BLOCK)
-    b_rows = b + offs_n.to(tl.int64)[:, None] * stride_bn
+    nb = tl.arange(0, NB)
+    k2 = nb[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [NB, BLOCK]: NB groups, loaded as such (no reshape)
+    b_rows = b + offs_n.to(tl.int64)[:, None, None] * stride_bn + k2[None, :, :]
     sb_rows = b_scale + (offs_n // BLOCK).to(tl.int64)[:, None] * stride_bs
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, NB * BLOCK):
-        k = k0 + kk
-        kmask = k < K
-        xk = tl.load(x + m * stride_xm + k, mask=kmask, other=0.0).to(tl.float32)
-        xq, xs = _quantize_groups(tl.reshape(xk, [NB, BLOCK]), FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
-        w = tl.load(b_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        blocks = tl.sum(tl.reshape(w, [BN, NB, BLOCK]) * xq[None, :, :], 2)  # [BN, NB]
-        kb = k0 // BLOCK + tl.arange(0, NB)
+        kmask = k0 + k2 < K
+        xk = tl.load(x + m * stride_xm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
+        xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
+        w = tl.load(b_rows + k0, mask=nmask[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)
+        blocks = tl.sum(w * xq[None, :, :], 2)  # [BN, NB]
+        kb = k0 // BLOCK + nb
         sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
         acc += tl.sum(blocks * xs[None, :] * sb, 1)
     if HAS_BIAS:

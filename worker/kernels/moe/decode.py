@@ -61,9 +61,22 @@ def _gate_up_step(x_ptr, g_ptr, u_ptr, nmask, k_left, acc_g, acc_u, BK: tl.const
 
 
 @triton.jit
+def _gate_up_rows_step(x_ptr, g_ptr, u_ptr, nmask, k_left, acc_g, acc_u, BK: tl.constexpr):
+    """As _gate_up_step, reduced along K at once: [BN] accumulators, fewer registers held."""
+    kmask = tl.arange(0, BK) < k_left
+    xk = tl.load(x_ptr, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    wmask = nmask[:, None] & kmask[None, :]
+    acc_g += tl.sum(tl.load(g_ptr, mask=wmask, other=0.0).to(tl.float32) * xk, 1)
+    acc_u += tl.sum(tl.load(u_ptr, mask=wmask, other=0.0).to(tl.float32) * xk, 1)
+    return acc_g, acc_u
+
+
+@triton.jit
 def _gate_up_tile(x, w13, inter, topk_ids, pair, n_tile, N, K, stride_x_t, stride_w_e, stride_w_n, stride_i_p,
-                  S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
-    """inter[pair, tile] = silu(x . gate rows) * (x . up rows) of the pair's expert."""
+                  S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
+                  ROW_ACC: tl.constexpr):
+    """inter[pair, tile] = silu(x . gate rows) * (x . up rows) of the pair's expert; ROW_ACC: reduce along
+    K every step (a tile config choice: fewer registers against more reductions)."""
     n = n_tile * BN + tl.arange(0, BN)
     nmask = n < N
     expert = tl.load(topk_ids + pair).to(tl.int64)
@@ -71,18 +84,30 @@ def _gate_up_tile(x, w13, inter, topk_ids, pair, n_tile, N, K, stride_x_t, strid
     x_ptr = x + (pair // S) * stride_x_t + kk
     g_ptr = w13 + expert * stride_w_e + n[:, None].to(tl.int64) * stride_w_n + kk[None, :]
     u_ptr = g_ptr + N * stride_w_n
-    acc_g = tl.zeros([BN, BK], dtype=tl.float32)
-    acc_u = tl.zeros([BN, BK], dtype=tl.float32)
-    if INTERPRET:
-        k0 = 0
-        while k0 < K:
-            acc_g, acc_u = _gate_up_step(x_ptr + k0, g_ptr + k0, u_ptr + k0, nmask, K - k0, acc_g, acc_u, BK)
-            k0 += BK
+    if ROW_ACC:
+        g = tl.zeros([BN], dtype=tl.float32)
+        u = tl.zeros([BN], dtype=tl.float32)
+        if INTERPRET:  # its range() takes no tensor bounds
+            k0 = 0
+            while k0 < K:
+                g, u = _gate_up_rows_step(x_ptr + k0, g_ptr + k0, u_ptr + k0, nmask, K - k0, g, u, BK)
+                k0 += BK
+        else:
+            for k0 in range(0, K, BK):
+                g, u = _gate_up_rows_step(x_ptr + k0, g_ptr + k0, u_ptr + k0, nmask, K - k0, g, u, BK)
     else:
-        for k0 in range(0, K, BK):
-            acc_g, acc_u = _gate_up_step(x_ptr + k0, g_ptr + k0, u_ptr + k0, nmask, K - k0, acc_g, acc_u, BK)
-    g = tl.sum(acc_g, 1)
-    u = tl.sum(acc_u, 1)
+        acc_g = tl.zeros([BN, BK], dtype=tl.float32)
+        acc_u = tl.zeros([BN, BK], dtype=tl.float32)
+        if INTERPRET:
+            k0 = 0
+            while k0 < K:
+                acc_g, acc_u = _gate_up_step(x_ptr + k0, g_ptr + k0, u_ptr + k0, nmask, K - k0, acc_g, acc_u, BK)
+                k0 += BK
+        else:
+            for k0 in range(0, K, BK):
+                acc_g, acc_u = _gate_up_step(x_ptr + k0, g_ptr + k0, u_ptr + k0, nmask, K - k0, acc_g, acc_u, BK)
+        g = tl.sum(acc_g, 1)
+        u = tl.sum(acc_u, 1)
     tl.store(inter + pair * stride_i_p + n, (g * tl.sigmoid(g) * u).to(inter.dtype.element_ty), mask=nmask)
 
 
@@ -134,9 +159,9 @@ def _down_tile(inter, out, topk_weights, w, w_ptr, t, n_tile, N, K, stride_i_p, 
 @triton.jit
 def _gate_up_pairs_kernel(x, w13, inter, topk_ids, N, K, stride_x_t, stride_w_e, stride_w_n, stride_i_p,
                           S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, ROW_ACC: tl.constexpr = False):
     _gate_up_tile(x, w13, inter, topk_ids, tl.program_id(0).to(tl.int64), tl.program_id(1), N, K,
-                  stride_x_t, stride_w_e, stride_w_n, stride_i_p, S, BN, BK, INTERPRET)
+                  stride_x_t, stride_w_e, stride_w_n, stride_i_p, S, BN, BK, INTERPRET, ROW_ACC)
     if PDL:
         gdc_launch_dependents()
 
@@ -157,7 +182,7 @@ def _fused_pairs_kernel(x, w13, w2, inter, out, topk_weights, topk_ids, counters
                         stride_x_t, stride_w13_e, stride_w13_n, stride_w2_e, stride_w2_n, stride_i_p, stride_o_t,
                         S: tl.constexpr, BS: tl.constexpr, UP_BN: tl.constexpr, UP_BK: tl.constexpr,
                         DOWN_BN: tl.constexpr, DOWN_BK: tl.constexpr, MAX_T: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        INTERPRET: tl.constexpr, ROW_ACC: tl.constexpr):
     """Programs [0, T*S*up_tiles) are gate_up tiles, the rest down tiles (see the module docstring)."""
     pid = tl.program_id(0)
     up_tiles = tl.cdiv(I, UP_BN)
@@ -166,7 +191,7 @@ def _fused_pairs_kernel(x, w13, w2, inter, out, topk_weights, topk_ids, counters
     if pid < num_up:
         pair = (pid // up_tiles).to(tl.int64)
         _gate_up_tile(x, w13, inter, topk_ids, pair, pid % up_tiles, I, H, stride_x_t, stride_w13_e, stride_w13_n,
-                      stride_i_p, S, UP_BN, UP_BK, INTERPRET)
+                      stride_i_p, S, UP_BN, UP_BK, INTERPRET, ROW_ACC)
         tl.debug_barrier()  # every thread's stores before the count that publishes them
         tl.atomic_add(ready + pair // S, 1, sem="release")
     else:
@@ -198,12 +223,14 @@ def fused_moe_pairs(x, w13, w2, weights, topk_ids, out, inter, cfg: dict, interp
             x, w13, w2, inter, out, weights, topk_ids, _token_counters(x.device), T, H, I,
             x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), inter.stride(0), out.stride(0),
             S=S, BS=BS, UP_BN=up["BLOCK_N"], UP_BK=up["BLOCK_K"], DOWN_BN=down["BLOCK_N"], DOWN_BK=down["BLOCK_K"],
-            MAX_T=MAX_FUSED_TOKENS, INTERPRET=interpret, num_warps=cfg.get("num_warps", up["num_warps"]))
+            MAX_T=MAX_FUSED_TOKENS, INTERPRET=interpret, ROW_ACC=up.get("row_acc", False),
+            num_warps=cfg.get("num_warps", up["num_warps"]))
         return
     pdl = cfg.get("pdl", True) and pdl_supported(x.device)
     _gate_up_pairs_kernel[(T * S, triton.cdiv(I, up["BLOCK_N"]))](
         x, w13, inter, topk_ids, I, H, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        S=S, BN=up["BLOCK_N"], BK=up["BLOCK_K"], INTERPRET=interpret, PDL=pdl, num_warps=up["num_warps"])
+        S=S, BN=up["BLOCK_N"], BK=up["BLOCK_K"], INTERPRET=interpret, PDL=pdl, ROW_ACC=up.get("row_acc", False),
+        num_warps=up["num_warps"])
     _down_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, w2, out, weights, topk_ids, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         S=S, BS=BS, BN=down["BLOCK_N"], BK=down["BLOCK_K"], INTERPRET=interpret, PDL=pdl,

@@ -39,8 +39,10 @@ def _gate_up_fp8_pairs_kernel(x, w13, w13_s, inter, topk_ids, N, stride_x_t, str
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     expert = tl.load(topk_ids + pair).to(tl.int64)
-    kk = tl.arange(0, NB * BLOCK)
-    g_rows = w13 + expert * stride_w_e + n[:, None].to(tl.int64) * stride_w_n
+    nb = tl.arange(0, NB)
+    kk = tl.arange(0, BLOCK)
+    k2 = nb[:, None] * BLOCK + kk[None, :]  # [NB, BLOCK]: NB groups of the features, loaded as such (no reshape)
+    g_rows = w13 + expert * stride_w_e + n[:, None, None].to(tl.int64) * stride_w_n + k2[None, :, :]
     u_rows = g_rows + N * stride_w_n
     block_row = (tl.program_id(1) * BN) // BLOCK
     sg = w13_s + expert * stride_ws_e + block_row * stride_ws_n
@@ -48,16 +50,15 @@ def _gate_up_fp8_pairs_kernel(x, w13, w13_s, inter, topk_ids, N, stride_x_t, str
     acc_g = tl.zeros([BN], dtype=tl.float32)
     acc_u = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, NB * BLOCK):
-        k = k0 + kk
-        kmask = k < K
-        xk = tl.load(x + (pair // S) * stride_x_t + k, mask=kmask, other=0.0).to(tl.float32)
-        xq, xs = _quantize_groups(tl.reshape(xk, [NB, BLOCK]), FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
-        kb = k0 // BLOCK + tl.arange(0, NB)
+        kmask = k0 + k2 < K
+        xk = tl.load(x + (pair // S) * stride_x_t + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
+        xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
+        kb = k0 // BLOCK + nb
         bmask = kb * BLOCK < K
-        g = tl.load(g_rows + k[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
-        u = tl.load(u_rows + k[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
-        g_blocks = tl.sum(tl.reshape(g, [BN, NB, BLOCK]) * xq[None, :, :], 2)  # [BN, NB]
-        u_blocks = tl.sum(tl.reshape(u, [BN, NB, BLOCK]) * xq[None, :, :], 2)
+        g = tl.load(g_rows + k0, mask=kmask[None, :, :], other=0.0).to(tl.float32)
+        u = tl.load(u_rows + k0, mask=kmask[None, :, :], other=0.0).to(tl.float32)
+        g_blocks = tl.sum(g * xq[None, :, :], 2)  # [BN, NB]
+        u_blocks = tl.sum(u * xq[None, :, :], 2)
         scale_g = xs * tl.load(sg + kb, mask=bmask, other=0.0)
         scale_u = xs * tl.load(su + kb, mask=bmask, other=0.0)
         acc_g += tl.sum(g_blocks * scale_g[None, :], 1)
