@@ -19,15 +19,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from worker.kernels.fp8.quant import FP8_MAX, MIN_AMAX
-from worker.kernels.fp8.triton import _round_to_e4m3
+from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.moe.decode import pdl_supported
-
-
-@triton.jit
-def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
-    """[R, G] fp32 -> (e4m3 values in fp32 [R, G], scales [R]): each row one group."""
-    scale = tl.maximum(tl.max(tl.abs(v), axis=1), MIN_AMAX_) / FP8_MAX_
-    return _round_to_e4m3(tl.clamp(tl.math.div_rn(v, scale[:, None]), -FP8_MAX_, FP8_MAX_)), scale
 
 
 @triton.jit
