@@ -33,13 +33,23 @@ def _prepare(q, k, v, scale, use_qk_l2norm):
     return q, k, v
 
 
-def _step(state, q_t, k_t, v_t, g_t, beta_t):
-    """One token for a batch of states: state [N, HV, K, V]; q_t, k_t [N, HV, K]; v_t [N, HV, V]; g_t, beta_t [N, HV]."""
-    state = state * g_t.exp()[..., None, None]
-    kv_mem = torch.einsum("nhkv,nhk->nhv", state, k_t)
-    delta = (v_t - kv_mem) * beta_t[..., None]
-    state = state + k_t[..., :, None] * delta[..., None, :]
-    return state, torch.einsum("nhkv,nhk->nhv", state, q_t)
+def _operands(k, v, g, beta):
+    """Per-token operands of the update, shaped for it: k [..., HV, K], v [..., HV, V], g and beta [..., HV] ->
+    k rows [..., HV, 1, K], v rows [..., HV, 1, V], exp(g) [..., HV, 1, 1], beta k columns [..., HV, K, 1]."""
+    beta = beta.float()[..., None]
+    return k.unsqueeze(-2), v.unsqueeze(-2), g.float().exp()[..., None, None], (beta * k).unsqueeze(-1)
+
+
+def _update(state, k_row, v_row, decay, beta_k):
+    """One token's update for a batch of states [N, HV, K, V], its operands as `_operands` shapes them:
+    S <- exp(g) S;  S <- S + (beta k) (v - S^T k)^T."""
+    state = state * decay
+    return torch.addcmul(state, beta_k, v_row - k_row @ state)
+
+
+def _read_out(state, q_t):
+    """o = S^T q: state [..., HV, K, V], q_t [..., HV, K] -> [..., HV, V]."""
+    return (q_t.unsqueeze(-2) @ state).squeeze(-2)
 
 
 def chunk_gated_delta_rule(
@@ -69,9 +79,10 @@ def chunk_gated_delta_rule(
             state = ssm_states[groups[n], accepted[n] - 1].float().unsqueeze(0)
         else:
             state = ssm_states.new_zeros((1, *ssm_states.shape[2:]), dtype=torch.float32)
-        for t in range(start, end):
-            state, o_t = _step(state, qf[t : t + 1], kf[t : t + 1], vf[t : t + 1], g[t : t + 1].float(), beta[t : t + 1].float())
-            out[t] = o_t[0].to(out.dtype)
+        operands = _operands(kf[start:end, None], vf[start:end, None], g[start:end, None], beta[start:end, None])
+        for t in range(end - start):
+            state = _update(state, *(x[t] for x in operands))
+            out[start + t] = _read_out(state, qf[start + t : start + t + 1])[0].to(out.dtype)
         ssm_states[groups[n], 0] = state[0].to(ssm_states.dtype)
     return out
 
@@ -95,9 +106,13 @@ def fused_recurrent_gated_delta_rule(
         return out
     groups = state_indices[valid]
     qf, kf, vf = _prepare(q[valid], k[valid], v[valid], scale, use_qk_l2norm)
+    operands = _operands(kf, vf, g[valid], beta[valid])
     state = ssm_states[groups, num_accepted[valid] - 1].float()
-    for j in range(q.shape[1]):
-        state, o_t = _step(state, qf[:, j], kf[:, j], vf[:, j], g[valid, j].float(), beta[valid, j].float())
-        out[valid, j] = o_t.to(out.dtype)
-        ssm_states[groups, j] = state.to(ssm_states.dtype)
+    states = []
+    for j in range(q.shape[1]):  # only the update is sequential; the read-outs and writes go in one op each
+        state = _update(state, *(x[:, j] for x in operands))
+        states.append(state)
+    states = torch.stack(states, dim=1)  # [n, Q, HV, K, V]
+    out[valid] = _read_out(states, qf).to(out.dtype)
+    ssm_states[groups, : q.shape[1]] = states.to(ssm_states.dtype)
     return out
