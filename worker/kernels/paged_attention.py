@@ -31,21 +31,65 @@ def paged_attention(
     scale: float,
     max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); the kernel's tiling only
 ) -> torch.Tensor:  # [T, H, D]
+    """Consecutive sequences with the same query length (every decode or verify step) attend as one batch."""
     out = torch.zeros_like(query)
-    block_size = k_cache.shape[1]
-    group = query.shape[1] // k_cache.shape[2]
     bounds, lens = cu_seqlens_q.tolist(), context_lens.tolist()
-    for b in range(len(lens)):
-        start, end, kv_len = bounds[b], bounds[b + 1], lens[b]
-        if end == start or kv_len == 0:
-            continue
-        blocks = block_tables[b, : (kv_len + block_size - 1) // block_size].long()
-        keys = k_cache[blocks].flatten(0, 1)[:kv_len].float().repeat_interleave(group, dim=1)
-        values = v_cache[blocks].flatten(0, 1)[:kv_len].float().repeat_interleave(group, dim=1)
-        q = query[start:end].float()
-        scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
-        q_pos = torch.arange(kv_len - (end - start), kv_len, device=query.device)
-        visible = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values).to(out.dtype)
+    for first, end in _runs(bounds, lens):
+        rows = slice(bounds[first], bounds[end])
+        q_len = bounds[first + 1] - bounds[first]
+        q = query[rows].view(end - first, q_len, *query.shape[1:])
+        o = _attend(q, k_cache, v_cache, lens[first:end], block_tables[first:end], scale)
+        out[rows] = o.flatten(0, 1).to(out.dtype)
     return out
+
+
+def _runs(bounds: list[int], lens: list[int]):
+    """(first, end) of each maximal run of consecutive sequences with one query length and queries that see keys."""
+    first = None
+    for b in range(len(lens) + 1):
+        attends = b < len(lens) and bounds[b + 1] > bounds[b] and lens[b] > 0
+        same = first is not None and attends and bounds[b + 1] - bounds[b] == bounds[first + 1] - bounds[first]
+        if first is not None and not same:
+            yield first, b
+            first = None
+        if attends and first is None:
+            first = b
+
+
+def _attend(
+    q: torch.Tensor,  # [N, Q, H, D] the last Q positions of each sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_lens: list[int],  # [N]
+    block_tables: torch.Tensor,  # [N, max_blocks]
+    scale: float,
+) -> torch.Tensor:  # [N, Q, H, D] fp32
+    n, q_len, heads, dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group, max_kv = heads // kv_heads, max(kv_lens)
+    blocks = block_tables[:, : (max_kv + block_size - 1) // block_size].long()
+    keys = k_cache[blocks].flatten(1, 2)[:, :max_kv].float()  # [N, L, H_kv, D]
+    values = v_cache[blocks].flatten(1, 2)[:, :max_kv].float()
+    # Query head h reads KV head h // group: the group's queries of all Q positions share one product.
+    qf = q.float().view(n, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * q_len, dim)
+    scores = (qf @ keys.permute(0, 2, 3, 1)) * scale  # [N, H_kv, group * Q, L]
+    hidden = _hidden_keys(kv_lens, q_len, q.device)
+    if hidden is not None:
+        scores = scores.view(n, kv_heads, group, q_len, max_kv).masked_fill(hidden, float("-inf"))
+        scores = scores.view(n, kv_heads, group * q_len, max_kv)
+    if min(kv_lens) < max_kv:  # keys past a sequence's end may be NaN: a zero weight must meet a zero value
+        past_end = torch.arange(max_kv, device=q.device) >= torch.tensor(kv_lens, device=q.device)[:, None]
+        values = values.masked_fill(past_end[:, :, None, None], 0.0)
+    o = scores.softmax(dim=-1) @ values.transpose(1, 2)  # [N, H_kv, group * Q, D]
+    return o.view(n, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4).reshape(n, q_len, heads, dim)
+
+
+def _hidden_keys(kv_lens: list[int], q_len: int, device) -> torch.Tensor | None:
+    """-> [N or 1, 1, 1, Q, L] True where query i (position kv_len - Q + i) must not see key j, None if it sees all."""
+    max_kv = max(kv_lens)
+    if min(kv_lens) == max_kv:  # one causal band for every sequence
+        if q_len == 1:
+            return None
+        return torch.ones(q_len, max_kv, dtype=torch.bool, device=device).triu(max_kv - q_len + 1)[None, None, None]
+    last_visible = torch.tensor(kv_lens, device=device)[:, None] - q_len + torch.arange(q_len, device=device)  # [N, Q]
+    return (torch.arange(max_kv, device=device) > last_visible[..., None])[:, None, None]
