@@ -15,6 +15,6 @@ def gated_rms_norm(
     eps: float,
 ) -> torch.Tensor:  # [R, V] in x's dtype
     xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = F.rms_norm(xf, xf.shape[-1:], eps=eps).to(x.dtype)  # xf * rsqrt(mean(xf^2) + eps), bit for bit
     y = weight * y
     return (y.float() * F.silu(z.float())).to(x.dtype)

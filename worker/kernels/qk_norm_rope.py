@@ -7,13 +7,15 @@ value written to their cache slots (`reshape_and_cache`, PAD slots skipped). The
 """
 
 import torch
+import torch.nn.functional as F
 
 from worker.kernels.paged_attention import reshape_and_cache
 
 
 def rms_norm_zero_centred(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] or one row per leading index ([..., D] broadcast)."""
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = F.rms_norm(xf, xf.shape[-1:], eps=eps)  # xf * rsqrt(mean(xf^2) + eps), bit for bit, in one op
     return (y * (1.0 + weight.float())).to(x.dtype)
 
 
@@ -39,9 +41,11 @@ def qk_norm_rope_and_cache(
     v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
     slot_mapping: torch.Tensor,  # [T], negative slots are skipped
 ) -> torch.Tensor:  # [T, H, D] the normed, rotated query
+    # Norm and rotation act on each head alone: the query and key heads go through them together.
+    heads, kv_heads = query.shape[1], key.shape[1]
+    weight = torch.cat([q_norm_weight.expand(heads, -1), k_norm_weight.expand(kv_heads, -1)])  # [H + H_kv, D]
     cos, sin = cos_sin[positions].chunk(2, dim=-1)
-    rotary_dim = cos_sin.shape[-1]
-    q = rotate_partial(rms_norm_zero_centred(query, q_norm_weight, eps), cos, sin, rotary_dim)
-    k = rotate_partial(rms_norm_zero_centred(key, k_norm_weight, eps), cos, sin, rotary_dim)
+    qk = rms_norm_zero_centred(torch.cat([query, key], dim=1), weight, eps)
+    q, k = rotate_partial(qk, cos, sin, cos_sin.shape[-1]).split([heads, kv_heads], dim=1)
     reshape_and_cache(k, value, k_cache, v_cache, slot_mapping)
     return q
