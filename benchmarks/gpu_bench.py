@@ -66,6 +66,18 @@ def graph_time_us(fn, replays: int = 20, inner: int = 1) -> float:
     return times[len(times) // 2]
 
 
+def candidate_time_us(fn, inner: int, replays: int = 10) -> float | None:
+    """graph_time_us for a tuning candidate, or None when it cannot run (out of shared memory and the like)."""
+    import sys
+
+    try:
+        return graph_time_us(fn, replays=replays, inner=inner)
+    except Exception as exc:  # noqa: BLE001 - whatever stops a candidate makes it no candidate
+        print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
 def copy_bandwidth_GBps(num_bytes: int = 2 << 30) -> float:
     """An eager device-to-device copy, timed with events (a copy captured in a CUDA graph measured
     2.75 TB/s on an H200 here, below what kernels reach: it is reported beside, not used)."""

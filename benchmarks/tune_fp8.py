@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import card, emit, git_commit, graph_time_us  # noqa: E402
+from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit  # noqa: E402
 from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
 from worker.kernels.fp8.quant import FP8_DTYPE, quantize_block_fp8  # noqa: E402
 from worker.kernels.moe import tile_configs  # noqa: E402
@@ -51,17 +51,8 @@ MOE_GROUPED = [{"BLOCK_M": bm, "gate_up": dict(GROUP_M=g, num_warps=w, num_stage
 MOE_PAIRS_MAX = 8
 
 
-def timed(fn) -> float | None:
-    try:
-        return graph_time_us(fn, replays=10, inner=ROTATE)
-    except Exception as exc:  # noqa: BLE001 - out of resources and the like: not a candidate
-        print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
-        torch.cuda.synchronize()
-        return None
-
-
 def best_of(candidates, fn) -> tuple[float, dict]:
-    timings = [(t, c) for c in candidates if (t := timed(lambda: fn(c))) is not None]
+    timings = [(t, c) for c in candidates if (t := candidate_time_us(lambda: fn(c), inner=ROTATE)) is not None]
     return min(timings, key=lambda p: p[0])
 
 

@@ -19,7 +19,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import card, emit, git_commit, graph_time_us  # noqa: E402
+from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, graph_time_us  # noqa: E402
 from worker.kernels.moe import triton as tk  # noqa: E402
 from worker.kernels.moe.align import moe_align_block_size  # noqa: E402
 from worker.kernels.moe.tile_configs import CONFIG_DIR, config_file_name  # noqa: E402
@@ -68,12 +68,7 @@ def candidates(tokens: int):
 
 
 def time_kernel(launch) -> float | None:
-    try:
-        return graph_time_us(launch, replays=10, inner=ROTATE)
-    except Exception as exc:  # noqa: BLE001 - out of resources and the like: not a candidate
-        print(f"  skipped: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
-        torch.cuda.synchronize()
-        return None
+    return candidate_time_us(launch, inner=ROTATE)
 
 
 def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
