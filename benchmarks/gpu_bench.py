@@ -7,6 +7,7 @@ Ceilings are measured in the same process as what they judge: the device-to-devi
 import gc
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -68,8 +69,6 @@ def graph_time_us(fn, replays: int = 20, inner: int = 1) -> float:
 
 def candidate_time_us(fn, inner: int, replays: int = 10) -> float | None:
     """graph_time_us for a tuning candidate, or None when it cannot run (out of shared memory and the like)."""
-    import sys
-
     try:
         return graph_time_us(fn, replays=replays, inner=inner)
     except Exception as exc:  # noqa: BLE001 - whatever stops a candidate makes it no candidate
