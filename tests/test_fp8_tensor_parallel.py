@@ -168,3 +168,24 @@ def test_qwen3_5_in_proj_qkv_shards_its_q_k_v_parts_in_whole_blocks():
     with tensor_parallel_as(0, TP), pytest.raises(ValueError, match=r"in_proj_qkv: tensor parallel size 2 leaves each "
                                                                    r"rank 32 of its 64 query/key rows"):
         GatedDeltaNet(qwen3_5_gdn_config(48), "model.layers.0.linear_attn")
+
+
+def test_fp8_rows_reorder_in_whole_blocks_only():
+    """After loading, an FP8 projection's rows can move as whole 16-row blocks (weights and scales
+    together: the output is the old output's columns in the new order); an order that would cut a
+    block is refused and changes nothing (GatedDeltaNet then keeps its column gather)."""
+    quant = Fp8Config(weight_block_size=(16, 16))
+    weight, scale = quantize_block_fp8(portable(64, 32, seed=7, std=32**-0.5), 16)
+    x = portable(3, 32, seed=8).to(torch.bfloat16)
+    with tensor_parallel_as(0, 1):
+        layer = ColumnParallelLinear(32, 64, quant_config=quant, prefix="proj")
+    load(layer, "weight", weight)
+    load(layer, "weight_scale_inv", scale)
+    before = layer(x)
+    cut = torch.cat([torch.arange(8, 24), torch.arange(0, 8), torch.arange(24, 64)])
+    assert not layer.reorder_output_rows(cut)
+    assert layer.weight.view(torch.uint8).equal(weight.view(torch.uint8))
+    blocks = torch.cat([torch.arange(32, 48), torch.arange(0, 32), torch.arange(48, 64)])
+    assert layer.reorder_output_rows(blocks)
+    assert layer.weight_scale_inv.equal(scale[[2, 0, 1, 3]])
+    assert torch.equal(layer(x), before[:, blocks])

@@ -73,8 +73,20 @@ def expected_parameters(model, checkpoint: dict[str, torch.Tensor]):
             prefix = name[: -len("w2")]
             expected[name] = torch.stack([take(f"{prefix}{e}.down_proj.weight") for e in range(num_experts)])
         else:
-            expected[name] = take(name).reshape(param.shape)  # conv1d: [C, 1, K] -> [C, K]
+            expected[name] = held_rows(model, name, take(name).reshape(param.shape))  # conv1d: [C, 1, K] -> [C, K]
     return expected, used
+
+
+def held_rows(model, name: str, stored: torch.Tensor) -> torch.Tensor:
+    """A stored tensor in the row order the loaded model holds it: the GDN's packed projections are
+    reordered into [q | k | v | z] and [b | a] once loaded (GatedDeltaNet.after_loading)."""
+    for suffix, order, planar in (("in_proj_qkvz.weight", "qkvz_order", "qkvz_planar"),
+                                  ("in_proj_ba.weight", "ba_order", "ba_planar")):
+        if name.endswith(suffix):
+            gdn = model.get_submodule(name.removesuffix(f".{suffix}"))
+            assert getattr(gdn, planar), f"{name}: a bf16 projection is always reordered"
+            return stored.index_select(0, getattr(gdn, order))
+    return stored
 
 
 # ---------------------------------------------------------------- happy path

@@ -67,6 +67,7 @@ class GatedDeltaNet(nn.Module):
                                  persistent=False)
             self.register_buffer("ba_order", _grouped_to_planar(self.num_k_heads, [self.ratio, self.ratio]),
                                  persistent=False)
+            self.qkvz_planar = self.ba_planar = False  # rows reordered by after_loading
 
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
@@ -112,6 +113,17 @@ class GatedDeltaNet(nn.Module):
         _check_shape(param, shard)
         param.data.copy_(shard)
 
+    def after_loading(self) -> None:
+        """Reorder the packed projections' rows once into [q | k | v | z] and [b | a], so that the forward
+        reads them without a column gather (an FP8 weight only where its runs are whole blocks, as at
+        Qwen3-Next's sizes). The parameters then hold the rows in that order, no longer the checkpoint's."""
+        if self.split_projections:
+            return
+        if not self.qkvz_planar:
+            self.qkvz_planar = self.in_proj_qkvz.reorder_output_rows(self.qkvz_order)
+        if not self.ba_planar:
+            self.ba_planar = self.in_proj_ba.reorder_output_rows(self.ba_order)
+
     def _project(self, hidden_states: torch.Tensor):
         """-> mixed_qkv [T, conv_dim] (conv input order), z [T, HV, V], b [T, HV], a [T, HV]."""
         tokens = hidden_states.shape[0]
@@ -119,8 +131,12 @@ class GatedDeltaNet(nn.Module):
             z = self.in_proj_z(hidden_states).view(tokens, self.num_v_heads, self.head_v_dim)
             return self.in_proj_qkv(hidden_states), z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
         conv_dim = 2 * self.key_dim + self.value_dim
-        qkvz = self.in_proj_qkvz(hidden_states).index_select(1, self.qkvz_order)
-        ba = self.in_proj_ba(hidden_states).index_select(1, self.ba_order)
+        qkvz = self.in_proj_qkvz(hidden_states)
+        if not self.qkvz_planar:
+            qkvz = qkvz.index_select(1, self.qkvz_order)
+        ba = self.in_proj_ba(hidden_states)
+        if not self.ba_planar:
+            ba = ba.index_select(1, self.ba_order)
         z = qkvz[:, conv_dim:].view(tokens, self.num_v_heads, self.head_v_dim)
         return qkvz[:, :conv_dim], z, ba[:, : self.num_v_heads], ba[:, self.num_v_heads :]
 

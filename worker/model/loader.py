@@ -145,7 +145,7 @@ def load_model(
     if load_format == "dummy":
         model = _build(config, config.num_mtp_layers or 1, dtype, device)
         init_dummy_weights(model)
-        return model.eval()
+        return _after_loading(model).eval()
     files = checkpoint_files(model_dir)
     num_mtp = 0
     if any(name.startswith("mtp.") for name in files):
@@ -175,7 +175,15 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{model_dir}: missing weights: {shown}")
-    return model.eval()
+    return _after_loading(model).eval()
+
+
+def _after_loading(model: torch.nn.Module) -> torch.nn.Module:
+    """Layers that hold their weights in another layout than the checkpoint's convert them once here."""
+    for module in model.modules():
+        if hasattr(module, "after_loading"):
+            module.after_loading()
+    return model
 
 
 def _describe_missing(name: str, shard) -> str:

@@ -77,5 +77,17 @@ def check_whole_blocks(prefix: str, what: str, per_rank: int, total: int, num_sh
         f"parallel size that leaves each rank a multiple of {block}")
 
 
+def whole_block_order(order: torch.Tensor, block: int) -> torch.Tensor | None:
+    """A row order as whole blocks: order's runs of `block` rows start at multiples of it and stay
+    consecutive -> the blocks' order; else None."""
+    if order.numel() % block:
+        return None
+    runs = order.view(-1, block)
+    starts = runs[:, 0]
+    if bool((starts % block).any()) or not torch.equal(runs, starts[:, None] + torch.arange(block, device=order.device)):
+        return None
+    return starts // block
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

@@ -17,7 +17,8 @@ from worker import kernels
 from worker.config import Fp8Config
 from worker.distributed import get_tp
 from worker.model.layers.checkpoint_tensor import CheckpointTensor
-from worker.model.layers.fp8 import check_whole_blocks, checkpoint_shape, fp8_block, fp8_parameters, narrow
+from worker.model.layers.fp8 import (check_whole_blocks, checkpoint_shape, fp8_block, fp8_parameters, narrow,
+                                     whole_block_order)
 
 
 def _check_shape(param: torch.Tensor, loaded: CheckpointTensor, name: str = "") -> None:
@@ -102,6 +103,23 @@ class ColumnParallelLinear(_Linear):
 
     def shard_rows(self, param: nn.Parameter, loaded: CheckpointTensor) -> torch.Tensor:
         return narrow(param, loaded, 0, self.shard_rank * self.out_per_rank, self.out_per_rank)
+
+    def reorder_output_rows(self, order: torch.Tensor) -> bool:
+        """Once loaded: this rank's output features in `order` (new feature j = old feature order[j]).
+        An FP8 weight can only move whole blocks of rows, since each scale covers a block: where `order`
+        does not, nothing changes and the result is False."""
+        order = order.to(self.weight.device)
+        if self.block is not None:
+            blocks = whole_block_order(order, self.block)
+            if blocks is None:
+                return False
+            self.weight_scale_inv.data = self.weight_scale_inv.data.index_select(0, blocks)
+        weight = self.weight.data
+        rows = weight.view(torch.uint8) if self.block is not None else weight  # no float8 index_select
+        self.weight.data = rows.index_select(0, order).view(weight.dtype)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.index_select(0, order)
+        return True
 
     def _shard(self, param, loaded):
         return self.shard_rows(param, loaded)
