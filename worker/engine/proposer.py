@@ -40,9 +40,10 @@ class Proposer(Protocol):
 class MTPProposer:
     """Drafts with the model's MTP head, greedily (a point-mass draft).
 
-    Pass 1 runs the MTP over every row the target ran (so its KV cache stays complete), reading for
-    row i the token after position i; rows past a rejection read garbage but only write KV at
-    positions the next step overwrites. Further drafts chain the MTP on its own post-norm output.
+    Pass 1 runs the MTP's attention over every row the target ran (so its KV cache stays complete),
+    reading for row i the token after position i; rows past a rejection read garbage but only write KV
+    at positions the next step overwrites. Only the anchor rows go on through its MLP. Further drafts
+    chain the MTP on its own post-norm output.
     """
 
     def __init__(self, model, num_spec_tokens: int, block_size: int):
@@ -65,10 +66,9 @@ class MTPProposer:
         sequences (False), whose chained passes then write no KV."""
         next_ids = torch.roll(input_ids, -1)
         next_ids[anchor_rows] = anchor_next_ids
-        with forward_context(StepContext(attn)):
-            mtp_hidden = self.model.forward_mtp(next_ids, positions, hidden_states)
         rows = anchor_rows[sampled]
-        hidden = mtp_hidden[rows]
+        with forward_context(StepContext(attn)):  # the MLP and the norm after it only for the anchor rows
+            hidden = self.model.forward_mtp(next_ids, positions, hidden_states, output_rows=rows)
         drafts = [self.model.compute_logits(hidden).argmax(dim=-1)]
         positions = positions[rows]
         block_tables = attn.block_tables[sampled]

@@ -44,14 +44,19 @@ class DecoderLayer(nn.Module):
     def token_mixer(self) -> nn.Module:
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                output_rows: torch.Tensor | None = None):
         """-> (this layer's MLP output, a per-rank partial sum; the residual stream before it): the next
-        norm reduces the first and adds the two."""
+        norm reduces the first and adds the two. With `output_rows` [R], only those rows come out: the token
+        mixer still runs on every row (it writes their caches), the MLP on those rows alone."""
         if residual is None:
             residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states, residual = self.post_attention_layernorm(self.token_mixer(positions, hidden_states), residual)
+        mixed = self.token_mixer(positions, hidden_states)
+        if output_rows is not None:
+            mixed, residual = mixed[output_rows], residual[output_rows]
+        hidden_states, residual = self.post_attention_layernorm(mixed, residual)
         return self.mlp(hidden_states), residual
 
 
@@ -90,9 +95,10 @@ class MultiTokenPredictor(nn.Module):
         self.norm = AllReduceRMSNorm(hidden, config.rms_norm_eps)
 
     def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
-                step: int = 0) -> torch.Tensor:
+                step: int = 0, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [T, H], or [R, H] for the rows `output_rows` (every row still writes its KV cache)."""
         x = torch.cat([self.pre_fc_norm_embedding(input_embeds), self.pre_fc_norm_hidden(hidden_states)], dim=-1)
-        x, residual = self.layers[step % len(self.layers)](positions, self.fc(x), None)
+        x, residual = self.layers[step % len(self.layers)](positions, self.fc(x), None, output_rows)
         return self.norm(x, residual)[0]
 
 
@@ -114,9 +120,10 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def forward_mtp(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
-                    step: int = 0) -> torch.Tensor:
-        """-> the MTP's post-norm hidden states; `compute_logits` turns them into draft logits."""
-        return self.mtp(self.model.embed_tokens(input_ids), positions, hidden_states, step)
+                    step: int = 0, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """-> the MTP's post-norm hidden states (of `output_rows` only, if given); `compute_logits` turns them
+        into draft logits."""
+        return self.mtp(self.model.embed_tokens(input_ids), positions, hidden_states, step, output_rows)
 
     def attention_layers(self) -> list[GatedAttention]:
         """Every full-attention layer that needs a KV cache, the MTP's last."""
