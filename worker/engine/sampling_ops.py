@@ -116,10 +116,10 @@ def verify_batch(logits: Tensor, draft_ids: Tensor, params: RowSamplingParams | 
     if params is None and num_query == 1:  # greedy decode: the argmax, in two launches rather than a dozen
         return argmax_ids, torch.zeros(num_seqs, dtype=torch.int64, device=logits.device)
     accepted = draft_ids == argmax_ids[:, :-1]
-    if params is None:
+    if params is None:  # the accepted drafts are argmax tokens, and so is the one after them
         num_accepted = count_accepted(accepted)
-        return emitted_tokens(draft_ids, num_accepted, argmax_ids.gather(1, num_accepted[:, None]).squeeze(1)), \
-            num_accepted
+        position = torch.arange(num_query, device=logits.device)
+        return torch.where(position <= num_accepted[:, None], argmax_ids, PAD_TOKEN_ID), num_accepted
     probs = filtered_probs(logits.float().view(-1, vocab_size), params.repeat_rows(num_query), True, True, True)
     probs = probs.view(num_seqs, num_query, vocab_size)
     draft_probs = probs[:, :-1].gather(2, draft_ids[:, :, None]).squeeze(2)
