@@ -32,15 +32,23 @@ def paged_attention(
     max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); the kernel's tiling only
 ) -> torch.Tensor:  # [T, H, D]
     """Consecutive sequences with the same query length (every decode or verify step) attend as one batch."""
-    out = torch.zeros_like(query)
     bounds, lens = cu_seqlens_q.tolist(), context_lens.tolist()
-    for first, end in _runs(bounds, lens):
+    runs = list(_runs(bounds, lens))
+    if runs == [(0, len(lens))] and bounds[-1] == query.shape[0]:  # one batch holds every query row
+        return _attend_rows(query, k_cache, v_cache, bounds, lens, block_tables, scale, 0, len(lens))
+    out = torch.zeros_like(query)
+    for first, end in runs:
         rows = slice(bounds[first], bounds[end])
-        q_len = bounds[first + 1] - bounds[first]
-        q = query[rows].view(end - first, q_len, *query.shape[1:])
-        o = _attend(q, k_cache, v_cache, lens[first:end], block_tables[first:end], scale)
-        out[rows] = o.flatten(0, 1).to(out.dtype)
+        out[rows] = _attend_rows(query, k_cache, v_cache, bounds, lens, block_tables, scale, first, end)
     return out
+
+
+def _attend_rows(query, k_cache, v_cache, bounds, lens, block_tables, scale, first: int, end: int) -> torch.Tensor:
+    """The output rows [bounds[first], bounds[end]) of sequences first .. end-1, which share one query length."""
+    q_len = bounds[first + 1] - bounds[first]
+    q = query[bounds[first] : bounds[end]].view(end - first, q_len, *query.shape[1:])
+    o = _attend(q, k_cache, v_cache, lens[first:end], block_tables[first:end], scale)
+    return o.flatten(0, 1).to(query.dtype)
 
 
 def _runs(bounds: list[int], lens: list[int]):
@@ -67,9 +75,9 @@ def _attend(
     n, q_len, heads, dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group, max_kv = heads // kv_heads, max(kv_lens)
-    blocks = block_tables[:, : (max_kv + block_size - 1) // block_size].long()
-    keys = k_cache[blocks].flatten(1, 2)[:, :max_kv].float()  # [N, L, H_kv, D]
-    values = v_cache[blocks].flatten(1, 2)[:, :max_kv].float()
+    blocks = block_tables[:, : (max_kv + block_size - 1) // block_size].reshape(-1)
+    keys = _gather_blocks(k_cache, blocks, n, max_kv)  # [N, L, H_kv, D] fp32
+    values = _gather_blocks(v_cache, blocks, n, max_kv)
     # Query head h reads KV head h // group: the group's queries of all Q positions share one product.
     qf = q.float().view(n, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * q_len, dim)
     scores = (qf @ keys.permute(0, 2, 3, 1)) * scale  # [N, H_kv, group * Q, L]
@@ -82,6 +90,12 @@ def _attend(
         values = values.masked_fill(past_end[:, :, None, None], 0.0)
     o = scores.softmax(dim=-1) @ values.transpose(1, 2)  # [N, H_kv, group * Q, D]
     return o.view(n, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4).reshape(n, q_len, heads, dim)
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """The first `length` slots of each sequence's blocks (`blocks` [N * num_blocks], row by row) -> [N, length, ...]."""
+    rows = cache.index_select(0, blocks)  # int32 ids as stored, no cast
+    return rows.view(n, -1, *cache.shape[2:])[:, :length].float()
 
 
 def _hidden_keys(kv_lens: list[int], q_len: int, device) -> torch.Tensor | None:
