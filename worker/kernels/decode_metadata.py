@@ -21,8 +21,8 @@ def decode_metadata(
     #                                                        context_lens [B] int32)
     offsets = torch.arange(query_len, dtype=torch.int64, device=start.device)
     positions = start[:, None] + offsets[None, :]
-    blocks = block_tables.gather(1, positions // block_size).long()
-    slots = blocks * block_size + positions % block_size
+    blocks = block_tables.gather(1, positions // block_size)
+    slots = (positions % block_size).add_(blocks, alpha=block_size)  # int64: the offset plus block * block_size
     if valid is not None:
         slots = torch.where(valid[:, None], slots, PAD_SLOT)
     return positions, slots, (start + query_len).to(torch.int32)
