@@ -73,8 +73,8 @@ def time_kernel(launch) -> float | None:
 
 def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
     """The decode path's (decode.py) gate_up and down GEMV tiles: each kernel's finalists timed alone,
-    then every pair of finalists timed whole, with and without the programmatic dependent launch
-    (whose overlap of the two kernels only shows when they run together)."""
+    then every pair of finalists timed whole in each launch form: two launches, the down stage as a
+    programmatic dependent launch, and one launch (overlaps that only show when the stages run together)."""
     from worker.kernels.moe import decode
 
     tokens, S = routes[0][1].shape
@@ -103,7 +103,7 @@ def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
             forms = [dict(pdl=False), dict(pdl=True)] + [dict(fused=True, num_warps=w) for w in (4, 8)]
             for form in forms:
                 cfg = {"path": "pairs", **form, "gate_up": up_cfg, "down": down_cfg}
-                if (t := time_kernel(lambda: [tk.fused_moe(x, w13, w2, w, i, config=cfg) for w, i in routes])):
+                if (t := time_kernel(whole_op(x, w13, w2, routes, cfg))) is not None:
                     whole.append((t, cfg))
     best_us, best = min(whole, key=lambda p: p[0])
 
@@ -115,9 +115,13 @@ def tune_pairs(x, inter, w13, w2, routes, inter_buf) -> dict | None:
                 two_launches_us=best_of("two"), pdl_us=best_of("pdl"), one_launch_us=best_of("fused"))
 
 
+def whole_op(x, w13, w2, routes, cfg):
+    """The whole fused MoE over the routing sets, as one timed call."""
+    return lambda: [tk.fused_moe(x, w13, w2, w, i, config=cfg) for w, i in routes]
+
+
 def whole_us(x, w13, w2, routes, cfg) -> float:
-    return graph_time_us(lambda: [tk.fused_moe(x, w13, w2, w, i, config=cfg) for w, i in routes], replays=10,
-                         inner=ROTATE)
+    return graph_time_us(whole_op(x, w13, w2, routes, cfg), replays=10, inner=ROTATE)
 
 
 def tune_point(tokens, inter, w13, w2, gen) -> dict:

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv, kernel_block, scale_shape
+from worker.kernels.moe.tile_configs import device_name
 
 
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -167,8 +168,6 @@ def _tuned(name: str) -> dict[int, dict] | None:
 def get_tile(m: int, n: int, k: int, block: int, device: torch.device) -> dict:
     """The tile tuned for this weight shape on this device (benchmarks/tune_fp8.py) at the nearest token
     count, else the defaults: the GEMV up to GEMV_MAX_TOKENS, the GEMM beyond."""
-    from worker.kernels.moe.tile_configs import device_name
-
     table = _tuned(config_file_name(n, k, block, device_name(device)))
     if table:
         return table[min(table, key=lambda tokens: (abs(tokens - m), tokens))]

@@ -26,14 +26,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
+
 MAX_FUSED_TOKENS = 64  # counters per token of the one-launch form
 
 
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch needs sm_90+; the interpreter has no griddepcontrol."""
-    from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
-
     return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
