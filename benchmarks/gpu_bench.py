@@ -108,6 +108,15 @@ def ceilings() -> dict:
                 bf16_gemm_TFLOPs=round(gemm_TFLOPs(), 1))
 
 
+def merge_config_table(path: Path, table: dict[str, dict]) -> None:
+    """Write a tuned config file (token count -> config): the token counts of `table` replace the file's,
+    the others stay; ordered by token count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(table)
+    path.write_text(json.dumps(dict(sorted(merged.items(), key=lambda item: int(item[0]))), indent=1) + "\n")
+
+
 def emit(result: dict, out: str | None) -> None:
     """Print the result's JSON (stdout) and write it to `out` when given."""
     text = json.dumps(result, indent=1)

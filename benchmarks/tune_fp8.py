@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit  # noqa: E402
+from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, merge_config_table  # noqa: E402
 from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
 from worker.kernels.fp8.quant import FP8_DTYPE, quantize_block_fp8  # noqa: E402
 from worker.kernels.moe import tile_configs  # noqa: E402
@@ -103,10 +103,7 @@ def write(report: dict) -> None:
         path = tile_configs.CONFIG_DIR / tile_configs.config_file_name(E, H, I, FP8_DTYPE, device)
         tables.setdefault(path, {})[str(p["tokens"])] = p["config"]
     for path, table in tables.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged.update(table)
-        path.write_text(json.dumps(dict(sorted(merged.items(), key=lambda kv: int(kv[0]))), indent=1) + "\n")
+        merge_config_table(path, table)
 
 
 def main():

@@ -19,7 +19,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, graph_time_us  # noqa: E402
+from benchmarks.gpu_bench import (candidate_time_us, card, emit, git_commit, graph_time_us,  # noqa: E402
+                                  merge_config_table)
 from worker.kernels.moe import triton as tk  # noqa: E402
 from worker.kernels.moe.align import moe_align_block_size  # noqa: E402
 from worker.kernels.moe.tile_configs import CONFIG_DIR, config_file_name  # noqa: E402
@@ -174,14 +175,10 @@ def tune_point(tokens, inter, w13, w2, gen) -> dict:
 def write_configs(report: dict, out_dir: Path) -> None:
     """One file per intermediate size: token count -> the chosen config. Token counts not swept this
     time keep the configs the file had."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = report["card"]["name"].replace(" ", "_")
     for inter in sorted({p["inter"] for p in report["points"]}):
-        path = out_dir / config_file_name(E, H, inter, torch.bfloat16, device)
-        table = json.loads(path.read_text()) if path.is_file() else {}
-        table.update({str(p["tokens"]): p["config"] for p in report["points"] if p["inter"] == inter})
-        table = dict(sorted(table.items(), key=lambda item: int(item[0])))
-        path.write_text(json.dumps(table, indent=1) + "\n")
+        merge_config_table(out_dir / config_file_name(E, H, inter, torch.bfloat16, device),
+                           {str(p["tokens"]): p["config"] for p in report["points"] if p["inter"] == inter})
 
 
 def main():
