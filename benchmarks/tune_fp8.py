@@ -5,8 +5,8 @@
     python benchmarks/tune_fp8.py [--tokens 1 2 4 ...] [--only linear|moe] [--report FILE]
 
 Shapes are Qwen3-Next-80B's FP8 layers at tp 1 (128 x 128 blocks): GDN in_proj_qkvz and out_proj,
-attention q (with its gate), k/v and o projections; the MoE with 512 routed experts + the shared
-one, hidden 2048, intermediate 512. Every candidate is timed as CUDA-graph replays over ROTATE
+attention q (with its gate), k/v, q+k+v (the one GEMM the layer runs once loaded) and o projections;
+the MoE with 512 routed experts + the shared one, hidden 2048, intermediate 512. Every candidate is timed as CUDA-graph replays over ROTATE
 weight or routing sets (so L2 does not hold them); the fastest wins. Candidates that do not compile
 are skipped. Existing files keep the token counts not swept.
 """
@@ -29,7 +29,7 @@ from worker.kernels.moe import triton_fp8  # noqa: E402
 
 BLOCK = 128
 LINEAR_SHAPES = {"gdn.in_proj_qkvz": (12288, 2048), "gdn.out_proj": (2048, 4096), "attn.q_proj": (8192, 2048),
-                 "attn.k_proj": (512, 2048), "attn.o_proj": (2048, 4096)}
+                 "attn.k_proj": (512, 2048), "attn.qkv_proj": (9216, 2048), "attn.o_proj": (2048, 4096)}
 E, H, I, TOP_K = 513, 2048, 512, 10
 TOKENS = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256]
 ROTATE = 4
@@ -56,9 +56,10 @@ def best_of(candidates, fn) -> tuple[float, dict]:
     return min(timings, key=lambda p: p[0])
 
 
-def tune_linear(tokens: list[int], gen) -> list[dict]:
+def tune_linear(tokens: list[int], gen, layers: list[str]) -> list[dict]:
     points = []
-    for name, (n, k) in LINEAR_SHAPES.items():
+    for name in layers:
+        n, k = LINEAR_SHAPES[name]
         layers = [quantize_block_fp8(torch.randn(n, k, device="cuda", generator=gen) * k**-0.5, BLOCK)
                   for _ in range(ROTATE)]
         for m in tokens:
@@ -110,6 +111,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--only", choices=["linear", "moe"], default=None)
+    parser.add_argument("--layers", nargs="*", default=None, choices=sorted(LINEAR_SHAPES),
+                        help="linear shapes to sweep (default: all)")
     parser.add_argument("--report", default=None, help="also write the sweep's JSON here")
     parser.add_argument("--from-report", type=Path, default=None, help="write the configs from an earlier report")
     args = parser.parse_args()
@@ -119,7 +122,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     report = dict(benchmark="tune_fp8", card=card(), commit=git_commit(), command=" ".join(sys.argv))
     if args.only in (None, "linear"):
-        report["linear"] = tune_linear(args.tokens, gen)
+        report["linear"] = tune_linear(args.tokens, gen, args.layers or list(LINEAR_SHAPES))
     if args.only in (None, "moe"):
         report["moe"] = tune_moe(args.tokens, gen)
     write(report)

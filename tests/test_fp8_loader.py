@@ -85,6 +85,8 @@ def test_bf16_kept_modules_are_bf16_and_the_rest_fp8(fp8_checkpoint):
     mtp_layer = model.mtp.layers[0]
     assert mtp_layer.self_attn.q_proj.weight.dtype == mtp_layer.mlp.experts.w13.dtype == FP8_DTYPE
     assert model.mtp.fc.weight.dtype == torch.bfloat16
+    # in_proj_ba stays bf16 while in_proj_qkvz is FP8: they cannot be one GEMM.
+    assert all(layer.projections is None for layer in model.gdn_layers())
 
 
 def test_fp8_weights_and_scales_load_as_stored(fp8_checkpoint):

@@ -107,6 +107,12 @@ def test_sharded_bf16_checkpoint_loads_exactly(bf16_checkpoint):
         assert torch.equal(bf16_params[name], want), f"{name}: bf16 load differs from the stored tensor"
 
 
+def test_input_projections_multiply_as_one_gemm_once_loaded(bf16_checkpoint):
+    model = load_model(bf16_checkpoint, torch.bfloat16)
+    assert all(layer.projections is not None for layer in model.gdn_layers())
+    assert all(layer.qkv is not None for layer in model.attention_layers())
+
+
 def test_mtp_detected_from_weights(checkpoint_factory):
     with_mtp = load_model(checkpoint_factory("tiny", dtype="bfloat16", mtp=True))
     without = load_model(checkpoint_factory("tiny", dtype="bfloat16", mtp=False))

@@ -7,7 +7,7 @@ from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
 from worker.model.context import get_context
-from worker.model.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear
 from worker.model.layers.norm import RMSNorm
 from worker.model.layers.rotary import PartialRotaryEmbedding
 
@@ -39,13 +39,24 @@ class GatedAttention(nn.Module):
         )
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, H_kv, D], bound by the runner
         self.v_cache: torch.Tensor | None = None
+        self.qkv: MergedColumnLinear | None = None  # q, k and v as one GEMM, once loaded
+
+    def after_loading(self) -> None:
+        if self.qkv is None:
+            self.qkv = MergedColumnLinear.of([self.q_proj, self.k_proj, self.v_proj])
+
+    def _project(self, hidden_states: torch.Tensor):
+        if self.qkv is not None:
+            return self.qkv(hidden_states)
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         meta = get_context().attn
         tokens = hidden_states.shape[0]
-        query, gate = self.q_proj(hidden_states).view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        key = self.k_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(hidden_states).view(tokens, self.num_kv_heads, self.head_dim)
+        query_gate, key, value = self._project(hidden_states)
+        query, gate = query_gate.view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        key = key.view(tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(tokens, self.num_kv_heads, self.head_dim)
         query = kernels.qk_norm_rope_and_cache(
             query, key, value, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary.cos_sin, positions,
             self.k_cache, self.v_cache, meta.slot_mapping,

@@ -15,7 +15,7 @@ from worker.config import ModelConfig
 from worker.distributed import get_tp
 from worker.model.context import get_context
 from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
-from worker.model.layers.linear import ColumnParallelLinear, RowParallelLinear, _check_shape
+from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, _check_shape
 from worker.model.layers.norm import GatedRMSNorm
 
 
@@ -68,6 +68,7 @@ class GatedDeltaNet(nn.Module):
             self.register_buffer("ba_order", _grouped_to_planar(self.num_k_heads, [self.ratio, self.ratio]),
                                  persistent=False)
             self.qkvz_planar = self.ba_planar = False  # rows reordered by after_loading
+        self.projections: MergedColumnLinear | None = None  # the input projections as one GEMM, once loaded
 
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
@@ -118,23 +119,33 @@ class GatedDeltaNet(nn.Module):
         reads them without a column gather (an FP8 weight only where its runs are whole blocks, as at
         Qwen3-Next's sizes). The parameters then hold the rows in that order, no longer the checkpoint's."""
         if self.split_projections:
-            return
-        if not self.qkvz_planar:
-            self.qkvz_planar = self.in_proj_qkvz.reorder_output_rows(self.qkvz_order)
-        if not self.ba_planar:
-            self.ba_planar = self.in_proj_ba.reorder_output_rows(self.ba_order)
+            parts = [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
+        else:
+            if not self.qkvz_planar:
+                self.qkvz_planar = self.in_proj_qkvz.reorder_output_rows(self.qkvz_order)
+            if not self.ba_planar:
+                self.ba_planar = self.in_proj_ba.reorder_output_rows(self.ba_order)
+            parts = [self.in_proj_qkvz, self.in_proj_ba]
+        if self.projections is None:  # None also where they differ in kind: FP8 releases keep in_proj_ba bf16
+            self.projections = MergedColumnLinear.of(parts)
 
     def _project(self, hidden_states: torch.Tensor):
         """-> mixed_qkv [T, conv_dim] (conv input order), z [T, HV, V], b [T, HV], a [T, HV]."""
         tokens = hidden_states.shape[0]
         if self.split_projections:
-            z = self.in_proj_z(hidden_states).view(tokens, self.num_v_heads, self.head_v_dim)
-            return self.in_proj_qkv(hidden_states), z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+            if self.projections is not None:
+                qkv, z, b, a = self.projections(hidden_states)
+            else:
+                qkv, z, b, a = (proj(hidden_states) for proj in (self.in_proj_qkv, self.in_proj_z, self.in_proj_b,
+                                                                 self.in_proj_a))
+            return qkv, z.view(tokens, self.num_v_heads, self.head_v_dim), b, a
         conv_dim = 2 * self.key_dim + self.value_dim
-        qkvz = self.in_proj_qkvz(hidden_states)
+        if self.projections is not None:
+            qkvz, ba = self.projections(hidden_states)
+        else:
+            qkvz, ba = self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states)
         if not self.qkvz_planar:
             qkvz = qkvz.index_select(1, self.qkvz_order)
-        ba = self.in_proj_ba(hidden_states)
         if not self.ba_planar:
             ba = ba.index_select(1, self.ba_order)
         z = qkvz[:, conv_dim:].view(tokens, self.num_v_heads, self.head_v_dim)

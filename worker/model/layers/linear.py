@@ -32,6 +32,12 @@ def default_weight_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_i
     param.data.copy_(loaded.full())
 
 
+def _linear(x, weight, weight_scale_inv, block: int | None, bias):
+    if block is None:
+        return F.linear(x, weight, bias)
+    return kernels.fp8_block_linear(x, weight, weight_scale_inv, block, bias)
+
+
 class _Linear(nn.Module):
     """This rank's weight [out_per_rank, in_per_rank] of a full [out_features, in_features] one."""
 
@@ -66,9 +72,7 @@ class _Linear(nn.Module):
         param.data.copy_(shard)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.block is None:
-            return F.linear(x, self.weight, bias)
-        return kernels.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block, bias)
+        return _linear(x, self.weight, self.weight_scale_inv, self.block, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -151,3 +155,49 @@ class RowParallelLinear(_Linear):
         elif self.tp.rank > 0:
             return y
         return y if self.bias is None else y + self.bias
+
+
+class MergedColumnLinear(nn.Module):
+    """Column-parallel linears that read the same input, multiplied as one GEMM once loaded.
+
+    Their weights (FP8 block scales, biases) are stacked by output rows into one tensor, and each
+    part's parameters become views of its rows, so the parts still read and load as before. At
+    decode sizes a GEMM costs a launch and a fixed overhead whatever its rows, so fewer launches
+    is the point. `of(parts)` is None where the parts cannot be stacked.
+    """
+
+    def __init__(self, parts: list[_Linear]):
+        super().__init__()
+        first = parts[0]
+        self.block = first.block
+        self.sizes = [part.weight.shape[0] for part in parts]
+        for name in ("weight", "weight_scale_inv", "bias"):
+            tensors = [getattr(part, name) for part in parts]
+            merged = None if tensors[0] is None else _stack_rows([t.data for t in tensors])
+            self.register_buffer(name, merged, persistent=False)
+            if merged is not None:
+                for tensor, rows in zip(tensors, merged.split([t.shape[0] for t in tensors])):
+                    tensor.data = rows
+
+    @classmethod
+    def of(cls, parts: list[_Linear]) -> "MergedColumnLinear | None":
+        """None unless every part holds the same kind of weight (the same FP8 block, or none), over the
+        same inputs, each with or each without a bias, and FP8 parts hold whole blocks of rows."""
+        first = parts[0]
+        same = all(p.block == first.block and p.weight.shape[1] == first.weight.shape[1]
+                   and p.weight.dtype == first.weight.dtype and (p.bias is None) == (first.bias is None)
+                   for p in parts)
+        whole = first.block is None or all(p.weight.shape[0] % first.block == 0 for p in parts)
+        return cls(parts) if same and whole else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parts' outputs, as column views of one [T, sum of rows] result."""
+        return _linear(x, self.weight, self.weight_scale_inv, self.block, self.bias).split(self.sizes, dim=-1)
+
+
+def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    dtype = tensors[0].dtype
+    if dtype.itemsize == 1 and dtype.is_floating_point:  # no float8 cat on every device: move the bytes
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(dtype)
+    return torch.cat(tensors)
+
