@@ -56,9 +56,13 @@ def paged_inputs(seqs, heads, kv_heads, head_dim, block_size, dtype, device, see
     return k_cache, v_cache, cache_args, attn_args
 
 
-def check_paged_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed=0):
+def check_paged_attention(seqs, heads, kv_heads, head_dim, block_size, dtype, device, seed=0, gated=False):
     k_cache, v_cache, cache_args, attn_args = paged_inputs(seqs, heads, kv_heads, head_dim, block_size, dtype, device,
                                                            seed)
+    if gated:  # the strided half of a [T, H, 2D] projection, as the model passes it
+        query = attn_args["query"]
+        both = randn(query.shape[0], heads, 2 * head_dim, gen=generator(seed + 1, device), device=device, dtype=dtype)
+        attn_args["output_gate"] = both[..., head_dim:]
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     ref.reshape_and_cache(k_cache=expected_k, v_cache=expected_v, **cache_args)
     tk.reshape_and_cache(k_cache=k_cache, v_cache=v_cache, **cache_args)
@@ -173,14 +177,22 @@ def test_engine_greedy_tokens_with_triton_kernels_on_cpu(checkpoint_factory, aut
     assert calls, "the engine did not reach the Triton paged attention"
 
 
-@pytest.mark.parametrize("seqs", [CASES[0], CASES[2], CASES[-1]])
-def test_paged_attention_split_keys(seqs, device, monkeypatch):
-    """Keys cut into ranges per chunk (flash-decoding), as decode at small batch runs on a GPU."""
+@pytest.mark.parametrize("seqs, gated", [(CASES[0].values[0], True), (CASES[2].values[0], False),
+                                         (CASES[-1].values[0], False)], ids=["decode-gated", "prefill", "mixed"])
+def test_paged_attention_split_keys(seqs, gated, device, monkeypatch):
+    """Keys cut into ranges per chunk (flash-decoding), as decode at small batch runs on a GPU; the
+    output gate then applied by the combine kernel."""
     monkeypatch.setattr(tk, "PROGRAMS_PER_SM", 4096)
     monkeypatch.setattr(tk, "MIN_KEYS_PER_SPLIT", 1)
     splits = []
     choose = tk._num_splits
     monkeypatch.setattr(tk, "_num_splits", lambda *a: splits.append(choose(*a)) or splits[-1])
     check_paged_attention(seqs, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
-                          device=device, seed=11)
+                          device=device, seed=11, gated=gated)
     assert splits and splits[0] > 1
+
+
+def test_paged_attention_output_gate(device):
+    """The output times sigmoid(gate), the gate a strided view (split keys: test_paged_attention_split_keys)."""
+    check_paged_attention(CASES[-1].values[0], heads=4, kv_heads=2, head_dim=32, block_size=16,
+                          dtype=torch.float32, device=device, seed=5, gated=True)

@@ -147,9 +147,10 @@ def qk_norm_rope_and_cache(query, key, value, q_norm_weight, k_norm_weight, eps,
                                        k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len=0):
+def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len=0,
+                    output_gate=None):
     return _attention_impl(query).paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                  scale, max_context_len)
+                                                  scale, max_context_len, output_gate)
 
 
 __all__ = [

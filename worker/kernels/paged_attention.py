@@ -30,8 +30,14 @@ def paged_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
     max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); the kernel's tiling only
+    output_gate: torch.Tensor | None = None,  # [T, H, D], may be strided: the output is multiplied by its sigmoid
 ) -> torch.Tensor:  # [T, H, D]
     """Consecutive sequences with the same query length (every decode or verify step) attend as one batch."""
+    out = _ungated(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return out if output_gate is None else out * torch.sigmoid(output_gate)
+
+
+def _ungated(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale) -> torch.Tensor:
     bounds, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     runs = list(_runs(bounds, lens))
     if runs == [(0, len(lens))] and bounds[-1] == query.shape[0]:  # one batch holds every query row

@@ -92,13 +92,13 @@ def _attend_tile(q, k_cache, v_cache, table, kpos, kv_len, q_pos, m_i, l_i, acc,
 
 @triton.jit
 def _paged_attention_kernel(
-    query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml,
+    query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml, gate,
     qk_scale,
-    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_g_t, stride_g_h,
     stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
     T, H, B, GROUP, D,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, LOG_B: tl.constexpr,
-    SPLITS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLITS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr, GATED: tl.constexpr,
 ):
     """Rows r of the tile are (token r // BG of the chunk, query head r % BG of the KV head's group).
 
@@ -149,8 +149,10 @@ def _paged_attention_kernel(
     omask = rmask[:, None] & dmask[None, :]
     if SPLITS == 1:
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key stays 0 (the reference's zeros)
-        tl.store(out + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :],
-                 acc.to(out.dtype.element_ty), mask=omask)
+        o = acc.to(out.dtype.element_ty)
+        if GATED:
+            o = _apply_gate(o, gate + tok[:, None] * stride_g_t + head[:, None] * stride_g_h + d[None, :], omask)
+        tl.store(out + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :], o, mask=omask)
     else:
         row = (split * T + tok) * H + head  # part_acc [SPLITS, T, H, BD], part_ml [SPLITS, T, H, 2]
         tl.store(part_acc + row[:, None] * BD + d[None, :], acc, mask=omask)
@@ -159,8 +161,15 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _combine_splits_kernel(part_acc, part_ml, out, stride_o_t, stride_o_h, T, H, D,
-                           SPLITS: tl.constexpr, BD: tl.constexpr):
+def _apply_gate(o, gate_ptr, mask):
+    """o * sigmoid(gate) as the model's torch ops round it: the sigmoid and the product each to o's dtype."""
+    g = tl.sigmoid(tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)).to(o.dtype)
+    return (o.to(tl.float32) * g.to(tl.float32)).to(o.dtype)
+
+
+@triton.jit
+def _combine_splits_kernel(part_acc, part_ml, out, gate, stride_o_t, stride_o_h, stride_g_t, stride_g_h, T, H, D,
+                           SPLITS: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr):
     """out[t, h] = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m), m = max_s m_s, in split order."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -172,8 +181,10 @@ def _combine_splits_kernel(part_acc, part_ml, out, stride_o_t, stride_o_h, T, H,
     total = tl.sum(l_s * scale, 0)
     d = tl.arange(0, BD)
     acc = tl.load(part_acc + row[:, None] * BD + d[None, :])
-    o = tl.sum(acc * scale[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out + t * stride_o_t + h * stride_o_h + d, o.to(out.dtype.element_ty), mask=d < D)
+    o = (tl.sum(acc * scale[:, None], 0) / tl.where(total > 0, total, 1.0)).to(out.dtype.element_ty)
+    if GATED:
+        o = _apply_gate(o, gate + t * stride_g_t + h * stride_g_h + d, d < D)
+    tl.store(out + t * stride_o_t + h * stride_o_h + d, o, mask=d < D)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -231,7 +242,7 @@ def default_tile(T: int, B: int, H: int, HKV: int, D: int, block_size: int, elem
 
 
 def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len,
-                     tile: dict | None = None):
+                     output_gate=None, tile: dict | None = None):
     T, H, D = query.shape
     HKV, BS = k_cache.shape[2], k_cache.shape[1]
     B = context_lens.shape[0]
@@ -246,19 +257,21 @@ def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
     if splits > 1:
         part_acc = torch.empty(splits, T, H, BD, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(splits, T, H, 2, dtype=torch.float32, device=query.device)
+    gate = out if output_gate is None else output_gate  # unused without a gate
     _paged_attention_kernel[(num_chunks, HKV, splits)](
-        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml,
+        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml, gate,
         scale * math.log2(math.e),
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), gate.stride(0), gate.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         T, H, B, H // HKV, D,
         BM=BM, BG=tile["BG"], BS=BS, BN=max(tile["BN"], BS), BD=BD, LOG_B=max(1, math.ceil(math.log2(B + 1))),
-        SPLITS=splits, DOT=_dot_precision(k_cache.dtype), INTERPRET=_interpreting(),
+        SPLITS=splits, DOT=_dot_precision(k_cache.dtype), INTERPRET=_interpreting(), GATED=output_gate is not None,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
     if splits > 1:
-        _combine_splits_kernel[(T, H)](part_acc, part_ml, out, out.stride(0), out.stride(1), T, H, D,
-                                       SPLITS=splits, BD=BD, num_warps=4)
+        _combine_splits_kernel[(T, H)](part_acc, part_ml, out, gate, out.stride(0), out.stride(1), gate.stride(0),
+                                       gate.stride(1), T, H, D, SPLITS=splits, BD=BD, GATED=output_gate is not None,
+                                       num_warps=4)
     return out
 
 
@@ -299,6 +312,7 @@ def paged_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
     max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); tiling only
+    output_gate: torch.Tensor | None = None,  # [T, H, D], may be strided: the output is multiplied by its sigmoid
 ) -> torch.Tensor:  # [T, H, D]
     """Query i of a sequence with KV length L and q_len queries sees keys 0 .. L - q_len + i."""
     _check(query.dim() == 3, f"query must be [T, H, D], got {tuple(query.shape)}")
@@ -314,6 +328,10 @@ def paged_attention(
     _check(block_tables.dim() == 2 and block_tables.shape[0] == B,
            f"block_tables must be [{B}, max_blocks], got {tuple(block_tables.shape)}")
     _check(block_tables.stride(1) == 1 or block_tables.shape[1] <= 1, "block_tables must be contiguous in its rows")
+    if output_gate is not None:
+        _check(output_gate.shape == query.shape, f"output_gate must be {tuple(query.shape)}, got "
+                                                 f"{tuple(output_gate.shape)}")
+        output_gate = _inner_contiguous(output_gate)
     query = _inner_contiguous(query)
     return _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                            max_context_len)
+                            max_context_len, output_gate)

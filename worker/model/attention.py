@@ -63,7 +63,6 @@ class GatedAttention(nn.Module):
         )
         out = kernels.paged_attention(
             query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
-            meta.max_context_len,
+            meta.max_context_len, output_gate=gate,  # gate read in place: no copy of the strided half
         )
-        out = (out * torch.sigmoid(gate)).reshape(tokens, -1)  # gate read in place: no copy of the strided half
-        return self.o_proj(out)
+        return self.o_proj(out.reshape(tokens, -1))
