@@ -184,6 +184,29 @@ def test_gdn_gating(dtype, device):
     torch.testing.assert_close(beta, beta_ref, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_gating_recurrent(dtype, device):
+    """Gating in the recurrent kernel: the same bits as the gating kernel then the recurrent one, and
+    the reference's values; a and b strided, as the layer's projection gives them."""
+    gen = generator(4, device)
+    q, k, v, _, _ = gdn_inputs((3, 2), 2, 4, 16, 16, gen, device, dtype)
+    ab = randn(3, 2, 2, 4, gen=gen, device=device, dtype=dtype, scale=4.0)
+    a, b = ab[:, :, 0], ab[:, :, 1]
+    A_log, dt_bias = randn(4, gen=gen, device=device), randn(4, gen=gen, device=device)
+    states = randn(3, 2, 4, 16, 16, gen=gen, device=device, scale=0.5)
+    idx = torch.tensor([2, PAD, 0], device=device)
+    accepted = torch.tensor([1, 1, 2], device=device)
+    fused_states, split_states, ref_states = states.clone(), states.clone(), states.clone()
+    fused = tk.fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, fused_states, idx, accepted)
+    g, beta = tk.gdn_gating(a.reshape(6, 4), b.reshape(6, 4), A_log, dt_bias)
+    split = tk.fused_recurrent_gated_delta_rule(q, k, v, g.view(3, 2, 4), beta.view(3, 2, 4), split_states, idx,
+                                                accepted)
+    assert torch.equal(fused, split) and torch.equal(fused_states, split_states)
+    expected = ref.fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ref_states, idx, accepted)
+    assert_rel_close(fused, expected, tolerance(dtype), "output")
+    assert_rel_close(fused_states, ref_states, tolerance(dtype), "states")
+
+
 def test_shape_errors_name_the_argument(device):
     gen = generator(0, device)
     q, k, v, g, beta = gdn_inputs((2, 1), 2, 3, 16, 16, gen, device)

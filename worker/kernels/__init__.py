@@ -71,6 +71,13 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, ssm_states, state_indices
                                                  scale=scale, use_qk_l2norm=use_qk_l2norm)
 
 
+def fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_states, state_indices, num_accepted,
+                                            scale=None, use_qk_l2norm=True):
+    impl = _triton_module("gated_delta_rule") if _use_triton(q) else _gdn_ref
+    return impl.fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_states, state_indices,
+                                                        num_accepted, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
 def causal_conv1d_fn(x, weight, cu_seqlens, conv_states, state_indices, num_accepted, has_initial_state,
                      activation="silu"):
     impl = _triton_module("causal_conv1d") if _use_triton(x) else _conv_ref
@@ -161,6 +168,7 @@ __all__ = [
     "causal_conv1d_update",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "fused_gating_recurrent_gated_delta_rule",
     "gdn_gating",
     "fused_moe",
     "fused_moe_fp8",

@@ -116,3 +116,23 @@ def fused_recurrent_gated_delta_rule(
     out[valid] = _read_out(states, qf).to(out.dtype)
     ssm_states[groups, : q.shape[1]] = states.to(ssm_states.dtype)
     return out
+
+
+def fused_gating_recurrent_gated_delta_rule(
+    q: torch.Tensor,  # [N, Q, H, K] with Q = 1 + k
+    k: torch.Tensor,  # [N, Q, H, K]
+    v: torch.Tensor,  # [N, Q, HV, V]
+    a: torch.Tensor,  # [N, Q, HV] the decay projection
+    b: torch.Tensor,  # [N, Q, HV] the beta projection
+    A_log: torch.Tensor,  # [HV]
+    dt_bias: torch.Tensor,  # [HV]
+    ssm_states: torch.Tensor,  # [G, 1+k, HV, K, V]
+    state_indices: torch.Tensor,  # [N] slot group, PAD (<0) skips the sequence
+    num_accepted: torch.Tensor,  # [N] initial state is slot num_accepted-1 of the group
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:  # [N, Q, HV, V]
+    """gdn_gating, then fused_recurrent_gated_delta_rule (the Triton kernel does both in one launch)."""
+    g, beta = gdn_gating(a, b, A_log, dt_bias)
+    return fused_recurrent_gated_delta_rule(q, k, v, g, beta, ssm_states, state_indices, num_accepted, scale,
+                                            use_qk_l2norm)

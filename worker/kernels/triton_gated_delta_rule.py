@@ -30,16 +30,17 @@ def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 @triton.jit
 def _fused_recurrent_kernel(
-    q, k, v, g, beta, o, ssm_states, state_indices, num_accepted,
+    q, k, v, g, beta, o, ssm_states, state_indices, num_accepted, A_log, dt_bias,
     scale,
     stride_q_n, stride_q_t, stride_q_h, stride_k_n, stride_k_t, stride_k_h,
     stride_v_n, stride_v_t, stride_v_h, stride_o_n, stride_o_t, stride_o_h,
     stride_g_n, stride_g_t, stride_b_n, stride_b_t, stride_s_g, stride_s_slot, stride_s_h,
     RATIO,
     Q: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    L2NORM: tl.constexpr,
+    L2NORM: tl.constexpr, GATING: tl.constexpr,
 ):
-    """One (V tile, value head, sequence) of a decode / verify step."""
+    """One (V tile, value head, sequence) of a decode / verify step. With GATING, g and beta hold the
+    projections a and b, and the gating (gdn_gating) is computed here."""
     vb = tl.program_id(0)
     hv = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -63,6 +64,9 @@ def _fused_recurrent_kernel(
     v_ptr = v + n * stride_v_n + hv * stride_v_h + cols_v
     g_ptr = g + n * stride_g_n + hv
     b_ptr = beta + n * stride_b_n + hv
+    if GATING:
+        A = tl.load(A_log + hv).to(tl.float32)
+        dt = tl.load(dt_bias + hv).to(tl.float32)
     for j in tl.static_range(Q):
         qj = tl.load(q_ptr + j * stride_q_t, mask=kmask, other=0.0).to(tl.float32)
         kj = tl.load(k_ptr + j * stride_k_t, mask=kmask, other=0.0).to(tl.float32)
@@ -73,6 +77,8 @@ def _fused_recurrent_kernel(
         vj = tl.load(v_ptr + j * stride_v_t, mask=vmask, other=0.0).to(tl.float32)
         gj = tl.load(g_ptr + j * stride_g_t).to(tl.float32)
         bj = tl.load(b_ptr + j * stride_b_t).to(tl.float32)
+        if GATING:
+            gj, bj = _gating(gj, bj, A, dt)
         h = h * tl.exp(gj)
         delta = bj * (vj - tl.sum(h * kj[:, None], 0))
         h = h + kj[:, None] * delta[None, :]
@@ -81,8 +87,9 @@ def _fused_recurrent_kernel(
 
 
 def _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_indices, num_accepted, scale,
-                                          use_qk_l2norm, BV=None, num_warps=None, num_stages=None):
-    """Launcher: allocates the output, picks tiles. BV / num_warps / num_stages override the choice."""
+                                          use_qk_l2norm, BV=None, num_warps=None, num_stages=None, gating=None):
+    """Launcher: allocates the output, picks tiles. BV / num_warps / num_stages override the choice.
+    gating = (A_log, dt_bias): g and beta are the projections a and b, gated in the kernel."""
     N, Q, H, K = q.shape
     HV, V = v.shape[2:]
     out = _empty_output(v)
@@ -95,12 +102,12 @@ def _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_in
         BV = 32 if N * HV * triton.cdiv(V, 32) >= 4 * _num_sms(q.device) else 16
         BV = min(BV, max(8, triton.next_power_of_2(V)))
     _fused_recurrent_kernel[(triton.cdiv(V, BV), HV, N)](
-        q, k, v, g, beta, out, ssm_states, state_indices, num_accepted,
+        q, k, v, g, beta, out, ssm_states, state_indices, num_accepted, *(gating or (g, g)),
         scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *g.stride()[:2], *beta.stride()[:2], *ssm_states.stride()[:3],
         HV // H,
-        Q=Q, K=K, V=V, BK=BK, BV=BV, L2NORM=use_qk_l2norm,
+        Q=Q, K=K, V=V, BK=BK, BV=BV, L2NORM=use_qk_l2norm, GATING=gating is not None,
         num_warps=num_warps or 1, num_stages=num_stages or 2,
     )
     return out
@@ -110,18 +117,26 @@ def _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_in
 
 
 @triton.jit
+def _gating(a, b, A_log, dt_bias):
+    """fp32 (a, b, A_log, dt_bias) -> g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)."""
+    x = a + dt_bias
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # torch's threshold
+    return -tl.exp(A_log) * softplus, tl.sigmoid(b)
+
+
+@triton.jit
 def _gdn_gating_kernel(a, b, A_log, dt_bias, g, beta, stride_a_t, stride_b_t, total, HV, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < total
     t = i // HV
     h = i % HV
     x = tl.load(a + t * stride_a_t + h, mask=mask, other=0.0).to(tl.float32)
-    x = x + tl.load(dt_bias + h, mask=mask, other=0.0).to(tl.float32)
-    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # torch's threshold
-    A = tl.load(A_log + h, mask=mask, other=0.0).to(tl.float32)
-    tl.store(g + i, -tl.exp(A) * softplus, mask=mask)
     y = tl.load(b + t * stride_b_t + h, mask=mask, other=0.0).to(tl.float32)
-    tl.store(beta + i, tl.sigmoid(y), mask=mask)
+    A = tl.load(A_log + h, mask=mask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_bias + h, mask=mask, other=0.0).to(tl.float32)
+    gate, bt = _gating(x, y, A, dt)
+    tl.store(g + i, gate, mask=mask)
+    tl.store(beta + i, bt, mask=mask)
 
 
 # ---------------------------------------------------------------- public functions
@@ -203,6 +218,7 @@ def fused_recurrent_gated_delta_rule(
     num_accepted: torch.Tensor,  # [N] initial state is slot num_accepted-1 of the group
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    gating: tuple[torch.Tensor, torch.Tensor] | None = None,  # (A_log, dt_bias): g, beta are a, b (the fused op)
 ) -> torch.Tensor:  # [N, Q, HV, V]
     """Decode / speculative verify: starts from slot num_accepted-1, writes the state after position j into slot j."""
     _check(q.dim() == 4 and k.shape == q.shape, f"q and k must be [N, Q, H, K], got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -217,4 +233,27 @@ def fused_recurrent_gated_delta_rule(
     q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
     g, beta = _inner_contiguous(g), _inner_contiguous(beta)
     return _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_indices, num_accepted,
-                                                 K ** -0.5 if scale is None else scale, use_qk_l2norm)
+                                                 K ** -0.5 if scale is None else scale, use_qk_l2norm, gating=gating)
+
+
+def fused_gating_recurrent_gated_delta_rule(
+    q: torch.Tensor,  # [N, Q, H, K] with Q = 1 + k
+    k: torch.Tensor,  # [N, Q, H, K]
+    v: torch.Tensor,  # [N, Q, HV, V]
+    a: torch.Tensor,  # [N, Q, HV] the decay projection
+    b: torch.Tensor,  # [N, Q, HV] the beta projection
+    A_log: torch.Tensor,  # [HV]
+    dt_bias: torch.Tensor,  # [HV]
+    ssm_states: torch.Tensor,  # [G, 1+k, HV, K, V]
+    state_indices: torch.Tensor,  # [N] slot group, PAD (<0) skips the sequence
+    num_accepted: torch.Tensor,  # [N] initial state is slot num_accepted-1 of the group
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:  # [N, Q, HV, V]
+    """gdn_gating and fused_recurrent_gated_delta_rule in one launch: the gating is computed per token
+    by the programs that use it, with the same arithmetic as the gating kernel."""
+    _check(a.dim() == 3 and a.shape == b.shape, f"a and b must be [N, Q, HV], got {tuple(a.shape)}, {tuple(b.shape)}")
+    HV = a.shape[2]
+    _check(A_log.shape == (HV,) and dt_bias.shape == (HV,), f"A_log and dt_bias must be [{HV}]")
+    return fused_recurrent_gated_delta_rule(q, k, v, a, b, ssm_states, state_indices, num_accepted, scale,
+                                            use_qk_l2norm, gating=(A_log, dt_bias))

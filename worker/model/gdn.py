@@ -155,17 +155,17 @@ class GatedDeltaNet(nn.Module):
         meta = get_context().gdn
         tokens = hidden_states.shape[0]
         mixed_qkv, z, b, a = self._project(hidden_states)
-        g, beta = kernels.gdn_gating(a, b, self.A_log, self.dt_bias)
         n_dec, q_len, n_tok = meta.num_decodes, meta.decode_query_len, meta.num_decode_tokens
         if n_dec and n_tok == tokens:  # decode / verify only (every CUDA-graph step): no copy into a joint buffer
-            core = self._recurrent(mixed_qkv, g, beta, meta, n_dec, q_len)
+            core = self._recurrent(mixed_qkv, a, b, meta, n_dec, q_len)
         else:
             core = torch.empty(tokens, self.num_v_heads, self.head_v_dim, dtype=hidden_states.dtype,
                                device=hidden_states.device)
             if n_dec:
-                core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], g[:n_tok], beta[:n_tok], meta, n_dec, q_len)
+                core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], a[:n_tok], b[:n_tok], meta, n_dec, q_len)
             if n_tok < tokens:
-                core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g[n_tok:], beta[n_tok:], meta, n_dec)
+                g, beta = kernels.gdn_gating(a[n_tok:], b[n_tok:], self.A_log, self.dt_bias)
+                core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g, beta, meta, n_dec)
         out = self.norm(core, z)  # [T, HV, V]; z may be rows of the projection's output
         return self.out_proj(out.reshape(tokens, -1))
 
@@ -176,14 +176,15 @@ class GatedDeltaNet(nn.Module):
                 k.reshape(*lead, self.num_k_heads, self.head_k_dim),
                 v.reshape(*lead, self.num_v_heads, self.head_v_dim))
 
-    def _recurrent(self, mixed_qkv, g, beta, meta, n_dec, q_len):
+    def _recurrent(self, mixed_qkv, a, b, meta, n_dec, q_len):
         slots, accepted = meta.state_indices[:n_dec], meta.num_accepted[:n_dec]
         x = kernels.causal_conv1d_update(
             mixed_qkv.view(n_dec, q_len, -1), self.conv1d.weight, self.conv_states, slots, accepted
         )
         q, k, v = self._split_heads(x)
-        out = kernels.fused_recurrent_gated_delta_rule(
-            q, k, v, g.view(n_dec, q_len, -1), beta.view(n_dec, q_len, -1), self.ssm_states, slots, accepted
+        out = kernels.fused_gating_recurrent_gated_delta_rule(
+            q, k, v, a.view(n_dec, q_len, -1), b.view(n_dec, q_len, -1), self.A_log, self.dt_bias, self.ssm_states,
+            slots, accepted,
         )
         return out.reshape(n_dec * q_len, self.num_v_heads, self.head_v_dim)
 
