@@ -6,8 +6,9 @@
 
 Shapes are Qwen3-Next-80B's FP8 layers at tp 1 (128 x 128 blocks): GDN in_proj_qkvz and out_proj,
 attention q (with its gate), k/v, q+k+v (the one GEMM the layer runs once loaded) and o projections;
-the MoE with 512 routed experts + the shared one, hidden 2048, intermediate 512. Every candidate is timed as CUDA-graph replays over ROTATE
-weight or routing sets (so L2 does not hold them); the fastest wins. Candidates that do not compile
+the MoE with 512 routed experts + the shared one, hidden 2048, intermediate 512. Every candidate is
+timed as CUDA-graph replays over ROTATE weight or routing sets (so L2 does not hold them); the
+fastest wins. Candidates that do not compile
 are skipped. Existing files keep the token counts not swept.
 """
 

@@ -69,7 +69,7 @@ class MTPProposer:
         rows = anchor_rows[sampled]
         with forward_context(StepContext(attn)):  # the MLP and the norm after it only for the anchor rows
             hidden = self.model.forward_mtp(next_ids, positions, hidden_states, output_rows=rows)
-        drafts = [self.model.compute_logits(hidden).argmax(dim=-1)]
+        drafts = [kernels.argmax(self.model.compute_logits(hidden))]
         positions = positions[rows]
         block_tables = attn.block_tables[sampled]
         for step in range(1, self.num_spec_tokens):
@@ -78,7 +78,7 @@ class MTPProposer:
                                                         row_valid))
             with forward_context(ctx):
                 hidden = self.model.forward_mtp(drafts[-1], positions, hidden, step)
-            drafts.append(self.model.compute_logits(hidden).argmax(dim=-1))
+            drafts.append(kernels.argmax(self.model.compute_logits(hidden)))
         return torch.stack(drafts, dim=1)
 
     def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from worker import kernels
+
 PAD_TOKEN_ID = -1
 PAD_LOGPROB = 0.0
 
@@ -112,7 +114,7 @@ def verify_batch(logits: Tensor, draft_ids: Tensor, params: RowSamplingParams | 
     Q == 1 this samples one token per row. The rule is `sampler.verify_drafts`'.
     """
     num_seqs, num_query, vocab_size = logits.shape
-    argmax_ids = logits.argmax(dim=-1)  # [N, Q]; widening to fp32 is exact, so the argmax needs none
+    argmax_ids = kernels.argmax(logits)  # [N, Q]; widening to fp32 is exact, so the argmax needs none
     if params is None and num_query == 1:  # greedy decode: the argmax, in two launches rather than a dozen
         return argmax_ids, torch.zeros(num_seqs, dtype=torch.int64, device=logits.device)
     accepted = draft_ids == argmax_ids[:, :-1]

@@ -15,6 +15,7 @@ take the references).
 import importlib
 
 from worker.kernels import add_rms_norm as _norm_ref
+from worker.kernels import argmax as _argmax_ref
 from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import decode_metadata as _meta_ref
 from worker.kernels.fp8 import reference as _fp8_ref
@@ -105,6 +106,11 @@ def decode_metadata(start, block_tables, valid, query_len, block_size):
     return impl.decode_metadata(start, block_tables, valid, query_len, block_size)
 
 
+def argmax(logits):
+    impl = _triton_module("argmax") if _use_triton(logits) else _argmax_ref
+    return impl.argmax(logits)
+
+
 def rms_norm(x, weight, eps):
     if x.dim() != 2:  # the kernel takes rows of tokens; other shapes stay with the reference
         return _norm_ref.rms_norm(x, weight, eps)
@@ -180,5 +186,6 @@ __all__ = [
     "fused_add_rms_norm",
     "rms_norm",
     "decode_metadata",
+    "argmax",
     "gated_rms_norm",
 ]
