@@ -26,6 +26,9 @@ from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision
 
 
+SELECT_EXPERTS_WARPS = 4  # one program per token
+
+
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """Every buffer a kernel must fill; tests replace this with a NaN fill."""
     return torch.empty(like.shape if shape is None else shape, dtype=dtype or like.dtype, device=like.device)
@@ -198,7 +201,7 @@ def select_experts(
     if T:
         _select_experts_kernel[(T,)](logits, weights, ids, logits.stride(0), E, TOP_K=top_k, S=S,
                                      BE=triton.next_power_of_2(E), BS=triton.next_power_of_2(S),
-                                     RENORMALIZE=renormalize, SHARED=shared_gate, num_warps=4)
+                                     RENORMALIZE=renormalize, SHARED=shared_gate, num_warps=SELECT_EXPERTS_WARPS)
     return weights, ids
 
 
