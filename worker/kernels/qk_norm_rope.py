@@ -15,8 +15,11 @@ from worker.kernels.paged_attention import reshape_and_cache
 def rms_norm_zero_centred(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] or one row per leading index ([..., D] broadcast)."""
     xf = x.float()
+    scale = 1.0 + weight.float()
+    if scale.dim() == 1:  # rms_norm multiplies by its weight last: the same bits as the product below, one op less
+        return F.rms_norm(xf, xf.shape[-1:], scale, eps).to(x.dtype)
     y = F.rms_norm(xf, xf.shape[-1:], eps=eps)  # xf * rsqrt(mean(xf^2) + eps), bit for bit, in one op
-    return (y * (1.0 + weight.float())).to(x.dtype)
+    return (y * scale).to(x.dtype)
 
 
 def rotate_partial(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
