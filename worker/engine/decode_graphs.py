@@ -115,7 +115,6 @@ class DecodeGraphs:
         self.uniforms = torch.zeros(m, q, dtype=torch.float32, device=dev)
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev) * q
         self.row_starts = torch.arange(m, dtype=torch.int64, device=dev) * q
-        self.seq_index = torch.arange(m, dtype=torch.int64, device=dev)
         self.has_initial_state = torch.ones(m, dtype=torch.bool, device=dev)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=dev)
 
@@ -257,7 +256,7 @@ class DecodeGraphs:
             anchor_rows = self.row_starts[:bucket] + num_accepted
             anchor_next = token_ids.gather(1, num_accepted[:, None]).squeeze(1)
             drafts = self.mtp.draft(ctx.attn, input_ids, positions, hidden, anchor_rows, anchor_next,
-                                    self.seq_index[:bucket], valid)
+                                    row_valid=valid)
         return DecodeResult(token_ids, num_accepted, drafts, ctx, input_ids, positions, hidden, logprobs, top)
 
     # -- capture ------------------------------------------------------------------------------

@@ -52,41 +52,55 @@ class MTPProposer:
         self.model = model
         self.num_spec_tokens = num_spec_tokens
         self.block_size = block_size
+        self._row_bounds: dict[torch.device, torch.Tensor] = {}  # see _cu_seqlens
 
     def propose(self, inputs: ProposalInputs) -> torch.Tensor:
-        sampled = index_tensor(inputs.sampled, inputs.input_ids.device)
+        sampled = None
+        if inputs.sampled != list(range(len(inputs.plan.sequences))):
+            sampled = index_tensor(inputs.sampled, inputs.input_ids.device)
         return self.draft(inputs.ctx.attn, inputs.input_ids, inputs.positions, inputs.hidden_states,
                           inputs.anchor_rows, inputs.anchor_next_ids, sampled)
 
     def draft(self, attn: AttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor,
               hidden_states: torch.Tensor, anchor_rows: torch.Tensor, anchor_next_ids: torch.Tensor,
-              sampled: torch.Tensor, row_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """The drafts [len(sampled), k] of the sequences `sampled` (indices into the step's sequences),
-        from tensors alone, so a CUDA graph can hold it. `row_valid` [len(sampled)] bool marks padded
-        sequences (False), whose chained passes then write no KV."""
+              sampled: torch.Tensor | None = None, row_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The drafts [len(sampled), k] of the sequences `sampled` (indices into the step's sequences;
+        None: every one, in order), from tensors alone, so a CUDA graph can hold it. `row_valid`
+        [len(sampled)] bool marks padded sequences (False), whose chained passes then write no KV."""
         next_ids = torch.roll(input_ids, -1)
         next_ids[anchor_rows] = anchor_next_ids
-        rows = anchor_rows[sampled]
+        rows = anchor_rows if sampled is None else anchor_rows[sampled]
         with forward_context(StepContext(attn)):  # the MLP and the norm after it only for the anchor rows
             hidden = self.model.forward_mtp(next_ids, positions, hidden_states, output_rows=rows)
         drafts = [kernels.argmax(self.model.compute_logits(hidden))]
+        if self.num_spec_tokens == 1:
+            return drafts[0][:, None]
         positions = positions[rows]
-        block_tables = attn.block_tables[sampled]
+        block_tables = attn.block_tables if sampled is None else attn.block_tables[sampled]
+        cu_seqlens = self._cu_seqlens(positions.shape[0], positions.device)
         for step in range(1, self.num_spec_tokens):
             positions = positions + 1
-            ctx = StepContext(self._single_row_metadata(positions, block_tables, attn.max_context_len + step,
-                                                        row_valid))
+            ctx = StepContext(self._single_row_metadata(positions, block_tables, cu_seqlens,
+                                                        attn.max_context_len + step, row_valid))
             with forward_context(ctx):
                 hidden = self.model.forward_mtp(drafts[-1], positions, hidden, step)
             drafts.append(kernels.argmax(self.model.compute_logits(hidden)))
         return torch.stack(drafts, dim=1)
 
-    def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor,
+    def _cu_seqlens(self, num_seqs: int, device: torch.device) -> torch.Tensor:
+        """0, 1, .., num_seqs (int32), one query row per sequence: built once per device (and again only when a
+        batch outgrows it), then sliced, so the chained passes build nothing for it."""
+        bounds = self._row_bounds.get(device)
+        if bounds is None or bounds.shape[0] <= num_seqs:
+            bounds = torch.arange(num_seqs + 1, dtype=torch.int32, device=device)
+            self._row_bounds[device] = bounds
+        return bounds[: num_seqs + 1]
+
+    def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor, cu_seqlens: torch.Tensor,
                              max_context_len: int, row_valid: torch.Tensor | None) -> AttentionMetadata:
-        n = positions.shape[0]
         _, slots, context_lens = kernels.decode_metadata(positions, block_tables, row_valid, 1, self.block_size)
         return AttentionMetadata(
-            cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=positions.device),
+            cu_seqlens_q=cu_seqlens,
             context_lens=context_lens,
             slot_mapping=slots.view(-1),
             block_tables=block_tables,
