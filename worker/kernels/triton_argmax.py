@@ -67,8 +67,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     want = max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(logits.device), R))
     num_chunks = min(triton.cdiv(V, MIN_CHUNK), want)
     chunk = triton.cdiv(V, num_chunks)
-    num_chunks = triton.cdiv(V, chunk)
     block = min(MAX_BLOCK, triton.next_power_of_2(chunk))
+    chunk = triton.cdiv(chunk, block) * block  # whole steps: every load starts aligned (unaligned: 2.4x slower)
+    num_chunks = triton.cdiv(V, chunk)
     part_val = torch.empty(R, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(R, num_chunks, dtype=torch.int32, device=logits.device)
     _chunk_argmax_kernel[(R, num_chunks)](rows, part_val, part_idx, V, rows.stride(0), chunk, num_chunks, BLOCK=block,
