@@ -5,6 +5,8 @@ The queries of a sequence are its last `q_len` positions, so query i of a sequen
 `L` sees keys 0 .. L - q_len + i (causal within the step, all of the cached context before it).
 """
 
+import functools
+
 import torch
 
 
@@ -87,13 +89,12 @@ def _attend(
     # Query head h reads KV head h // group: the group's queries of all Q positions share one product.
     qf = q.float().view(n, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * q_len, dim)
     scores = (qf @ keys.permute(0, 2, 3, 1)) * scale  # [N, H_kv, group * Q, L]
-    hidden = _hidden_keys(kv_lens, q_len, q.device)
+    hidden, past_end = _masks(tuple(kv_lens), q_len, q.device)
     if hidden is not None:
         scores = scores.view(n, kv_heads, group, q_len, max_kv).masked_fill(hidden, float("-inf"))
         scores = scores.view(n, kv_heads, group * q_len, max_kv)
-    if min(kv_lens) < max_kv:  # keys past a sequence's end may be NaN: a zero weight must meet a zero value
-        past_end = torch.arange(max_kv, device=q.device) >= torch.tensor(kv_lens, device=q.device)[:, None]
-        values = values.masked_fill(past_end[:, :, None, None], 0.0)
+    if past_end is not None:  # keys past a sequence's end may be NaN: a zero weight must meet a zero value
+        values = values.masked_fill(past_end, 0.0)
     o = scores.softmax(dim=-1) @ values.transpose(1, 2)  # [N, H_kv, group * Q, D]
     return o.view(n, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4).reshape(n, q_len, heads, dim)
 
@@ -104,7 +105,18 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, n: int, length: in
     return rows.view(n, -1, *cache.shape[2:])[:, :length].float()
 
 
-def _hidden_keys(kv_lens: list[int], q_len: int, device) -> torch.Tensor | None:
+@functools.lru_cache(maxsize=8)
+def _masks(kv_lens: tuple[int, ...], q_len: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """-> (`_hidden_keys`, [N, L, 1, 1] True for keys past each sequence's end or None if none are), built once
+    for the step's attention layers (and the MTP's first pass), which share the lengths. Read only."""
+    past_end = None
+    if min(kv_lens) < max(kv_lens):
+        past_end = torch.arange(max(kv_lens), device=device) >= torch.tensor(kv_lens, device=device)[:, None]
+        past_end = past_end[:, :, None, None]
+    return _hidden_keys(kv_lens, q_len, device), past_end
+
+
+def _hidden_keys(kv_lens: tuple[int, ...], q_len: int, device) -> torch.Tensor | None:
     """-> [N or 1, 1, 1, Q, L] True where query i (position kv_len - Q + i) must not see key j, None if it sees all."""
     max_kv = max(kv_lens)
     if min(kv_lens) == max_kv:  # one causal band for every sequence
