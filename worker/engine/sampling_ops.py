@@ -102,7 +102,7 @@ def emitted_tokens(draft_ids: Tensor, num_accepted: Tensor, final_ids: Tensor) -
 
 def count_accepted(accepted: Tensor) -> Tensor:
     """accepted [N, Q-1] bool -> drafts accepted before the first rejection [N] int64."""
-    return accepted.long().cumprod(dim=1).sum(dim=1)
+    return accepted.cumprod(dim=1).sum(dim=1)  # a bool cumprod is int64 already
 
 
 def verify_batch(logits: Tensor, draft_ids: Tensor, params: RowSamplingParams | None,
