@@ -194,13 +194,9 @@ class DecodeGraphs:
         """Inputs of the step after `previous`, on the device: the token after the accepted drafts, the
         new drafts, a start num_accepted + 1 further on, and the state slot after the last accepted."""
         n, q = num_seqs, self.q_len
-        accepted = previous.num_accepted[:n]
-        next_token = previous.token_ids[:n].gather(1, accepted[:, None])
-        ids = next_token if previous.drafts is None else torch.cat([next_token, previous.drafts[:n]], dim=1)
-        start = previous.positions.view(-1, q)[:n, 0] + accepted + 1
-        self.ints[: n * q].copy_(ids.reshape(-1))
-        self._field("start", n).copy_(start)
-        self._field("accepted", n).copy_(accepted + 1)
+        kernels.continue_decode_inputs(
+            previous.token_ids[:n], previous.num_accepted[:n], None if previous.drafts is None else previous.drafts[:n],
+            previous.positions.view(-1, q)[:n], self.ints[: n * q], self._field("start", n), self._field("accepted", n))
 
     # -- device side (captured) ---------------------------------------------------------------
 

@@ -22,6 +22,30 @@ def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
     return to_device(indices, torch.int64, device)
 
 
+class _PinnedBuffers:
+    """Pinned float64 buffers, each with its event, reused from step to step: a buffer is taken for one
+    copy and given back once its values have been read, so none is written while still in use. The
+    step loop's host time is its critical path at small batches, and a fresh pinned buffer and event
+    per step cost more than the copy."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[tuple[torch.Tensor, torch.cuda.Event, torch.device]]] = {}
+
+    def take(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event, torch.device]:
+        """A buffer of at least `size` values and an event for `device`'s stream (events belong to a device)."""
+        capacity = 1 << max(size - 1, 0).bit_length()
+        free = self._free.get((capacity, device))
+        if free:
+            return free.pop()
+        return torch.empty(capacity, dtype=torch.float64, pin_memory=True), torch.cuda.Event(), device
+
+    def give(self, buffer: torch.Tensor, event: torch.cuda.Event, device: torch.device) -> None:
+        self._free.setdefault((buffer.numel(), device), []).append((buffer, event, device))
+
+
+_PINNED = _PinnedBuffers()
+
+
 class PendingHostCopy:
     """Tensors of a step queued for the host in one transfer; `result()` waits once and returns lists.
 
@@ -32,23 +56,37 @@ class PendingHostCopy:
         self.shapes = [tuple(tensors[name].shape) for name in self.names]
         self.dtypes = [tensors[name].dtype for name in self.names]
         self.none = [name for name, t in tensors.items() if t is None]
-        self._event = None
+        self._pinned = None
+        self._result: dict[str, list | None] | None = None
         if not self.names:
             self._host = torch.empty(0, dtype=torch.float64)
             return
-        packed = torch.cat([tensors[name].reshape(-1).to(torch.float64) for name in self.names])
-        if packed.is_cuda:
-            self._host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = packed
+        parts = [tensors[name].reshape(-1) for name in self.names]
+        if not parts[0].is_cuda:
+            self._host = torch.cat([part.to(torch.float64) for part in parts])
+            return
+        total = sum(part.numel() for part in parts)
+        packed = torch.empty(total, dtype=torch.float64, device=parts[0].device)
+        offset = 0
+        for part in parts:  # one converting copy each, no concatenation after
+            packed[offset : offset + part.numel()].copy_(part)
+            offset += part.numel()
+        buffer, event, _ = self._pinned = _PINNED.take(total, packed.device)
+        self._host = buffer[:total]
+        self._host.copy_(packed, non_blocking=True)
+        event.record()
 
     def result(self) -> dict[str, list | None]:
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
+        if self._result is None:
+            if self._pinned is not None:
+                self._pinned[1].synchronize()
+            self._result = self._unpack()
+            if self._pinned is not None:  # read into lists: the buffer can serve another step
+                _PINNED.give(*self._pinned)
+                self._pinned = None
+        return self._result
+
+    def _unpack(self) -> dict[str, list | None]:
         out: dict[str, list | None] = {name: None for name in self.none}
         offset = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):

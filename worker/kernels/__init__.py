@@ -17,6 +17,7 @@ import importlib
 from worker.kernels import add_rms_norm as _norm_ref
 from worker.kernels import argmax as _argmax_ref
 from worker.kernels import causal_conv1d as _conv_ref
+from worker.kernels import continue_decode as _continue_ref
 from worker.kernels import decode_metadata as _meta_ref
 from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels.fp8.quant import kernel_block
@@ -106,6 +107,11 @@ def decode_metadata(start, block_tables, valid, query_len, block_size):
     return impl.decode_metadata(start, block_tables, valid, query_len, block_size)
 
 
+def continue_decode_inputs(token_ids, num_accepted, drafts, positions, input_ids, start, accepted_slot):
+    impl = _triton_module("continue_decode") if _use_triton(token_ids) else _continue_ref
+    return impl.continue_decode_inputs(token_ids, num_accepted, drafts, positions, input_ids, start, accepted_slot)
+
+
 def argmax(logits):
     impl = _triton_module("argmax") if _use_triton(logits) else _argmax_ref
     return impl.argmax(logits)
@@ -187,5 +193,6 @@ __all__ = [
     "rms_norm",
     "decode_metadata",
     "argmax",
+    "continue_decode_inputs",
     "gated_rms_norm",
 ]
