@@ -4,7 +4,7 @@ Triton prepare kernel against its reference (the whole kernel path is checked in
 import pytest
 import torch
 
-from tests.kernels.helpers import PAD, assert_rel_close, cu_seqlens, gdn_inputs, generator, randn
+from tests.kernels.helpers import PAD, assert_rel_close, cu_seqlens, gdn_inputs, generator, randn, refused_split_build
 from worker.kernels import gated_delta_rule_chunked as chunks
 from worker.kernels import gated_delta_rule as ref
 
@@ -47,6 +47,9 @@ def test_chunk_prepare_kernels(lengths, split, device):
     args = dict(q=q, k=k, v=v, g=g, beta=beta, cu_seqlens=meta["cu_seqlens"], state_indices=meta["state_indices"],
                 scale=16 ** -0.5, use_qk_l2norm=True)
     expected = chunks.chunk_prepare(**args)
-    actual = twy.chunk_prepare(**args, split=split)
+    with refused_split_build(split, device):
+        actual = twy.chunk_prepare(**args, split=split)
+    if split and device == "cuda":
+        return
     for name, a, e in zip(["w", "u", "A", "G", "ks", "qd"], actual, expected):
         assert_rel_close(a.float(), e, 1e-4, name)

@@ -10,7 +10,7 @@ import torch
 
 from tests.kernels.conftest import HAS_CUDA
 from tests.kernels.helpers import (PAD, assert_rel_close, assert_unchanged, cu_seqlens, gdn_inputs, generator, randn,
-                                   tolerance)
+                                   refused_split_build, tolerance)
 from worker.kernels import gated_delta_rule as ref
 
 tk = pytest.importorskip("worker.kernels.triton_gated_delta_rule", reason="triton is not installed")
@@ -88,8 +88,9 @@ PREPARE_PATHS = [pytest.param(True, id="split-prepare"), pytest.param(False, id=
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("seqs", CHUNK_CASES)
 def test_chunk_gated_delta_rule(seqs, heads, fused, split, device):
-    check_chunk(seqs, *heads, dk=16, dv=24, dtype=torch.float32, device=device, seed=len(seqs),
-                launcher_args=dict(fused_output=fused, split_prepare=split))
+    with refused_split_build(split, device):
+        check_chunk(seqs, *heads, dk=16, dv=24, dtype=torch.float32, device=device, seed=len(seqs),
+                    launcher_args=dict(fused_output=fused, split_prepare=split))
 
 
 def test_chunk_gated_delta_rule_default_launch(device):
@@ -109,8 +110,9 @@ def test_chunk_gated_delta_rule_scale_and_no_l2norm(device):
 @pytest.mark.parametrize("split", PREPARE_PATHS)
 @pytest.mark.parametrize("fused", OUTPUT_MODES)
 def test_chunk_gated_delta_rule_several_v_tiles(fused, split, device):
-    check_chunk([(50, 0, 2, True), (17, 1, 1, False)], 1, 2, dk=16, dv=40, dtype=torch.float32, device=device,
-                seed=5, launcher_args=dict(BV=16, fused_output=fused, split_prepare=split))
+    with refused_split_build(split, device):
+        check_chunk([(50, 0, 2, True), (17, 1, 1, False)], 1, 2, dk=16, dv=40, dtype=torch.float32, device=device,
+                    seed=5, launcher_args=dict(BV=16, fused_output=fused, split_prepare=split))
 
 
 def test_chunk_gated_delta_rule_rejects_unpipelined_launch(device):
