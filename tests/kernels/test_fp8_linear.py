@@ -71,7 +71,7 @@ def test_a_row_gives_the_same_bits_in_any_batch(device):
 
 
 @pytest.mark.parametrize("tile", [dict(BN=4, NB=1), dict(BN=16, NB=2), dict(BN=8, NB=4)], ids=str)
-@pytest.mark.parametrize("tokens,n,k,block", [(1, 96, 64, 32), (3, 200, 300, 64)], ids=str)
+@pytest.mark.parametrize("tokens,n,k,block", [(1, 96, 64, 32), (3, 136, 200, 64)], ids=str)
 def test_block_fp8_gemv_matches_the_reference(tokens, n, k, block, tile, device):
     """The few-token path: partial blocks in N and K, K walked NB blocks at a time past its end."""
     gen = generator(tokens + n, device)
