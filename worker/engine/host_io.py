@@ -29,18 +29,18 @@ class _PinnedBuffers:
     per step cost more than the copy."""
 
     def __init__(self):
-        self._free: dict[tuple, list[tuple[torch.Tensor, torch.cuda.Event, torch.device]]] = {}
+        self._free: dict[tuple[int, torch.device], list[tuple[torch.Tensor, torch.cuda.Event]]] = {}
 
-    def take(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event, torch.device]:
+    def take(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
         """A buffer of at least `size` values and an event for `device`'s stream (events belong to a device)."""
         capacity = 1 << max(size - 1, 0).bit_length()
         free = self._free.get((capacity, device))
         if free:
             return free.pop()
-        return torch.empty(capacity, dtype=torch.float64, pin_memory=True), torch.cuda.Event(), device
+        return torch.empty(capacity, dtype=torch.float64, pin_memory=True), torch.cuda.Event()
 
-    def give(self, buffer: torch.Tensor, event: torch.cuda.Event, device: torch.device) -> None:
-        self._free.setdefault((buffer.numel(), device), []).append((buffer, event, device))
+    def give(self, device: torch.device, buffer: torch.Tensor, event: torch.cuda.Event) -> None:
+        self._free.setdefault((buffer.numel(), device), []).append((buffer, event))
 
 
 _PINNED = _PinnedBuffers()
@@ -71,19 +71,21 @@ class PendingHostCopy:
         for part in parts:  # one converting copy each, no concatenation after
             packed[offset : offset + part.numel()].copy_(part)
             offset += part.numel()
-        buffer, event, _ = self._pinned = _PINNED.take(total, packed.device)
+        buffer, event = _PINNED.take(total, packed.device)
+        self._pinned = (packed.device, buffer, event)
         self._host = buffer[:total]
         self._host.copy_(packed, non_blocking=True)
         event.record()
 
     def result(self) -> dict[str, list | None]:
-        if self._result is None:
-            if self._pinned is not None:
-                self._pinned[1].synchronize()
+        if self._result is None and self._pinned is not None:
+            device, buffer, event = self._pinned
+            event.synchronize()
             self._result = self._unpack()
-            if self._pinned is not None:  # read into lists: the buffer can serve another step
-                _PINNED.give(*self._pinned)
-                self._pinned = None
+            _PINNED.give(device, buffer, event)  # read into lists: the buffer can serve another step
+            self._pinned = None
+        elif self._result is None:
+            self._result = self._unpack()
         return self._result
 
     def _unpack(self) -> dict[str, list | None]:

@@ -115,7 +115,7 @@ def verify_batch(logits: Tensor, draft_ids: Tensor, params: RowSamplingParams | 
     """
     num_seqs, num_query, vocab_size = logits.shape
     argmax_ids = kernels.argmax(logits)  # [N, Q]; widening to fp32 is exact, so the argmax needs none
-    if params is None and num_query == 1:  # greedy decode: the argmax, in two launches rather than a dozen
+    if params is None and num_query == 1:  # greedy decode: the argmax and a zero fill, rather than a dozen launches
         return argmax_ids, torch.zeros(num_seqs, dtype=torch.int64, device=logits.device)
     accepted = draft_ids == argmax_ids[:, :-1]
     if params is None:  # the accepted drafts are argmax tokens, and so is the one after them

@@ -7,7 +7,7 @@ from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
 from worker.model.context import get_context
-from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear
+from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, project_columns
 from worker.model.layers.norm import RMSNorm
 from worker.model.layers.rotary import PartialRotaryEmbedding
 
@@ -45,15 +45,10 @@ class GatedAttention(nn.Module):
         if self.qkv is None:
             self.qkv = MergedColumnLinear.of([self.q_proj, self.k_proj, self.v_proj])
 
-    def _project(self, hidden_states: torch.Tensor):
-        if self.qkv is not None:
-            return self.qkv(hidden_states)
-        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         meta = get_context().attn
         tokens = hidden_states.shape[0]
-        query_gate, key, value = self._project(hidden_states)
+        query_gate, key, value = project_columns(self.qkv, [self.q_proj, self.k_proj, self.v_proj], hidden_states)
         query, gate = query_gate.view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         key = key.view(tokens, self.num_kv_heads, self.head_dim)
         value = value.view(tokens, self.num_kv_heads, self.head_dim)

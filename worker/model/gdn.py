@@ -15,7 +15,8 @@ from worker.config import ModelConfig
 from worker.distributed import get_tp
 from worker.model.context import get_context
 from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
-from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, _check_shape
+from worker.model.layers.linear import (ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, _check_shape,
+                                        project_columns)
 from worker.model.layers.norm import GatedRMSNorm
 
 
@@ -117,33 +118,30 @@ class GatedDeltaNet(nn.Module):
     def after_loading(self) -> None:
         """Reorder the packed projections' rows once into [q | k | v | z] and [b | a], so that the forward
         reads them without a column gather (an FP8 weight only where its runs are whole blocks, as at
-        Qwen3-Next's sizes). The parameters then hold the rows in that order, no longer the checkpoint's."""
-        if self.split_projections:
-            parts = [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
-        else:
+        Qwen3-Next's sizes). The parameters then hold the rows in that order, no longer the checkpoint's.
+        The input projections then multiply as one GEMM where they are of one kind."""
+        if not self.split_projections:
             if not self.qkvz_planar:
                 self.qkvz_planar = self.in_proj_qkvz.reorder_output_rows(self.qkvz_order)
             if not self.ba_planar:
                 self.ba_planar = self.in_proj_ba.reorder_output_rows(self.ba_order)
-            parts = [self.in_proj_qkvz, self.in_proj_ba]
         if self.projections is None:  # None also where they differ in kind: FP8 releases keep in_proj_ba bf16
-            self.projections = MergedColumnLinear.of(parts)
+            self.projections = MergedColumnLinear.of(self._input_projections())
+
+    def _input_projections(self) -> list[ColumnParallelLinear]:
+        if self.split_projections:
+            return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
+        return [self.in_proj_qkvz, self.in_proj_ba]
 
     def _project(self, hidden_states: torch.Tensor):
         """-> mixed_qkv [T, conv_dim] (conv input order), z [T, HV, V], b [T, HV], a [T, HV]."""
         tokens = hidden_states.shape[0]
+        outputs = project_columns(self.projections, self._input_projections(), hidden_states)
         if self.split_projections:
-            if self.projections is not None:
-                qkv, z, b, a = self.projections(hidden_states)
-            else:
-                qkv, z, b, a = (proj(hidden_states) for proj in (self.in_proj_qkv, self.in_proj_z, self.in_proj_b,
-                                                                 self.in_proj_a))
+            qkv, z, b, a = outputs
             return qkv, z.view(tokens, self.num_v_heads, self.head_v_dim), b, a
         conv_dim = 2 * self.key_dim + self.value_dim
-        if self.projections is not None:
-            qkvz, ba = self.projections(hidden_states)
-        else:
-            qkvz, ba = self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states)
+        qkvz, ba = outputs
         if not self.qkvz_planar:
             qkvz = qkvz.index_select(1, self.qkvz_order)
         if not self.ba_planar:

@@ -201,3 +201,8 @@ def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.view(torch.uint8) for t in tensors]).view(dtype)
     return torch.cat(tensors)
 
+
+def project_columns(merged: MergedColumnLinear | None, parts: list[_Linear],
+                    x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The parts' outputs for input x: through their merged GEMM where there is one, else part by part."""
+    return merged(x) if merged is not None else tuple(part(x) for part in parts)
