@@ -48,3 +48,6 @@ def nan_outputs(monkeypatch):
     from worker.kernels import triton_gated_rms_norm
 
     monkeypatch.setattr(triton_gated_rms_norm, "_empty_output", empty_nan)
+    from worker.kernels import triton_linear
+
+    monkeypatch.setattr(triton_linear, "_empty_output", lambda shape, like: empty_nan(like, shape))

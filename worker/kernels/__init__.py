@@ -23,6 +23,7 @@ from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels.fp8.quant import kernel_block
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
+from worker.kernels import linear as _linear_ref
 from worker.kernels import paged_attention as _attn_ref
 from worker.kernels import qk_norm_rope as _qk_ref
 from worker.kernels.moe import fp8_reference as _moe_fp8_ref
@@ -134,6 +135,11 @@ def select_experts(router_logits, top_k, renormalize, shared_gate=False):
 
 def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids):
     return _moe_impl(hidden_states).fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+def linear(x, weight, bias=None):
+    impl = _triton_module("linear") if _use_triton(x) else _linear_ref
+    return impl.linear(x, weight, bias)
 
 
 def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import kernels
 from worker.distributed import get_tp
 
 
@@ -38,6 +39,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the whole vocabulary, gathered from every rank's slice (identical on all ranks)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = kernels.linear(hidden_states, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[:, : self.vocab_size]

@@ -10,7 +10,6 @@ layer's `prefix`), the layer holds it as stored: float8_e4m3fn plus the block sc
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from worker import kernels
@@ -34,7 +33,7 @@ def default_weight_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_i
 
 def _linear(x, weight, weight_scale_inv, block: int | None, bias):
     if block is None:
-        return F.linear(x, weight, bias)
+        return kernels.linear(x, weight, bias)
     return kernels.fp8_block_linear(x, weight, weight_scale_inv, block, bias)
 
 
