@@ -3,7 +3,9 @@ block-scaled e4m3 experts, in two launches.
 
 1. gate_up: one program per (pair, BN columns, BN dividing the block b) walks K NB blocks at a
    time. It quantises its token's features to e4m3 per group of b itself (the same rounding as
-   per_token_group_quant_fp8; the vector is short, so no launch of its own), multiplies them
+   per_token_group_quant_fp8; the vector is short, so no launch of its own), or with `"prequant"`
+   in the config reads them from one per_token_group_quant_fp8 launch before it (every program of
+   a narrow tile repeats the quantisation otherwise, on the path to its first product), multiplies them
    with the expert's e4m3 rows, sums each block in fp32 and scales it by the group's and the
    weight block's scales. SwiGLU -> inter [T*S, I] in fp32, unrounded;
 2. down: one program per (token, BN rows) quantises each slot's intermediate row per group of b
@@ -19,16 +21,16 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from worker.kernels.fp8.quant import FP8_MAX, MIN_AMAX
-from worker.kernels.fp8.triton import _quantize_groups
+from worker.kernels.fp8.triton import _quantize_groups, per_token_group_quant_fp8
 from worker.kernels.moe.decode import pdl_supported
 
 
 @triton.jit
-def _gate_up_fp8_pairs_kernel(x, w13, w13_s, inter, topk_ids, N, stride_x_t, stride_w_e, stride_w_n,
-                              stride_ws_e, stride_ws_n, stride_i_p,
+def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, stride_x_t, stride_xq_t, stride_xs_t,
+                              stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_i_p,
                               K: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
                               BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
-                              PDL: tl.constexpr):
+                              PREQUANT: tl.constexpr, PDL: tl.constexpr):
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     expert = tl.load(topk_ids + pair).to(tl.int64)
@@ -44,10 +46,14 @@ def _gate_up_fp8_pairs_kernel(x, w13, w13_s, inter, topk_ids, N, stride_x_t, str
     acc_u = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, NB * BLOCK):
         kmask = k0 + k2 < K
-        xk = tl.load(x + (pair // S) * stride_x_t + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
-        xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
         kb = k0 // BLOCK + nb
         bmask = kb * BLOCK < K
+        if PREQUANT:  # quantised once per token by per_token_group_quant_fp8 (the same rounding)
+            xq = tl.load(x_q + (pair // S) * stride_xq_t + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
+            xs = tl.load(x_s + (pair // S) * stride_xs_t + kb, mask=bmask, other=0.0)
+        else:
+            xk = tl.load(x + (pair // S) * stride_x_t + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
+            xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
         g = tl.load(g_rows + k0, mask=kmask[None, :, :], other=0.0).to(tl.float32)
         u = tl.load(u_rows + k0, mask=kmask[None, :, :], other=0.0).to(tl.float32)
         g_blocks = tl.sum(g * xq[None, :, :], 2)  # [BN, NB]
@@ -102,11 +108,13 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
     up, down = cfg["gate_up"], cfg["down"]
     pdl = cfg.get("pdl", True) and pdl_supported(x.device)
     up_bn = min(up["BLOCK_N"], block)
+    prequant = bool(up.get("prequant"))
+    x_q, x_s = per_token_group_quant_fp8(x, block) if prequant else (x, x)
     _gate_up_fp8_pairs_kernel[(T * S, I // up_bn)](
-        x, w13, w13_s, inter, topk_ids, I, x.stride(0), w13.stride(0), w13.stride(1), w13_s.stride(0),
-        w13_s.stride(1), inter.stride(0),
-        K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PDL=pdl,
-        num_warps=up["num_warps"])
+        x, x_q, x_s, w13, w13_s, inter, topk_ids, I, x.stride(0), x_q.stride(0), x_s.stride(0), w13.stride(0),
+        w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),
+        K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PREQUANT=prequant,
+        PDL=pdl, num_warps=up["num_warps"])
     _down_fp8_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), w2.stride(0), w2.stride(1), w2_s.stride(0),
         w2_s.stride(1), out.stride(0),
