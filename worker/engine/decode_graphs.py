@@ -100,23 +100,35 @@ class DecodeGraphs:
         for i, name in enumerate(INT_FIELDS):
             self.offsets[name] = m * q + i * m
         self.offsets.update({name: i * m for i, name in enumerate(FLOAT_FIELDS)})
+        # Every step's inputs in one byte buffer: the int64 fields, the float32 fields, then the block
+        # tables packed to the step's widest row (int32), so one copy moves them from the host.
         num_ints, num_floats = m * q + len(INT_FIELDS) * m, len(FLOAT_FIELDS) * m
-        self.ints = torch.zeros(num_ints, dtype=torch.int64, device=dev)
-        self.floats = torch.zeros(num_floats, dtype=torch.float32, device=dev)
-        # Two sets of pinned inputs, used in turn: with a step planned ahead, the host fills one while the
-        # copy from the other may still be queued.
-        self._host_sets = [(torch.zeros(num_ints, dtype=torch.int64, pin_memory=pin),
-                            torch.zeros(num_floats, dtype=torch.float32, pin_memory=pin),
-                            torch.zeros(m * self.max_blocks, dtype=torch.int32, pin_memory=pin)) for _ in range(2)]
+        self._floats_at, self._tables_at = num_ints * 8, num_ints * 8 + num_floats * 4
+        size = self._tables_at + m * self.max_blocks * 4
+        self.inputs = torch.zeros(size, dtype=torch.uint8, device=dev)
+        self.ints, self.floats, self.tables_stage = self._views(self.inputs)
+        # Two pinned copies, used in turn: with a step planned ahead, the host fills one while the copy
+        # from the other may still be queued.
+        self._host_sets = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._num_writes = 0
-        self.ints_host, self.floats_host, self.tables_host = self._host_sets[0]
+        self.inputs_host = self._host_sets[0]
         self.tables = torch.zeros(m, self.max_blocks, dtype=torch.int32, device=dev)
-        self.tables_stage = torch.zeros(m * self.max_blocks, dtype=torch.int32, device=dev)
         self.uniforms = torch.zeros(m, q, dtype=torch.float32, device=dev)
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev) * q
         self.row_starts = torch.arange(m, dtype=torch.int64, device=dev) * q
         self.has_initial_state = torch.ones(m, dtype=torch.bool, device=dev)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ints, floats, packed tables) of an inputs buffer."""
+        ints = buffer[: self._floats_at].view(torch.int64)
+        floats = buffer[self._floats_at : self._tables_at].view(torch.float32)
+        return ints, floats, buffer[self._tables_at :].view(torch.int32)
+
+    def _copy_inputs(self, num_table_values: int) -> None:
+        """Queue the copy of the host inputs' fields and first `num_table_values` table entries."""
+        end = self._tables_at + num_table_values * 4
+        self.inputs[:end].copy_(self.inputs_host[:end], non_blocking=True)
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
@@ -135,9 +147,9 @@ class DecodeGraphs:
     def _write_inputs(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], bucket: int) -> None:
         """Fill the pinned inputs for `bucket` rows (the real ones, then padding) and queue their copy."""
         self._num_writes += 1
-        self.ints_host, self.floats_host, self.tables_host = self._host_sets[self._num_writes % 2]
+        self.inputs_host = self._host_sets[self._num_writes % 2]
         n, q = len(sequences), self.q_len
-        ints, floats = self.ints_host.numpy(), self.floats_host.numpy()
+        ints, floats, tables_host = (view.numpy() for view in self._views(self.inputs_host))
         pad = bucket - n
         ids = [t for s in sequences for t in s.token_ids]
         ints[: bucket * q] = ids + [0] * (pad * q)
@@ -153,15 +165,12 @@ class DecodeGraphs:
             off = self.offsets[name]
             target[off : off + bucket] = values + [PAD_ROW.get(name, self.vocab_size)] * pad
         num_cols = max(len(s.block_table) for s in sequences)
-        tables = self.tables_host.numpy()[: bucket * num_cols].reshape(bucket, num_cols)
+        tables = tables_host[: bucket * num_cols].reshape(bucket, num_cols)
         tables[:] = 0
         for i, s in enumerate(sequences):
             tables[i, : len(s.block_table)] = s.block_table
-        self.ints.copy_(self.ints_host, non_blocking=True)
-        self.floats.copy_(self.floats_host, non_blocking=True)
-        stage = self.tables_stage[: bucket * num_cols]
-        stage.copy_(self.tables_host[: bucket * num_cols], non_blocking=True)
-        self.tables[:bucket, :num_cols].copy_(stage.view(bucket, num_cols))
+        self._copy_inputs(bucket * num_cols)
+        self.tables[:bucket, :num_cols].copy_(self.tables_stage[: bucket * num_cols].view(bucket, num_cols))
 
     def _write_uniforms(self, rows: list[RequestSampling], generator: torch.Generator) -> None:
         """The uniforms the eager sampler would draw, in its order, for the rows that sample."""
@@ -259,14 +268,13 @@ class DecodeGraphs:
 
     def _write_padding(self) -> None:
         """Every row padding: what capture runs on (it must not touch a real cache)."""
-        ints, floats = self.ints_host.numpy(), self.floats_host.numpy()
+        ints, floats, _ = (view.numpy() for view in self._views(self.inputs_host))
         ints[:] = 0
         for name in INT_FIELDS:
             ints[self.offsets[name] : self.offsets[name] + self.max_batch] = PAD_ROW.get(name, self.vocab_size)
         for name in FLOAT_FIELDS:
             floats[self.offsets[name] : self.offsets[name] + self.max_batch] = PAD_ROW[name]
-        self.ints.copy_(self.ints_host, non_blocking=True)
-        self.floats.copy_(self.floats_host, non_blocking=True)
+        self._copy_inputs(0)
         self.tables.zero_()
         self.uniforms.fill_(0.5)
 
