@@ -15,6 +15,7 @@ at k = 0, to the roofline: non-expert weights + the distinct experts the step to
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,7 @@ def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
         return launch(plan, *args, **kwargs)
 
     engine.runner.launch = watched
-    decode_s, decode_steps, decode_tokens, outputs = 0.0, 0, 0, {}
+    decode_s, decode_steps, decode_tokens, outputs, step_ms = 0.0, 0, 0, {}, []
     try:
         while engine.has_unfinished:
             has_prefill.clear()
@@ -126,11 +127,22 @@ def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
             if results and not any(has_prefill):  # (with async scheduling a step may launch nothing)
                 decode_s += elapsed
                 decode_steps += 1
+                step_ms.append(elapsed * 1e3)
                 decode_tokens += sum(len(r.new_token_ids) for r in results)
             outputs.update({r.request_id: r for r in results if r.finished})
     finally:
         engine.runner.launch = launch
-    return dict(decode_s=decode_s, decode_steps=decode_steps, decode_tokens=decode_tokens, outputs=outputs)
+    return dict(decode_s=decode_s, decode_steps=decode_steps, decode_tokens=decode_tokens, outputs=outputs,
+                step_ms=step_ms)
+
+
+def step_spread(step_ms: list[float]) -> dict:
+    """The median step and the first and slowest, to tell a steady step from start-up and tail effects
+    (ms_per_step is the mean, as tokens/s is)."""
+    if not step_ms:
+        return {}
+    return dict(median_ms_per_step=round(statistics.median(step_ms), 3), first_step_ms=round(step_ms[0], 3),
+                max_step_ms=round(max(step_ms), 3))
 
 
 def step_bytes(engine: LLMEngine, prompts) -> dict:
@@ -233,6 +245,7 @@ def main():
                 ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
                 tokens_per_s = measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
                 row = dict(k=k, drafts=kind, batch=batch, ms_per_step=round(ms, 3), decode_steps=measured["decode_steps"],
+                           **step_spread(measured["step_ms"]),
                            mean_accepted_length=_mean_accepted(measured["outputs"]),
                            decode_tokens=measured["decode_tokens"],
                            decode_tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
