@@ -37,7 +37,9 @@ class _PinnedBuffers:
         free = self._free.get((capacity, device))
         if free:
             return free.pop()
-        return torch.empty(capacity, dtype=torch.float64, pin_memory=True), torch.cuda.Event()
+        with torch.inference_mode(False):  # a normal tensor: steps write it inside inference mode and out of it
+            buffer = torch.empty(capacity, dtype=torch.float64, pin_memory=True)
+        return buffer, torch.cuda.Event()
 
     def give(self, device: torch.device, buffer: torch.Tensor, event: torch.cuda.Event) -> None:
         self._free.setdefault((buffer.numel(), device), []).append((buffer, event))
