@@ -289,16 +289,24 @@ class DecodeGraphs:
         for key in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, sets up cuBLAS, off the capture
-                self.step(*key)
+                warm = self.step(*key)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 result = self.step(*key)
             self.graphs[key] = (graph, result)
+        self._warm_continuation(warm, keys[-1][0])
         torch.cuda.synchronize(self.device)
         used = torch.cuda.memory_reserved(self.device) - before
         logger.info("captured %d CUDA graphs (batch buckets %s, %d tokens each) in %.1f s, %.1f MiB",
                     len(self.graphs), _ranges(self.buckets), self.q_len, time.perf_counter() - started, used / 2**20)
+
+    def _warm_continuation(self, warm: DecodeResult, bucket: int) -> None:
+        """Run the continuation kernel once on an eager warm-up step's results, so that the first step
+        planned ahead of the one in flight does not wait for its compilation (0.38 s on an H200); then
+        the padding inputs again."""
+        self._continue_from(warm, bucket)
+        self._write_padding()
 
     def release(self) -> None:
         self.graphs.clear()
