@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextTopKRouter, torch_chunk_gated_delta_rule
 
 from worker import kernels
+from worker.kernels.moe import reference as moe_reference
 
 PAD = -1
 CONV_KERNEL = 4
@@ -315,3 +316,19 @@ def test_fused_moe_vs_token_loop(top_k, tokens):
             gate, up = w13[e, :inter] @ x[t], w13[e, inter:] @ x[t]
             ref[t] += weights[t, j] * (w2[e] @ (F.silu(gate) * up))
     assert_close(out, ref, "fused_moe")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 5, 31])
+def test_fused_moe_all_experts_path_gives_the_gathered_bits(tokens, dtype):
+    """Where a step has as many (token, slot) pairs as experts, the CPU reference runs every expert on every
+    token; a token's output must keep the bits of the per-pair gather that one-token steps take."""
+    hidden, inter, experts, top_k = 80, 48, 8, 2
+    x = randn(tokens, hidden, seed=65).to(dtype)
+    w13 = randn(experts, 2 * inter, hidden, seed=66, scale=0.1).to(dtype)
+    w2 = randn(experts, hidden, inter, seed=67, scale=0.1).to(dtype)
+    weights, ids = kernels.select_experts(randn(tokens, experts, seed=68), top_k, renormalize=True)
+    assert torch.equal(moe_reference._all_experts(x, w13, w2, ids), moe_reference._gathered_experts(x, w13, w2, ids))
+    one_at_a_time = torch.cat([kernels.fused_moe(x[t : t + 1], w13, w2, weights[t : t + 1], ids[t : t + 1])
+                               for t in range(tokens)])
+    assert torch.equal(kernels.fused_moe(x, w13, w2, weights, ids), one_at_a_time)
