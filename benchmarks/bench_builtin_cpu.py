@@ -3,10 +3,14 @@
     python benchmarks/bench_builtin_cpu.py [--batches 1 8] [--ks 0 1 2 3] [--max-tokens 128] [--repeats 3] [--out FILE]
 
 Greedy continuations of the held-out code prompts (worker/tools/builtin/heldout.py), batch b taking the
-first b of them. Each (batch, k) is timed --repeats times after a warm-up, the ks in turn, and the fastest run is kept
-(the median too, for comparison); the
-tokens are checked equal to k = 0's (MTP is lossless), and the mean accepted length (tokens per verify
-step) is reported beside the speed-up. Prints JSON with the machine's description.
+first b of them. Each (batch, k) is timed --repeats times after a warm-up. The ks take turns within each
+repeat, in the opposite order every other repeat, so that a machine that speeds up or slows down (a shared
+CPU does, by tens of percent within seconds) moves every k alike. Three speed-ups against k = 0 are given:
+of the fastest runs (`speedup_vs_k0`), of the median runs, and the median over repeats of the ratio of
+k = 0's run to k's in the same repeat (`speedup_vs_k0_paired`, the least moved by noise); the range of
+those paired ratios shows how noisy the machine was. The tokens are checked equal to k = 0's (MTP
+is lossless), and the mean accepted length (tokens per verify step) is reported beside the speed-up.
+Prints JSON with the machine's description.
 """
 
 import argparse
@@ -49,29 +53,40 @@ def timed_run(llm: LLM, prompts, params) -> tuple[float, list]:
 
 
 def measure(llms: dict[int, LLM], batch: int, prompts: list[list[int]], args) -> dict[int, dict]:
-    """Round-robin over k, repeat after repeat, so that a machine that speeds up or slows down over the run
-    (shared CPUs do) moves every k alike."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     runs = {k: [] for k in llms}
-    for _ in range(args.repeats):
-        for k, llm in llms.items():
-            runs[k].append(timed_run(llm, prompts[:batch], params))
+    for repeat in range(args.repeats):
+        order = list(llms) if repeat % 2 == 0 else list(reversed(llms))
+        for k in order:
+            runs[k].append(timed_run(llms[k], prompts[:batch], params))
     rows = {}
     for k, timed in runs.items():
-        # The fastest run is the least disturbed one: a shared CPU only ever slows a run down.
-        elapsed = min(t for t, _ in timed)
+        elapsed = [t for t, _ in timed]
         outputs = timed[0][1]
         generated = sum(len(o.token_ids) for o in outputs)
         accepted_length = pooled_accepted_length(outputs)
         rows[k] = {
-            "k": k, "batch": batch, "elapsed_s": round(elapsed, 4),
-            "median_elapsed_s": round(statistics.median(t for t, _ in timed), 4),
-            "elapsed_runs_s": [round(t, 4) for t, _ in timed],
-            "output_tokens_per_s": round(generated / elapsed, 2),
+            "k": k, "batch": batch,
+            # The fastest run is the least disturbed one: a shared CPU only ever slows a run down.
+            "elapsed_s": round(min(elapsed), 4),
+            "median_elapsed_s": round(statistics.median(elapsed), 4),
+            "elapsed_runs_s": [round(t, 4) for t in elapsed],
+            "output_tokens_per_s": round(generated / min(elapsed), 2),
             "mean_accepted_length": round(accepted_length, 4) if accepted_length else None,
             "tokens": [o.token_ids for o in outputs],
         }
     return rows
+
+
+def speedups(row: dict, base: dict) -> dict:
+    """k's speed-ups against k = 0 from the same batch's runs (see the module docstring)."""
+    paired = sorted(b / t for b, t in zip(base["elapsed_runs_s"], row["elapsed_runs_s"]))
+    return {
+        "speedup_vs_k0": round(base["elapsed_s"] / row["elapsed_s"], 3),
+        "speedup_vs_k0_of_medians": round(base["median_elapsed_s"] / row["median_elapsed_s"], 3),
+        "speedup_vs_k0_paired": round(statistics.median(paired), 3),
+        "speedup_vs_k0_paired_range": [round(paired[0], 3), round(paired[-1], 3)],
+    }
 
 
 def main():
@@ -99,8 +114,7 @@ def main():
     for k in args.ks:
         for batch in args.batches:
             row, base = by_batch[batch][k], by_batch[batch][0]
-            row["speedup_vs_k0"] = round(row["output_tokens_per_s"] / base["output_tokens_per_s"], 3)
-            row["speedup_vs_k0_of_medians"] = round(base["median_elapsed_s"] / row["median_elapsed_s"], 3)
+            row.update(speedups(row, base))
             row["tokens_equal_k0"] = row["tokens"] == base["tokens"]
             rows.append(row)
     for row in rows:
