@@ -40,11 +40,11 @@ def _operands(k, v, g, beta):
     return k.unsqueeze(-2), v.unsqueeze(-2), g.float().exp()[..., None, None], (beta * k).unsqueeze(-1)
 
 
-def _update(state, k_row, v_row, decay, beta_k):
+def _update(state, k_row, v_row, decay, beta_k, out=None):
     """One token's update for a batch of states [N, HV, K, V], its operands as `_operands` shapes them:
-    S <- exp(g) S;  S <- S + (beta k) (v - S^T k)^T."""
+    S <- exp(g) S;  S <- S + (beta k) (v - S^T k)^T. Written into `out` if given."""
     state = state * decay
-    return torch.addcmul(state, beta_k, v_row - k_row @ state)
+    return torch.addcmul(state, beta_k, v_row - k_row @ state, out=out)
 
 
 def _read_out(state, q_t):
@@ -108,11 +108,11 @@ def fused_recurrent_gated_delta_rule(
     qf, kf, vf = _prepare(q[valid], k[valid], v[valid], scale, use_qk_l2norm)
     operands = _operands(kf, vf, g[valid], beta[valid])
     state = ssm_states[groups, num_accepted[valid] - 1].float()
-    states = []
-    for j in range(q.shape[1]):  # only the update is sequential; the read-outs and writes go in one op each
-        state = _update(state, *(x[:, j] for x in operands))
-        states.append(state)
-    states = torch.stack(states, dim=1)  # [n, Q, HV, K, V]
+    states = state.new_empty(state.shape[0], q.shape[1], *state.shape[1:])  # [n, Q, HV, K, V]
+    # Only the update is sequential, each state written into its place (no stack of them after: one copy
+    # fewer); the read-outs and the writes go in one op each.
+    for j in range(q.shape[1]):
+        state = _update(state, *(x[:, j] for x in operands), out=states[:, j])
     out[valid] = _read_out(states, qf).to(out.dtype)
     ssm_states[groups, : q.shape[1]] = states.to(ssm_states.dtype)
     return out
