@@ -117,6 +117,15 @@ def merge_config_table(path: Path, table: dict[str, dict]) -> None:
     path.write_text(json.dumps(dict(sorted(merged.items(), key=lambda item: int(item[0]))), indent=1) + "\n")
 
 
+def write_config_tables(entries) -> None:
+    """merge_config_table for (path, token count, config) entries, one write per file."""
+    tables: dict[Path, dict] = {}
+    for path, tokens, config in entries:
+        tables.setdefault(path, {})[str(tokens)] = config
+    for path, table in tables.items():
+        merge_config_table(path, table)
+
+
 def emit(result: dict, out: str | None) -> None:
     """Print the result's JSON (stdout) and write it to `out` when given."""
     text = json.dumps(result, indent=1)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, merge_config_table  # noqa: E402
+from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, write_config_tables  # noqa: E402
 from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
 from worker.kernels.fp8.quant import FP8_DTYPE, quantize_block_fp8  # noqa: E402
 from worker.kernels.moe import tile_configs  # noqa: E402
@@ -99,15 +99,11 @@ def tune_moe(tokens: list[int], gen) -> list[dict]:
 
 def write(report: dict) -> None:
     device = report["card"]["name"].replace(" ", "_")
-    tables: dict[Path, dict] = {}
-    for p in report.get("linear", []):
-        path = fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(p["n"], p["k"], BLOCK, device)
-        tables.setdefault(path, {})[str(p["tokens"])] = p["tile"]
-    for p in report.get("moe", []):
-        path = tile_configs.CONFIG_DIR / tile_configs.config_file_name(E, H, I, FP8_DTYPE, device)
-        tables.setdefault(path, {})[str(p["tokens"])] = p["config"]
-    for path, table in tables.items():
-        merge_config_table(path, table)
+    moe_path = tile_configs.CONFIG_DIR / tile_configs.config_file_name(E, H, I, FP8_DTYPE, device)
+    write_config_tables(
+        [(fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(p["n"], p["k"], BLOCK, device), p["tokens"], p["tile"])
+         for p in report.get("linear", [])]
+        + [(moe_path, p["tokens"], p["config"]) for p in report.get("moe", [])])
 
 
 def main():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, merge_config_table  # noqa: E402
+from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, write_config_tables  # noqa: E402
 from worker.kernels import triton_linear  # noqa: E402
 
 # name -> (N, K, which of the two is split at tp > 1: "n" column-parallel, "k" row-parallel, None replicated)
@@ -57,13 +57,9 @@ def sweep(name: str, n: int, k: int, tokens: list[int], dtype: torch.dtype, gen)
 
 def write(report: dict) -> None:
     device = report["card"]["name"].replace(" ", "_")
-    tables: dict[Path, dict] = {}
-    for p in report["points"]:
-        dtype = getattr(torch, p["dtype"])
-        path = triton_linear.CONFIG_DIR / triton_linear.config_file_name(p["n"], p["k"], dtype, device)
-        tables.setdefault(path, {})[str(p["tokens"])] = p["chosen"]
-    for path, table in tables.items():
-        merge_config_table(path, table)
+    write_config_tables(
+        (triton_linear.CONFIG_DIR / triton_linear.config_file_name(p["n"], p["k"], getattr(torch, p["dtype"]), device),
+         p["tokens"], p["chosen"]) for p in report["points"])
 
 
 def main():

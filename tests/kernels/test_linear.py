@@ -65,7 +65,6 @@ def test_dispatch_follows_the_tuned_table(tmp_path, monkeypatch, device):
     name = tk.config_file_name(n, k, torch.float32, tk.device_name(torch.device(device)))
     (tmp_path / name).write_text(json.dumps({"1": dict(BN=4, BK=16, num_warps=1), "4": {"cublas": True}}))
     monkeypatch.setattr(tk, "CONFIG_DIR", tmp_path)
-    tk._tuned.cache_clear()
     tk.get_tile.cache_clear()
     calls = []
     real_gemv = tk.gemv
@@ -78,7 +77,6 @@ def test_dispatch_follows_the_tuned_table(tmp_path, monkeypatch, device):
         tk.linear(torch.ones(1, k, device=device), torch.ones(n + 1, k, device=device))  # untuned shape
         assert calls == [dict(BN=4, BK=16, num_warps=1)] * 2  # 1 and 2 tokens (2 is nearest to 1)
     finally:
-        tk._tuned.cache_clear()
         tk.get_tile.cache_clear()
 
 

@@ -13,7 +13,6 @@ than GEMV_MAX_TOKENS tokens, go to F.linear (the reference), so an untuned GPU n
 """
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from worker.kernels.moe.tile_configs import device_name
+from worker.kernels.moe.tile_configs import device_name, tuned_entry
 
 GEMV_MAX_TOKENS = 8
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -61,20 +60,11 @@ def config_file_name(n: int, k: int, dtype: torch.dtype, device: str) -> str:
     return f"N={n},K={k},dtype={str(dtype).removeprefix('torch.')},device={device}.json"
 
 
-@functools.cache
-def _tuned(name: str) -> dict[int, dict] | None:
-    path = CONFIG_DIR / name
-    return {int(m): tile for m, tile in json.loads(path.read_text()).items()} if path.is_file() else None
-
-
 @functools.lru_cache(maxsize=4096)  # per layer per step: off the hot path
 def get_tile(tokens: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict | None:
     """The GEMV tile tuned for this shape at this token count (the nearest tuned one), None for F.linear."""
-    table = _tuned(config_file_name(n, k, dtype, device_name(device)))
-    if not table:
-        return None
-    tile = table[min(table, key=lambda m: (abs(m - tokens), m))]
-    return None if tile.get("cublas") else tile
+    tile = tuned_entry(CONFIG_DIR / config_file_name(n, k, dtype, device_name(device)), tokens)
+    return None if tile is None or tile.get("cublas") else tile
 
 
 def gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -12,7 +12,6 @@ weight rows are read from memory once, by the first token's program, and from L2
 """
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv, kernel_block, scale_shape
-from worker.kernels.moe.tile_configs import device_name
+from worker.kernels.moe.tile_configs import device_name, tuned_entry
 
 
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -158,19 +157,13 @@ def config_file_name(n: int, k: int, block: int, device: str) -> str:
     return f"N={n},K={k},block={block},device={device}.json"
 
 
-@functools.cache
-def _tuned(name: str) -> dict[int, dict] | None:
-    path = CONFIG_DIR / name
-    return {int(m): tile for m, tile in json.loads(path.read_text()).items()} if path.is_file() else None
-
-
 @functools.lru_cache(maxsize=4096)  # per layer per step: off the hot path
 def get_tile(m: int, n: int, k: int, block: int, device: torch.device) -> dict:
     """The tile tuned for this weight shape on this device (benchmarks/tune_fp8.py) at the nearest token
     count, else the defaults: the GEMV up to GEMV_MAX_TOKENS, the GEMM beyond."""
-    table = _tuned(config_file_name(n, k, block, device_name(device)))
-    if table:
-        return table[min(table, key=lambda tokens: (abs(tokens - m), tokens))]
+    tuned = tuned_entry(CONFIG_DIR / config_file_name(n, k, block, device_name(device)), m)
+    if tuned is not None:
+        return tuned
     return default_gemv_tile(n) if m <= GEMV_MAX_TOKENS else default_tile(m, n)
 
 

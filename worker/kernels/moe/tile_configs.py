@@ -30,11 +30,19 @@ def config_file_name(num_experts: int, hidden: int, inter: int, dtype: torch.dty
 
 
 @functools.cache
-def _load(name: str) -> dict[int, dict] | None:
-    path = CONFIG_DIR / name
+def read_token_table(path: Path) -> dict[int, dict] | None:
+    """A tuned config file (token count -> config, as benchmarks write them); None if there is none."""
     if not path.is_file():
         return None
     return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+
+
+def tuned_entry(path: Path, num_tokens: int) -> dict | None:
+    """The entry of the file at `path` for the token count nearest num_tokens (the smaller on a tie)."""
+    table = read_token_table(path)
+    if not table:
+        return None
+    return table[min(table, key=lambda m: (abs(m - num_tokens), m))]
 
 
 def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
@@ -62,8 +70,8 @@ def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                device: torch.device, fallback: bool = True) -> dict | None:
     """The tuned config nearest num_tokens; without a file: default_config, or None without fallback."""
-    table = _load(config_file_name(num_experts, hidden, inter, dtype, device_name(device)))
-    if not table:
+    name = config_file_name(num_experts, hidden, inter, dtype, device_name(device))
+    tuned = tuned_entry(CONFIG_DIR / name, num_tokens)
+    if tuned is None:
         return default_config(num_tokens, dtype) if fallback else None
-    nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
-    return table[nearest]
+    return tuned
