@@ -110,6 +110,7 @@ class DecodeGraphs:
         # Two pinned copies, used in turn: with a step planned ahead, the host fills one while the copy
         # from the other may still be queued.
         self._host_sets = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self._host_arrays = [tuple(view.numpy() for view in self._views(host)) for host in self._host_sets]
         self._num_writes = 0
         self.inputs_host = self._host_sets[0]
         self.tables = torch.zeros(m, self.max_blocks, dtype=torch.int32, device=dev)
@@ -149,7 +150,7 @@ class DecodeGraphs:
         self._num_writes += 1
         self.inputs_host = self._host_sets[self._num_writes % 2]
         n, q = len(sequences), self.q_len
-        ints, floats, tables_host = (view.numpy() for view in self._views(self.inputs_host))
+        ints, floats, tables_host = self._host_arrays[self._num_writes % 2]  # numpy views of inputs_host
         pad = bucket - n
         ids = [t for s in sequences for t in s.token_ids]
         ints[: bucket * q] = ids + [0] * (pad * q)
@@ -268,7 +269,7 @@ class DecodeGraphs:
 
     def _write_padding(self) -> None:
         """Every row padding: what capture runs on (it must not touch a real cache)."""
-        ints, floats, _ = (view.numpy() for view in self._views(self.inputs_host))
+        ints, floats, _ = self._host_arrays[self._num_writes % 2]  # inputs_host's
         ints[:] = 0
         for name in INT_FIELDS:
             ints[self.offsets[name] : self.offsets[name] + self.max_batch] = PAD_ROW.get(name, self.vocab_size)
