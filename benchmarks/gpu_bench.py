@@ -77,6 +77,13 @@ def candidate_time_us(fn, inner: int, replays: int = 10) -> float | None:
         return None
 
 
+def best_of(candidates, fn, inner: int) -> tuple[float, dict]:
+    """(µs, candidate) of the fastest candidate c timed as fn(c) (candidate_time_us); ones that cannot run are
+    skipped."""
+    timings = [(t, c) for c in candidates if (t := candidate_time_us(lambda: fn(c), inner=inner)) is not None]
+    return min(timings, key=lambda p: p[0])
+
+
 def copy_bandwidth_GBps(num_bytes: int = 2 << 30) -> float:
     """An eager device-to-device copy, timed with events (a copy captured in a CUDA graph measured
     2.75 TB/s on an H200 here, below what kernels reach: it is reported beside, not used)."""

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, write_config_tables  # noqa: E402
+from benchmarks.gpu_bench import best_of, card, emit, git_commit, write_config_tables  # noqa: E402
 from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
 from worker.kernels.fp8.quant import FP8_DTYPE, quantize_block_fp8  # noqa: E402
 from worker.kernels.moe import tile_configs  # noqa: E402
@@ -54,11 +54,6 @@ MOE_GROUPED = [{"BLOCK_M": bm, "gate_up": dict(GROUP_M=g, num_warps=w, num_stage
 MOE_PAIRS_MAX = 8
 
 
-def best_of(candidates, fn) -> tuple[float, dict]:
-    timings = [(t, c) for c in candidates if (t := candidate_time_us(lambda: fn(c), inner=ROTATE)) is not None]
-    return min(timings, key=lambda p: p[0])
-
-
 def tune_linear(tokens: list[int], gen, layers: list[str]) -> list[dict]:
     points = []
     for name in layers:
@@ -69,7 +64,7 @@ def tune_linear(tokens: list[int], gen, layers: list[str]) -> list[dict]:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             candidates = (GEMV if m <= GEMV_MAX else []) + GEMM
             us, tile = best_of(candidates, lambda c: [fp8_triton.w8a8_block_fp8_linear(x, w, s, BLOCK, tile=c)
-                                                      for w, s in layers])
+                                                      for w, s in layers], ROTATE)
             weight_bytes = n * k
             points.append(dict(layer=name, n=n, k=k, tokens=m, us=round(us, 2), tile=tile,
                                weight_GBps=round(weight_bytes / us / 1e3, 1)))
@@ -91,7 +86,7 @@ def tune_moe(tokens: list[int], gen) -> list[dict]:
             return [triton_fp8.fused_moe_fp8(x, w13, w2, w13_s, w2_s, w, i, BLOCK, config=cfg) for w, i in routes]
 
         candidates = (MOE_PAIRS if m <= MOE_PAIRS_MAX else []) + MOE_GROUPED
-        us, cfg = best_of(candidates, run)
+        us, cfg = best_of(candidates, run, ROTATE)
         points.append(dict(tokens=m, us=round(us, 2), config=cfg))
         print(json.dumps(points[-1]), file=sys.stderr)
     return points

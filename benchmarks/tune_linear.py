@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import candidate_time_us, card, emit, git_commit, write_config_tables  # noqa: E402
+from benchmarks.gpu_bench import best_of, candidate_time_us, card, emit, git_commit, write_config_tables  # noqa: E402
 from worker.kernels import triton_linear  # noqa: E402
 
 # name -> (N, K, which of the two is split at tp > 1: "n" column-parallel, "k" row-parallel, None replicated)
@@ -41,10 +41,8 @@ def sweep(name: str, n: int, k: int, tokens: list[int], dtype: torch.dtype, gen)
     for m in tokens:
         x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
         cublas_us = candidate_time_us(lambda: [F.linear(x, w) for w in weights], inner=ROTATE)
-        timed = [(us, tile) for tile in TILES if tile["BK"] <= max(k, 128)
-                 if (us := candidate_time_us(lambda: [triton_linear.gemv(x, w, None, tile) for w in weights],
-                                             inner=ROTATE)) is not None]
-        gemv_us, tile = min(timed, key=lambda p: p[0])
+        gemv_us, tile = best_of([tile for tile in TILES if tile["BK"] <= max(k, 128)],
+                                lambda tile: [triton_linear.gemv(x, w, None, tile) for w in weights], ROTATE)
         best = tile if gemv_us < cublas_us else {"cublas": True}
         weight_bytes = n * k * weights[0].element_size()
         points.append(dict(layer=name, n=n, k=k, dtype=str(dtype).removeprefix("torch."), tokens=m,
