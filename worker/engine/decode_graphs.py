@@ -111,8 +111,7 @@ class DecodeGraphs:
         # from the other may still be queued.
         self._host_sets = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._host_arrays = [tuple(view.numpy() for view in self._views(host)) for host in self._host_sets]
-        self._num_writes = 0
-        self.inputs_host = self._host_sets[0]
+        self._num_writes = 0  # the set in use: _num_writes % 2
         self.tables = torch.zeros(m, self.max_blocks, dtype=torch.int32, device=dev)
         self.uniforms = torch.zeros(m, q, dtype=torch.float32, device=dev)
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev) * q
@@ -129,7 +128,7 @@ class DecodeGraphs:
     def _copy_inputs(self, num_table_values: int) -> None:
         """Queue the copy of the host inputs' fields and first `num_table_values` table entries."""
         end = self._tables_at + num_table_values * 4
-        self.inputs[:end].copy_(self.inputs_host[:end], non_blocking=True)
+        self.inputs[:end].copy_(self._host_sets[self._num_writes % 2][:end], non_blocking=True)
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
@@ -148,9 +147,8 @@ class DecodeGraphs:
     def _write_inputs(self, sequences: list[ScheduledSequence], rows: list[RequestSampling], bucket: int) -> None:
         """Fill the pinned inputs for `bucket` rows (the real ones, then padding) and queue their copy."""
         self._num_writes += 1
-        self.inputs_host = self._host_sets[self._num_writes % 2]
         n, q = len(sequences), self.q_len
-        ints, floats, tables_host = self._host_arrays[self._num_writes % 2]  # numpy views of inputs_host
+        ints, floats, tables_host = self._host_arrays[self._num_writes % 2]
         pad = bucket - n
         ids = [t for s in sequences for t in s.token_ids]
         ints[: bucket * q] = ids + [0] * (pad * q)
@@ -269,7 +267,7 @@ class DecodeGraphs:
 
     def _write_padding(self) -> None:
         """Every row padding: what capture runs on (it must not touch a real cache)."""
-        ints, floats, _ = self._host_arrays[self._num_writes % 2]  # inputs_host's
+        ints, floats, _ = self._host_arrays[self._num_writes % 2]
         ints[:] = 0
         for name in INT_FIELDS:
             ints[self.offsets[name] : self.offsets[name] + self.max_batch] = PAD_ROW.get(name, self.vocab_size)
