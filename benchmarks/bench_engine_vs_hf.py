@@ -1,7 +1,7 @@
 """The engine against transformers' own `generate` and against the bytes roofline, printed as JSON.
 
     python benchmarks/bench_engine_vs_hf.py [--layers 4] [--batches 1 16 64 256] [--ks 0 1 2 3]
-        [--checkpoint DIR] [--out FILE] [--smoke]
+        [--checkpoint DIR] [--load-format dummy] [--out FILE] [--smoke]
 
 A checkpoint with Qwen3-Next-80B's per-layer shapes (every 4th layer full attention; 4 layers: 3 GDN
 + 1 attention) is written once (or reused): transformers' model built from the config on the GPU
@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.proposer import ScriptedProposer  # noqa: E402
 from worker.engine.sampling_params import SamplingParams  # noqa: E402
+from worker.kernels.pdl import use_pdl  # noqa: E402
 from worker.model.moe import Experts  # noqa: E402
-from worker.tools.model_shapes import shape_config  # noqa: E402
+from worker.tools.model_shapes import shape_config, write_shape_config  # noqa: E402
 from worker.tools.tiny_weights import tensor_specs  # noqa: E402
 
 PROMPT_LEN = 128
@@ -205,6 +207,9 @@ def main():
     parser.add_argument("--async-ks", type=int, nargs="*", default=[0, 1], help="ks also run with async scheduling")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/nextserve-80b-shape"))
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights made on the device from the config alone (no checkpoint "
+                             "written, no transformers run): a quick engine-only run")
     parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU, batch 1 and 2, k 0 and 1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -216,9 +221,13 @@ def main():
         rates = None
     else:
         rates = ceilings()
-        model_dir = write_checkpoint(args.checkpoint, args.layers, device)
-    result = dict(benchmark="bench_engine_vs_hf", model=str(model_dir), layers=args.layers, ceilings=rates, rows=[])
-    if not args.no_hf:
+        if args.load_format == "dummy":
+            model_dir = write_shape_config(Path(tempfile.mkdtemp()), num_layers=args.layers)
+        else:
+            model_dir = write_checkpoint(args.checkpoint, args.layers, device)
+    result = dict(benchmark="bench_engine_vs_hf", model=str(model_dir), layers=args.layers, ceilings=rates,
+                  load_format=args.load_format, pdl=use_pdl(torch.device(device)), rows=[])
+    if not args.no_hf and args.load_format != "dummy":
         result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device)
     truth = {}
     for k in args.ks:
@@ -230,7 +239,7 @@ def main():
             if kind == "scripted":
                 proposer = ScriptedProposer(always_right(script_truth), k)
             engine = engine_for(model_dir, k, args.batches, device, dtype, proposer,
-                                async_scheduling=kind.endswith("async"))
+                                async_scheduling=kind.endswith("async"), load_format=args.load_format)
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)

@@ -4,7 +4,8 @@
 
 Qwen3-Next-80B's per-layer shapes with random weights made on the device (`load_format="dummy"`).
 After a few steps, one decode step's graph is replayed under torch.profiler (CUDA activity), and
-the kernels are grouped by name: calls, total and mean µs, share of the step. The bytes roofline
+the kernels are grouped by name: calls, total and mean µs, share of the step. Before that, back-to-back
+replays are timed with CUDA events (`graph_replay_us`, the gaps between kernels included). The bytes roofline
 of the step is what `bench_engine_vs_hf.py` reports; this says where the rest goes.
 """
 
@@ -23,7 +24,20 @@ from benchmarks.gpu_bench import card, emit, git_commit  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.sampling_params import SamplingParams  # noqa: E402
+from worker.kernels.pdl import use_pdl  # noqa: E402
 from worker.tools.model_shapes import write_shape_config  # noqa: E402
+
+
+def time_replays(graph, replays: int) -> float:
+    """µs per replay of back-to-back replays, by CUDA events: the gaps between kernels count, which the
+    profiler's kernel sum leaves out (and under PDL a kernel's time includes its wait for the one before)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / replays
 
 
 def main():
@@ -31,7 +45,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--k", type=int, default=0)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--replays", type=int, default=10, help="graph replays under the profiler")
+    parser.add_argument("--timed-replays", type=int, default=200, help="graph replays timed back to back")
     parser.add_argument("--quantize", choices=["fp8"], default=None, help="the published FP8 layout")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -48,6 +63,7 @@ def main():
     graph = engine.worker.decode_graphs.graph_for(args.batch)
     graph.replay()
     torch.cuda.synchronize()
+    replay_us = time_replays(graph, args.timed_replays)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):
             graph.replay()
@@ -63,7 +79,8 @@ def main():
                     "share": round(us / args.replays / total, 4)} for name, (calls, us) in kernels.items()),
                   key=lambda r: -r["us_per_step"])
     emit(dict(benchmark="profile_decode_step", card=card(), commit=git_commit(), batch=args.batch, k=args.k,
-              layers=args.layers, quantize=args.quantize, kernel_us_per_step=round(total, 1),
+              layers=args.layers, quantize=args.quantize, pdl=use_pdl(torch.device("cuda")),
+              graph_replay_us=round(replay_us, 1), kernel_us_per_step=round(total, 1),
               kernels_per_step=sum(r["calls_per_step"] for r in rows), rows=rows), args.out)
     engine.shutdown()
 

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_paged_attention import _check
 
 
@@ -20,7 +21,8 @@ def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 @triton.jit
 def _add_rms_norm_kernel(x, residual, weight, out, new_residual, stride_x, stride_r, stride_o, stride_n, H, eps,
-                         BH: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                         BH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BH)
     mask = h < H
@@ -51,7 +53,7 @@ def fused_add_rms_norm(
         BH = triton.next_power_of_2(H)
         _add_rms_norm_kernel[(T,)](x, residual, weight, out, new_residual, x.stride(0), residual.stride(0),
                                    out.stride(0), new_residual.stride(0), H, eps, BH=BH, HAS_RESIDUAL=True,
-                                   num_warps=min(16, max(1, BH // 256)))
+                                   num_warps=min(16, max(1, BH // 256)), **pdl_launch(x.device))
     return out, new_residual
 
 
@@ -68,5 +70,5 @@ def rms_norm(
     if T:
         BH = triton.next_power_of_2(H)
         _add_rms_norm_kernel[(T,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, H, eps, BH=BH,
-                                   HAS_RESIDUAL=False, num_warps=min(16, max(1, BH // 256)))
+                                   HAS_RESIDUAL=False, num_warps=min(16, max(1, BH // 256)), **pdl_launch(x.device))
     return out

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule_chunked import _num_sms
 from worker.kernels.triton_paged_attention import _check
 
@@ -20,8 +21,9 @@ MAX_BLOCK = 4096  # elements a program loads per step
 
 @triton.jit
 def _chunk_argmax_kernel(logits, part_val, part_idx, V, stride_r, CHUNK, NUM_CHUNKS, BLOCK: tl.constexpr,
-                         STEPS: tl.constexpr):
+                         STEPS: tl.constexpr, PDL: tl.constexpr):
     """(max, first index) of one chunk of a row, in BLOCK-wide steps; each lane keeps its first maximum."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     lane = tl.arange(0, BLOCK)
@@ -42,7 +44,8 @@ def _chunk_argmax_kernel(logits, part_val, part_idx, V, stride_r, CHUNK, NUM_CHU
 
 
 @triton.jit
-def _rows_argmax_kernel(part_val, part_idx, out, NUM_CHUNKS, BC: tl.constexpr):
+def _rows_argmax_kernel(part_val, part_idx, out, NUM_CHUNKS, BC: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BC)
     mask = c < NUM_CHUNKS
@@ -73,7 +76,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     part_val = torch.empty(R, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(R, num_chunks, dtype=torch.int32, device=logits.device)
     _chunk_argmax_kernel[(R, num_chunks)](rows, part_val, part_idx, V, rows.stride(0), chunk, num_chunks, BLOCK=block,
-                                          STEPS=triton.cdiv(chunk, block), num_warps=8 if block >= 4096 else 4)
+                                          STEPS=triton.cdiv(chunk, block), num_warps=8 if block >= 4096 else 4,
+                                          **pdl_launch(logits.device))
     _rows_argmax_kernel[(R,)](part_val, part_idx, out, num_chunks, BC=triton.next_power_of_2(num_chunks),
-                              num_warps=1 if num_chunks <= 256 else 4)
+                              num_warps=1 if num_chunks <= 256 else 4, **pdl_launch(logits.device))
     return out.view(lead)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule import _check, _empty_output, _find_sequence
 
 CHUNK = 64
@@ -112,8 +113,10 @@ def _conv_update_kernel(
     stride_x_n, stride_x_t, stride_o_n, stride_o_t, stride_s_g, stride_s_d, D,
     Q: tl.constexpr, KW: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
     SILU: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Window = [state columns a-1 .. a+K-3 | the Q inputs]; outputs at window positions K-1..K-2+Q."""
+    pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dmask = d < D
@@ -183,7 +186,7 @@ def _causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, s
         x, weight, conv_states, state_indices, num_accepted, out,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), conv_states.stride(0), conv_states.stride(1), D,
         Q=Q, KW=KW, W=W, BQ=triton.next_power_of_2(Q), BW=triton.next_power_of_2(W), BD=BD, SILU=silu,
-        num_warps=4,
+        num_warps=4, **pdl_launch(x.device)
     )
     return out
 

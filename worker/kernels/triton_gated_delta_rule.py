@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule_chunked import _num_sms
 from worker.kernels.triton_gated_delta_rule_chunked import chunk_gated_delta_rule_fwd as _chunk_gated_delta_rule_fwd
 from worker.kernels.triton_gated_delta_rule_wy import _find_sequence  # noqa: F401 (the conv kernels import it here)
@@ -38,9 +39,11 @@ def _fused_recurrent_kernel(
     RATIO,
     Q: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     L2NORM: tl.constexpr, GATING: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (V tile, value head, sequence) of a decode / verify step. With GATING, g and beta hold the
     projections a and b, and the gating (gdn_gating) is computed here."""
+    pdl_enter(PDL)
     vb = tl.program_id(0)
     hv = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -108,7 +111,7 @@ def _fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, ssm_states, state_in
         *g.stride()[:2], *beta.stride()[:2], *ssm_states.stride()[:3],
         HV // H,
         Q=Q, K=K, V=V, BK=BK, BV=BV, L2NORM=use_qk_l2norm, GATING=gating is not None,
-        num_warps=num_warps or 1, num_stages=num_stages or 2,
+        num_warps=num_warps or 1, num_stages=num_stages or 2, **pdl_launch(q.device)
     )
     return out
 

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_paged_attention import _check
 
 
@@ -19,8 +20,9 @@ def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 @triton.jit
 def _gated_rms_norm_kernel(x, z, weight, out, R, H, V, stride_xt, stride_xh, stride_zt, stride_zh, eps,
-                           BR: tl.constexpr, BV: tl.constexpr):
+                           BR: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
     """Rows r = (token r // H, head r % H) of x and z, each V features."""
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BV)
     mask = (rows < R)[:, None] & (cols < V)[None, :]
@@ -56,5 +58,5 @@ def gated_rms_norm(
         BR = max(1, min(16, 4096 // BV))
         _gated_rms_norm_kernel[(triton.cdiv(T * H, BR),)](
             x3, z3, weight, out, T * H, H, V, x3.stride(0), x3.stride(1), z3.stride(0), z3.stride(1), eps,
-            BR=BR, BV=BV, num_warps=4)
+            BR=BR, BV=BV, num_warps=4, **pdl_launch(x.device))
     return out

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.moe.tile_configs import device_name, tuned_entry
+from worker.kernels.pdl import pdl_enter, pdl_launch
 
 GEMV_MAX_TOKENS = 8
 GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -34,8 +35,10 @@ def _empty_output(shape, like: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _gemv_kernel(x, w, bias, y, T, N, stride_xt, stride_wn, stride_yt,
-                 K: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 K: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PDL: tl.constexpr):
     """y[t, n] = sum_k x[t, k] w[n, k] (+ bias[n]) for this program's BN rows n and every token t < T."""
+    pdl_enter(PDL)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     t = tl.arange(0, TP)
@@ -87,7 +90,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile:
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, weight, bias if bias is not None else weight, y, tokens, n, x.stride(0), weight.stride(0), y.stride(0),
         K=k, TP=triton.next_power_of_2(tokens), BN=bn, BK=tile["BK"], HAS_BIAS=bias is not None,
-        num_warps=tile.get("num_warps", 4), num_stages=tile.get("num_stages", 3))
+        num_warps=tile.get("num_warps", 4), num_stages=tile.get("num_stages", 3), **pdl_launch(x.device))
     return y
 
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule_chunked import _interpreting, _num_sms
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision, _find_sequence
 
@@ -99,11 +100,13 @@ def _paged_attention_kernel(
     T, H, B, GROUP, D,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, LOG_B: tl.constexpr,
     SPLITS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr, GATED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Rows r of the tile are (token r // BG of the chunk, query head r % BG of the KV head's group).
 
     With SPLITS > 1 the chunk's keys are cut into SPLITS ranges of whole key tiles, one per
     program; each writes its unnormalised (acc, max, sum) to part_* and the combine kernel merges."""
+    pdl_enter(PDL)
     chunk = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -169,8 +172,9 @@ def _apply_gate(o, gate_ptr, mask):
 
 @triton.jit
 def _combine_splits_kernel(part_acc, part_ml, out, gate, stride_o_t, stride_o_h, stride_g_t, stride_g_h, T, H, D,
-                           SPLITS: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr):
+                           SPLITS: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
     """out[t, h] = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m), m = max_s m_s, in split order."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS)
@@ -266,12 +270,12 @@ def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
         T, H, B, H // HKV, D,
         BM=BM, BG=tile["BG"], BS=BS, BN=max(tile["BN"], BS), BD=BD, LOG_B=max(1, math.ceil(math.log2(B + 1))),
         SPLITS=splits, DOT=_dot_precision(k_cache.dtype), INTERPRET=_interpreting(), GATED=output_gate is not None,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_launch(query.device)
     )
     if splits > 1:
         _combine_splits_kernel[(T, H)](part_acc, part_ml, out, gate, out.stride(0), out.stride(1), gate.stride(0),
                                        gate.stride(1), T, H, D, SPLITS=splits, BD=BD, GATED=output_gate is not None,
-                                       num_warps=4)
+                                       num_warps=4, **pdl_launch(query.device))
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_paged_attention import _check, _check_caches
 
 
@@ -52,7 +53,9 @@ def _qk_norm_rope_cache_kernel(
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h, stride_cs,
     H, HKV, D, BLOCK_SIZE, eps,
     HALF: tl.constexpr, BH: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions + t).to(tl.int64)
     cos = cos_sin + pos * stride_cs
@@ -110,6 +113,6 @@ def qk_norm_rope_and_cache(
         v_cache.stride(2), cos_sin.stride(0),
         H, HKV, D, k_cache.shape[1], eps,
         HALF=rotary_dim // 2, BH=triton.next_power_of_2(H), BHK=triton.next_power_of_2(HKV),
-        BD=triton.next_power_of_2(D), num_warps=4 if H * D <= 2048 else 8,
+        BD=triton.next_power_of_2(D), num_warps=4 if H * D <= 2048 else 8, **pdl_launch(query.device)
     )
     return q_out

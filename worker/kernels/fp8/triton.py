@@ -20,6 +20,7 @@ import triton.language as tl
 
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv, kernel_block, scale_shape
 from worker.kernels.moe.tile_configs import device_name, tuned_entry
+from worker.kernels.pdl import pdl_enter, pdl_launch
 
 
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -44,8 +45,9 @@ def _round_to_e4m3(v):
 
 @triton.jit
 def _token_group_quant_kernel(x, x_q, x_scale, stride_x, stride_q, stride_s, K, G: tl.constexpr,
-                              BG: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+                              BG: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
     """One (token, group): scale so that the largest magnitude becomes FP8_MAX, round to e4m3."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     cols = g * G + tl.arange(0, BG)
@@ -70,7 +72,8 @@ def per_token_group_quant_fp8(
         return x_q, x_scale
     _token_group_quant_kernel[(tokens, num_groups)](
         x, x_q, x_scale, x.stride(0), x_q.stride(0), x_scale.stride(0), features,
-        G=group_size, BG=triton.next_power_of_2(group_size), FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=1)
+        G=group_size, BG=triton.next_power_of_2(group_size), FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=1,
+        **pdl_launch(x.device))
     return x_q, x_scale
 
 
@@ -78,8 +81,9 @@ def per_token_group_quant_fp8(
 def _block_fp8_matmul_kernel(a, a_scale, b, b_scale, bias, c, M, N,
                              stride_am, stride_as, stride_bn, stride_bs, stride_cm,
                              K: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+                             GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     """C[BM, BN] tile = sum over K blocks of (A_q . B_q^T) * a_scale[m, kb] * b_scale[n // BLOCK, kb]."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * num_n)  # grouped ordering: GROUP_M row tiles share each weight tile in L2
@@ -120,8 +124,9 @@ def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
 @triton.jit
 def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stride_bs, stride_cm,
                            K: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
     """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb]."""
+    pdl_enter(PDL)
     m = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -211,7 +216,7 @@ def w8a8_block_fp8_linear(
             x2, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
             x2.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
             K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
-            MIN_AMAX_=MIN_AMAX, num_warps=tile["num_warps"])
+            MIN_AMAX_=MIN_AMAX, num_warps=tile["num_warps"], **pdl_launch(x.device))
         return out.reshape(*lead, n)
     x_q, x_scale = per_token_group_quant_fp8(x2, block)
     grid = (triton.cdiv(m, tile["BM"]) * triton.cdiv(n, tile["BN"]),)
@@ -219,6 +224,6 @@ def w8a8_block_fp8_linear(
         x_q, x_scale, weight, weight_scale_inv.float(), bias if bias is not None else out, out, m, n,
         x_q.stride(0), x_scale.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
         K=k, BLOCK=block, BM=tile["BM"], BN=tile["BN"], GROUP_M=tile["GROUP_M"], HAS_BIAS=bias is not None,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_launch(x.device)
     )
     return out.reshape(*lead, n)

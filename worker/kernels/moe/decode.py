@@ -19,22 +19,15 @@ Products are in fp32 (elementwise, reduced along K in registers); tiles from til
 (`"path": "pairs"`).
 """
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
+from worker.kernels.pdl import use_pdl
 
 MAX_FUSED_TOKENS = 64  # counters per token of the one-launch form
-
-
-@functools.cache
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs sm_90+; the interpreter has no griddepcontrol."""
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -159,10 +152,12 @@ def _down_tile(inter, out, topk_weights, w, w_ptr, t, n_tile, N, K, stride_i_p, 
 @triton.jit
 def _gate_up_pairs_kernel(x, w13, inter, topk_ids, N, K, stride_x_t, stride_w_e, stride_w_n, stride_i_p,
                           S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
-                          PDL: tl.constexpr, ROW_ACC: tl.constexpr = False):
+                          PDL: tl.constexpr, DOWN_PDL: tl.constexpr, ROW_ACC: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
     _gate_up_tile(x, w13, inter, topk_ids, tl.program_id(0).to(tl.int64), tl.program_id(1), N, K,
                   stride_x_t, stride_w_e, stride_w_n, stride_i_p, S, BN, BK, INTERPRET, ROW_ACC)
-    if PDL:
+    if DOWN_PDL:
         gdc_launch_dependents()
 
 
@@ -174,6 +169,7 @@ def _down_tokens_kernel(inter, w2, out, topk_weights, topk_ids, N, K, stride_i_p
     w, w_ptr = _down_first_weights(w2, topk_ids, t, tl.program_id(1), N, K, stride_w_e, stride_w_n, S, BS, BN, BK)
     if PDL:
         gdc_wait()  # gate_up's inter is complete and visible from here on
+        gdc_launch_dependents()
     _down_tile(inter, out, topk_weights, w, w_ptr, t, tl.program_id(1), N, K, stride_i_p, stride_o_t, S, BS, BN, BK)
 
 
@@ -226,12 +222,13 @@ def fused_moe_pairs(x, w13, w2, weights, topk_ids, out, inter, cfg: dict, interp
             MAX_T=MAX_FUSED_TOKENS, INTERPRET=interpret, ROW_ACC=up.get("row_acc", False),
             num_warps=cfg.get("num_warps", up["num_warps"]))
         return
-    pdl = cfg.get("pdl", True) and pdl_supported(x.device)
+    pdl = use_pdl(x.device)
+    down_pdl = cfg.get("pdl", True) and pdl
     _gate_up_pairs_kernel[(T * S, triton.cdiv(I, up["BLOCK_N"]))](
         x, w13, inter, topk_ids, I, H, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        S=S, BN=up["BLOCK_N"], BK=up["BLOCK_K"], INTERPRET=interpret, PDL=pdl, ROW_ACC=up.get("row_acc", False),
-        num_warps=up["num_warps"])
+        S=S, BN=up["BLOCK_N"], BK=up["BLOCK_K"], INTERPRET=interpret, PDL=pdl, DOWN_PDL=down_pdl,
+        ROW_ACC=up.get("row_acc", False), num_warps=up["num_warps"], launch_pdl=pdl)
     _down_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, w2, out, weights, topk_ids, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        S=S, BS=BS, BN=down["BLOCK_N"], BK=down["BLOCK_K"], INTERPRET=interpret, PDL=pdl,
-        num_warps=down["num_warps"], launch_pdl=pdl)
+        S=S, BS=BS, BN=down["BLOCK_N"], BK=down["BLOCK_K"], INTERPRET=interpret, PDL=down_pdl,
+        num_warps=down["num_warps"], launch_pdl=down_pdl)

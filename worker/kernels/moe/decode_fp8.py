@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from worker.kernels.fp8.quant import FP8_MAX, MIN_AMAX
 from worker.kernels.fp8.triton import _quantize_groups, per_token_group_quant_fp8
-from worker.kernels.moe.decode import pdl_supported
+from worker.kernels.pdl import use_pdl
 
 
 @triton.jit
@@ -30,7 +30,9 @@ def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, strid
                               stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_i_p,
                               K: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
                               BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
-                              PREQUANT: tl.constexpr, PDL: tl.constexpr):
+                              PREQUANT: tl.constexpr, PDL: tl.constexpr, DOWN_PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     expert = tl.load(topk_ids + pair).to(tl.int64)
@@ -63,7 +65,7 @@ def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, strid
         acc_g += tl.sum(g_blocks * scale_g[None, :], 1)
         acc_u += tl.sum(u_blocks * scale_u[None, :], 1)
     tl.store(inter + pair * stride_i_p + n, acc_g * tl.sigmoid(acc_g) * acc_u)
-    if PDL:
+    if DOWN_PDL:
         gdc_launch_dependents()
 
 
@@ -87,6 +89,7 @@ def _down_fp8_tokens_kernel(inter, w2, w2_s, out, topk_weights, topk_ids, N, str
     w = tl.load(w_ptr, mask=wmask, other=0.0)
     if PDL:
         gdc_wait()  # gate_up's inter is complete and visible from here on
+        gdc_launch_dependents()
     acc = tl.zeros([BS, BN], dtype=tl.float32)
     for kb in range(K // BLOCK):
         a = tl.load(inter + pair[:, None] * stride_i_p + kb * BLOCK + kk[None, :], mask=smask[:, None], other=0.0)
@@ -106,7 +109,8 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
     T, H = x.shape
     S, I = topk_ids.shape[1], w2.shape[2]
     up, down = cfg["gate_up"], cfg["down"]
-    pdl = cfg.get("pdl", True) and pdl_supported(x.device)
+    pdl = use_pdl(x.device)
+    down_pdl = cfg.get("pdl", True) and pdl
     up_bn = min(up["BLOCK_N"], block)
     prequant = bool(up.get("prequant"))
     x_q, x_s = per_token_group_quant_fp8(x, block) if prequant else (x, x)
@@ -114,9 +118,9 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
         x, x_q, x_s, w13, w13_s, inter, topk_ids, I, x.stride(0), x_q.stride(0), x_s.stride(0), w13.stride(0),
         w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),
         K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PREQUANT=prequant,
-        PDL=pdl, num_warps=up["num_warps"])
+        PDL=pdl, DOWN_PDL=down_pdl, num_warps=up["num_warps"], launch_pdl=pdl)
     _down_fp8_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), w2.stride(0), w2.stride(1), w2_s.stride(0),
         w2_s.stride(1), out.stride(0),
         K=I, S=S, BS=triton.next_power_of_2(S), BLOCK=block, BN=down["BLOCK_N"], FP8_MAX_=FP8_MAX,
-        MIN_AMAX_=MIN_AMAX, PDL=pdl, num_warps=down["num_warps"], launch_pdl=pdl)
+        MIN_AMAX_=MIN_AMAX, PDL=down_pdl, num_warps=down["num_warps"], launch_pdl=down_pdl)

@@ -22,6 +22,7 @@ import triton.language as tl
 from worker.kernels.moe.align import moe_align_block_size
 from worker.kernels.moe.decode import fused_moe_pairs
 from worker.kernels.moe.tile_configs import get_config
+from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision
 
@@ -36,7 +37,9 @@ def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 @triton.jit
 def _select_experts_kernel(logits, weights, ids, stride_l, E, TOP_K: tl.constexpr, S: tl.constexpr,
-                           BE: tl.constexpr, BS: tl.constexpr, RENORMALIZE: tl.constexpr, SHARED: tl.constexpr):
+                           BE: tl.constexpr, BS: tl.constexpr, RENORMALIZE: tl.constexpr, SHARED: tl.constexpr,
+                           PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BE)
     x = tl.load(logits + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -201,7 +204,8 @@ def select_experts(
     if T:
         _select_experts_kernel[(T,)](logits, weights, ids, logits.stride(0), E, TOP_K=top_k, S=S,
                                      BE=triton.next_power_of_2(E), BS=triton.next_power_of_2(S),
-                                     RENORMALIZE=renormalize, SHARED=shared_gate, num_warps=SELECT_EXPERTS_WARPS)
+                                     RENORMALIZE=renormalize, SHARED=shared_gate, num_warps=SELECT_EXPERTS_WARPS,
+                                     **pdl_launch(logits.device))
     return weights, ids
 
 
