@@ -37,8 +37,9 @@ def _empty_output(shape, like: torch.Tensor) -> torch.Tensor:
 def _gemv_kernel(x, w, bias, y, T, N, stride_xt, stride_wn, stride_yt,
                  K: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
                  PDL: tl.constexpr):
-    """y[t, n] = sum_k x[t, k] w[n, k] (+ bias[n]) for this program's BN rows n and every token t < T."""
-    pdl_enter(PDL)
+    """y[t, n] = sum_k x[t, k] w[n, k] (+ bias[n]) for this program's BN rows n and every token t < T.
+    Each step's weight tile is loaded one step ahead, the first before the PDL wait (weights do not
+    depend on the kernel before)."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = n < N
     t = tl.arange(0, TP)
@@ -46,13 +47,15 @@ def _gemv_kernel(x, w, bias, y, T, N, stride_xt, stride_wn, stride_yt,
     kk = tl.arange(0, BK)
     w_rows = w + n.to(tl.int64)[:, None] * stride_wn
     x_rows = x + t.to(tl.int64)[:, None] * stride_xt
+    wv = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
+    pdl_enter(PDL)
     acc = tl.zeros([BN, TP], dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + kk
         kmask = k < K
-        wv = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         xv = tl.load(x_rows + k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(wv[:, None, :] * xv[None, :, :], 2)
+        acc += tl.sum(wv.to(tl.float32)[:, None, :] * xv[None, :, :], 2)
+        wv = tl.load(w_rows + (k + BK)[None, :], mask=nmask[:, None] & (k + BK < K)[None, :], other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias + n, mask=nmask, other=0.0).to(tl.float32)[:, None]
     out = y + t.to(tl.int64)[None, :] * stride_yt + n[:, None]

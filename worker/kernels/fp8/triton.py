@@ -126,7 +126,6 @@ def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stri
                            K: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
     """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb]."""
-    pdl_enter(PDL)
     m = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -134,16 +133,19 @@ def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stri
     k2 = nb[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [NB, BLOCK]: NB groups, loaded as such (no reshape)
     b_rows = b + offs_n.to(tl.int64)[:, None, None] * stride_bn + k2[None, :, :]
     sb_rows = b_scale + (offs_n // BLOCK).to(tl.int64)[:, None] * stride_bs
+    w = tl.load(b_rows, mask=nmask[:, None, None] & (k2 < K)[None, :, :], other=0.0)  # before the PDL wait
+    pdl_enter(PDL)
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, NB * BLOCK):
         kmask = k0 + k2 < K
         xk = tl.load(x + m * stride_xm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
         xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
-        w = tl.load(b_rows + k0, mask=nmask[:, None, None] & kmask[None, :, :], other=0.0).to(tl.float32)
-        blocks = tl.sum(w * xq[None, :, :], 2)  # [BN, NB]
+        blocks = tl.sum(w.to(tl.float32) * xq[None, :, :], 2)  # [BN, NB]
         kb = k0 // BLOCK + nb
         sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
         acc += tl.sum(blocks * xs[None, :] * sb, 1)
+        w = tl.load(b_rows + k0 + NB * BLOCK, mask=nmask[:, None, None] & (k0 + NB * BLOCK + k2 < K)[None, :, :],
+                    other=0.0)  # the next step's tile
     if HAS_BIAS:
         acc += tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(c + m * stride_cm + offs_n, acc.to(c.dtype.element_ty), mask=nmask)
