@@ -9,7 +9,8 @@ block-scaled e4m3 experts, in two launches.
    with the expert's e4m3 rows, sums each block in fp32 and scales it by the group's and the
    weight block's scales. SwiGLU -> inter [T*S, I] in fp32, unrounded;
 2. down: one program per (token, BN rows) quantises each slot's intermediate row per group of b
-   (what the grouped kernel's gate_up epilogue does), multiplies with the [S, BN, b] e4m3 rows of
+   (what the grouped kernel's gate_up epilogue does; with `"prequant"` in its config one
+   per_token_group_quant_fp8 launch does it once for all programs), multiplies with the [S, BN, b] e4m3 rows of
    all slots' experts at once, scales, weighs by the routing weights and sums the slots in one
    fixed order into out [T, H]. On Hopper and later it is a programmatic dependent launch that
    loads its first weights before it waits for gate_up.
@@ -70,10 +71,11 @@ def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, strid
 
 
 @triton.jit
-def _down_fp8_tokens_kernel(inter, w2, w2_s, out, topk_weights, topk_ids, N, stride_i_p, stride_w_e, stride_w_n,
-                            stride_ws_e, stride_ws_n, stride_o_t,
+def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_ids, N, stride_i_p, stride_aq_p,
+                            stride_as_p, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_o_t,
                             K: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
-                            BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
+                            BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
+                            PREQUANT: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < N
@@ -92,8 +94,14 @@ def _down_fp8_tokens_kernel(inter, w2, w2_s, out, topk_weights, topk_ids, N, str
         gdc_launch_dependents()
     acc = tl.zeros([BS, BN], dtype=tl.float32)
     for kb in range(K // BLOCK):
-        a = tl.load(inter + pair[:, None] * stride_i_p + kb * BLOCK + kk[None, :], mask=smask[:, None], other=0.0)
-        aq, a_scale = _quantize_groups(a, FP8_MAX_, MIN_AMAX_)  # [BS, BLOCK], [BS]
+        if PREQUANT:  # quantised once by per_token_group_quant_fp8 (the same rounding)
+            aq = tl.load(a_q + pair[:, None] * stride_aq_p + kb * BLOCK + kk[None, :], mask=smask[:, None],
+                         other=0.0).to(tl.float32)
+            a_scale = tl.load(a_s + pair * stride_as_p + kb, mask=smask, other=0.0)
+        else:
+            a = tl.load(inter + pair[:, None] * stride_i_p + kb * BLOCK + kk[None, :], mask=smask[:, None],
+                        other=0.0)
+            aq, a_scale = _quantize_groups(a, FP8_MAX_, MIN_AMAX_)  # [BS, BLOCK], [BS]
         products = tl.sum(w.to(tl.float32) * aq[:, None, :], 2)  # [BS, BN]
         w_scale = tl.load(ws_ptr + kb, mask=smask[:, None] & nmask[None, :], other=0.0)
         acc += products * a_scale[:, None] * w_scale
@@ -119,8 +127,10 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
         w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),
         K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PREQUANT=prequant,
         PDL=pdl, DOWN_PDL=down_pdl, num_warps=up["num_warps"], launch_pdl=pdl)
+    down_prequant = bool(down.get("prequant"))
+    a_q, a_s = per_token_group_quant_fp8(inter, block) if down_prequant else (inter, inter)
     _down_fp8_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
-        inter, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), w2.stride(0), w2.stride(1), w2_s.stride(0),
-        w2_s.stride(1), out.stride(0),
+        inter, a_q, a_s, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), a_q.stride(0), a_s.stride(0),
+        w2.stride(0), w2.stride(1), w2_s.stride(0), w2_s.stride(1), out.stride(0),
         K=I, S=S, BS=triton.next_power_of_2(S), BLOCK=block, BN=down["BLOCK_N"], FP8_MAX_=FP8_MAX,
-        MIN_AMAX_=MIN_AMAX, PDL=down_pdl, num_warps=down["num_warps"], launch_pdl=down_pdl)
+        MIN_AMAX_=MIN_AMAX, PREQUANT=down_prequant, PDL=down_pdl, num_warps=down["num_warps"], launch_pdl=down_pdl)
