@@ -320,15 +320,19 @@ def test_fused_moe_vs_token_loop(top_k, tokens):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 5, 31])
-def test_fused_moe_all_experts_path_gives_the_gathered_bits(tokens, dtype):
+def test_fused_moe_all_experts_path_equals_the_gathered_one(tokens, dtype):
     """Where a step has as many (token, slot) pairs as experts, the CPU reference runs every expert on every
-    token; a token's output must keep the bits of the per-pair gather that one-token steps take."""
+    token; a token's output equals the per-pair gather that one-token steps take, up to rounding. (Bit for
+    bit only where the CPU's BLAS rounds a column alike whatever the number of columns: an Intel Xeon did,
+    an AMD EPYC does not, as its F.linear rounds a lone row apart from a batch's.)"""
     hidden, inter, experts, top_k = 80, 48, 8, 2
     x = randn(tokens, hidden, seed=65).to(dtype)
     w13 = randn(experts, 2 * inter, hidden, seed=66, scale=0.1).to(dtype)
     w2 = randn(experts, hidden, inter, seed=67, scale=0.1).to(dtype)
     weights, ids = kernels.select_experts(randn(tokens, experts, seed=68), top_k, renormalize=True)
-    assert torch.equal(moe_reference._all_experts(x, w13, w2, ids), moe_reference._gathered_experts(x, w13, w2, ids))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(moe_reference._all_experts(x, w13, w2, ids),
+                               moe_reference._gathered_experts(x, w13, w2, ids), **tol)
     one_at_a_time = torch.cat([kernels.fused_moe(x[t : t + 1], w13, w2, weights[t : t + 1], ids[t : t + 1])
                                for t in range(tokens)])
-    assert torch.equal(kernels.fused_moe(x, w13, w2, weights, ids), one_at_a_time)
+    torch.testing.assert_close(kernels.fused_moe(x, w13, w2, weights, ids), one_at_a_time, **tol)

@@ -94,7 +94,7 @@ def fused_moe(
 PER_PAIR_MAX_PAIRS = 64
 
 # torch's CPU bmm multiplies a matrix of fewer multiply-adds than this in its own loop, the rest through BLAS.
-# BLAS gives each column the same bits whatever the number of columns, torch's loop not always: only where
+# Where BLAS gives each column the same bits whatever the number of columns (not every CPU's does), only where
 # both projections of a token go through BLAS does the all-experts path give the gathered path's bits.
 _BMM_BLAS_MIN_MACS = 400
 
@@ -127,8 +127,9 @@ def _gathered_experts(hidden_states, w13, w2, topk_ids) -> torch.Tensor:  # [T, 
 def _all_experts(hidden_states, w13, w2, topk_ids) -> torch.Tensor:  # [T, S, H]
     """Every expert on every token, then each pair's rows picked: with at least as many pairs as experts, the
     weights are read once where they lie, not copied pair by pair (a batch-8 verify step on the CPU: 16 -> 13 ms).
-    On the CPU, the same bits as `_gathered_experts` (see _BMM_BLAS_MIN_MACS); the SiLU runs on rows of I as
-    there, since its vector and scalar loops round apart."""
+    Equal to `_gathered_experts` up to rounding; bit for bit on CPUs whose BLAS rounds a column alike whatever
+    the number of columns (an Intel Xeon did, an AMD EPYC does not; see _BMM_BLAS_MIN_MACS). The SiLU runs on
+    rows of I as there, since its vector and scalar loops round apart."""
     tokens = topk_ids.shape[0]
     experts, _, inter = w2.shape
     x = hidden_states.t().expand(experts, -1, -1).contiguous()  # [E, H, T]; a batch stride of 0 rounds apart
