@@ -10,7 +10,7 @@ the copy rate, transformers' `generate` (fla-core's kernels when installed), and
 checkpoint at each batch with 128-token prompts; k = 0 also with async scheduling; k = 1..3 both with the MTP head and with scripted
 always-right drafts (the upper bound). Per decode step: ms, tokens/s, the ratio to transformers and,
 at k = 0, to the roofline: non-expert weights + the distinct experts the step touched x expert bytes
-+ KV and GDN state traffic, over the copy rate. `--smoke` runs the tiny preset on the CPU (CI).
++ KV and GDN state traffic, over the copy rate. `--smoke` runs the built-in model on the CPU, 16-token prompts (CI).
 """
 
 import argparse
@@ -64,19 +64,19 @@ def write_checkpoint(out: Path, layers: int, device: str) -> Path:
     return out
 
 
-def prompts_for(batch: int, vocab: int) -> list[list[int]]:
+def prompts_for(batch: int, vocab: int, prompt_len: int = PROMPT_LEN) -> list[list[int]]:
     gen = torch.Generator().manual_seed(batch)
-    return torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen).tolist()
+    return torch.randint(0, vocab, (batch, prompt_len), generator=gen).tolist()
 
 
-def hf_decode_ms(model_dir: Path, batches, new_tokens: int, device: str) -> dict:
+def hf_decode_ms(model_dir: Path, batches, new_tokens: int, device: str, prompt_len: int = PROMPT_LEN) -> dict:
     """ms per decode step of transformers' generate: (time for 1 + n tokens - time for 1) / n."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     out = {}
     for batch in batches:
-        ids = torch.tensor(prompts_for(batch, model.config.vocab_size), device=device)
+        ids = torch.tensor(prompts_for(batch, model.config.vocab_size, prompt_len), device=device)
 
         def run(n):
             _sync(device)
@@ -177,7 +177,7 @@ def step_bytes(engine: LLMEngine, prompts) -> dict:
     batch = len(prompts)
     state = sum(2 * batch * layer.ssm_states[0, 0].numel() * layer.ssm_states.element_size()
                 for layer in model.gdn_layers())
-    kv = sum(batch * (PROMPT_LEN + 1) * 2 * layer.k_cache[0, 0].numel() * layer.k_cache.element_size()
+    kv = sum(batch * (len(prompts[0]) + 1) * 2 * layer.k_cache[0, 0].numel() * layer.k_cache.element_size()
              for layer in model.attention_layers()[: sum(1 for x in model.model.layers
                                                          if x.layer_type == "full_attention")])
     total = dense + sum(main_distinct) * per_expert + state + kv
@@ -189,10 +189,10 @@ def _mean_accepted(outputs: dict) -> float | None:
     return round(sum(out.mean_accepted_length for out in drafted) / len(drafted), 3) if drafted else None
 
 
-def always_right(truth: dict[str, list[int]]):
+def always_right(truth: dict[str, list[int]], prompt_len: int):
     """A script proposing the k = 0 run's own continuation (padded past its end): every draft accepted."""
     def script(request_id: str, tokens: list[int], k: int) -> list[int]:
-        ahead = truth[request_id][len(tokens) - PROMPT_LEN:][:k]
+        ahead = truth[request_id][len(tokens) - prompt_len:][:k]
         return ahead + [0] * (k - len(ahead))
 
     return script
@@ -204,13 +204,14 @@ def main():
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256])
     parser.add_argument("--ks", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
     parser.add_argument("--async-ks", type=int, nargs="*", default=[0, 1], help="ks also run with async scheduling")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/nextserve-80b-shape"))
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                         help="dummy: random weights made on the device from the config alone (no checkpoint "
                              "written, no transformers run): a quick engine-only run")
-    parser.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU, batch 1 and 2, k 0 and 1")
+    parser.add_argument("--smoke", action="store_true", help="the built-in model on the CPU, batch 1 and 2, k 0 and 1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, dtype = ("cpu", "float32") if args.smoke else ("cuda", "bfloat16")
@@ -218,6 +219,7 @@ def main():
         from worker.tools.builtin_model import builtin_model_dir
 
         model_dir, args.batches, args.ks, args.new_tokens, args.async_ks = builtin_model_dir(), [1, 2], [0, 1], 4, [0]
+        args.prompt_len = 16  # transformers' torch GDN reference spends a minute on 128-token prompts on 2 cores
         rates = None
     else:
         rates = ceilings()
@@ -228,7 +230,7 @@ def main():
     result = dict(benchmark="bench_engine_vs_hf", model=str(model_dir), layers=args.layers, ceilings=rates,
                   load_format=args.load_format, pdl=use_pdl(torch.device(device)), rows=[])
     if not args.no_hf and args.load_format != "dummy":
-        result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device)
+        result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device, args.prompt_len)
     truth = {}
     for k in args.ks:
         kinds = ["mtp", "scripted"] if k else ["none"]
@@ -237,11 +239,11 @@ def main():
         for kind in kinds:
             proposer, script_truth = None, dict(truth)
             if kind == "scripted":
-                proposer = ScriptedProposer(always_right(script_truth), k)
+                proposer = ScriptedProposer(always_right(script_truth, args.prompt_len), k)
             engine = engine_for(model_dir, k, args.batches, device, dtype, proposer,
                                 async_scheduling=kind.endswith("async"), load_format=args.load_format)
             for batch in args.batches:
-                prompts = prompts_for(batch, engine.model_config.vocab_size)
+                prompts = prompts_for(batch, engine.model_config.vocab_size, args.prompt_len)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
                 if kind == "scripted":
                     # The verify step's greedy tokens can differ from k = 0's in bf16 (other batch shapes round
