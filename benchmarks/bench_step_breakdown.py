@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import emit  # noqa: E402
+from benchmarks.gpu_bench import back_to_back_replay_us, emit  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.sampling_params import SamplingParams  # noqa: E402
@@ -47,15 +47,7 @@ def decode_step_ms(engine: LLMEngine, batch: int, num_steps: int) -> float:
 
 def replay_ms(engine: LLMEngine, batch: int, repeats: int) -> float:
     """GPU time of the last step's graph replayed back to back (its inputs left as they were)."""
-    graph = engine.worker.decode_graphs.graph_for(batch)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    return back_to_back_replay_us(engine.worker.decode_graphs.graph_for(batch), repeats) / 1e3
 
 
 def main():

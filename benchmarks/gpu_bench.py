@@ -67,6 +67,19 @@ def graph_time_us(fn, replays: int = 20, inner: int = 1) -> float:
     return times[len(times) // 2]
 
 
+def back_to_back_replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """µs per replay of a captured graph replayed back to back (its inputs left as they are), by CUDA
+    events: the gaps between its kernels count, which a profiler's kernel sum leaves out."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
 def candidate_time_us(fn, inner: int, replays: int = 10) -> float | None:
     """graph_time_us for a tuning candidate, or None when it cannot run (out of shared memory and the like)."""
     try:

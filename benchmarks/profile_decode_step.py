@@ -20,24 +20,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import card, emit, git_commit  # noqa: E402
+from benchmarks.gpu_bench import back_to_back_replay_us, card, emit, git_commit  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.sampling_params import SamplingParams  # noqa: E402
 from worker.kernels.pdl import use_pdl  # noqa: E402
 from worker.tools.model_shapes import write_shape_config  # noqa: E402
-
-
-def time_replays(graph, replays: int) -> float:
-    """µs per replay of back-to-back replays, by CUDA events: the gaps between kernels count, which the
-    profiler's kernel sum leaves out (and under PDL a kernel's time includes its wait for the one before)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / replays
 
 
 def main():
@@ -63,7 +51,7 @@ def main():
     graph = engine.worker.decode_graphs.graph_for(args.batch)
     graph.replay()
     torch.cuda.synchronize()
-    replay_us = time_replays(graph, args.timed_replays)
+    replay_us = back_to_back_replay_us(graph, args.timed_replays)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):
             graph.replay()
