@@ -105,3 +105,27 @@ def test_async_scheduling_equals_sync(model_dir):
             tokens.append([o.token_ids for o in llm.generate(PROMPTS, mixed_params(), use_tqdm=False)])
             assert (llm.engine.num_steps_ahead > 0) == async_scheduling
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm_90+")
+@pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])
+def test_programmatic_dependent_launch_equals_stream_order(model_dir, k, monkeypatch):
+    """The decode kernels as programmatic dependent launches (worker.kernels.pdl) give the bits of the
+    same kernels in plain stream order: a kernel that read an activation before its wait would read the
+    one before it unfinished, and a token, logprob or cache entry would differ."""
+    from worker.kernels import pdl
+
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("NEXTSERVE_PDL", setting)
+        pdl.use_pdl.cache_clear()
+        outputs, snapshot, (replays, _), _ = run(model_dir, mixed_params(), dtype="bfloat16", speculative_tokens=k)
+        assert replays > 0
+        results.append((outputs, snapshot))
+    pdl.use_pdl.cache_clear()
+    (on, on_caches), (off, off_caches) = results
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    assert [o.logprobs for o in on] == [o.logprobs for o in off]
+    for i, (a, b) in enumerate(zip(on_caches, off_caches)):
+        assert torch.equal(a, b), f"cache tensor {i} differs between PDL and stream order"
