@@ -4,6 +4,7 @@ The tiny-tp preset is shaped so every split path runs: 4 GDN key-head groups, 2 
 replicates them), 8 experts split along the intermediate size, a vocabulary split in 4.
 """
 
+import json
 import os
 
 import pytest
@@ -111,3 +112,16 @@ def test_prefill_logits_within_1e4_of_one_rank(model_dir, tp):
 def test_sizes_that_do_not_divide_are_refused_before_starting_ranks(model_dir):
     with pytest.raises(ConfigError, match="does not divide num_attention_heads"):
         LLM(model_dir, tensor_parallel_size=3, cache_memory_bytes=32 << 20)
+
+
+def test_a_draft_vocabulary_at_tp2_keeps_one_ranks_tokens(model_dir, single_rank, tmp_path):
+    """--speculative-token-map with ids in both ranks' vocabulary slices: each rank drafts from its rows
+    and zeros, one all-reduce sums the logits; greedy k = 2 still gives k = 0's tokens."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(list(range(1, vocab, 3))))
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    with LLM(model_dir, tensor_parallel_size=2, speculative_tokens=2, speculative_token_map=str(path),
+             cache_memory_bytes=32 << 20) as llm:
+        outputs = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in single_rank[0]]

@@ -13,6 +13,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     speculative_tokens: int = 0
+    speculative_token_map: str | None = None  # a file of the token ids the MTP head may draft (worker.engine.token_map)
     tensor_parallel_size: int = 1
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -59,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {self.speculative_tokens}")
+        if self.speculative_token_map and not self.speculative_tokens:
+            raise ValueError("speculative_token_map is a draft vocabulary: it needs speculative_tokens > 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:

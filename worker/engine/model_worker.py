@@ -15,6 +15,7 @@ from worker.engine.memory import CachePlan, cuda_cache_budget, plan_cache
 from worker.engine.proposer import MTPProposer, Proposer
 from worker.engine.runner import ModelRunner
 from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+from worker.engine.token_map import load_token_map
 from worker.kernels import set_kernel_backend
 from worker.model.context import forward_context
 from worker.model.loader import load_model
@@ -37,7 +38,10 @@ class ModelWorker:
         self.shapes = CacheShapes.for_model(self.model, config.block_size, k, config.torch_dtype,
                                             config.torch_ssm_dtype)
         if k and proposer is None:
-            proposer = MTPProposer(self.model, k, config.block_size)
+            token_map = None
+            if config.speculative_token_map:
+                token_map = load_token_map(config.speculative_token_map, self.model_config.vocab_size)
+            proposer = MTPProposer(self.model, k, config.block_size, token_map)
         self.decode_graphs = DecodeGraphs(
             self.model, proposer if isinstance(proposer, MTPProposer) else None, k, config.block_size,
             config.max_num_seqs, self.max_model_len, device, config.cuda_graph_sizes)

@@ -15,6 +15,7 @@ from worker.engine.host_io import index_tensor
 from worker.engine.plan import StepPlan
 from worker import kernels
 from worker.model.context import AttentionMetadata, StepContext, forward_context
+from worker.model.layers.embedding import DraftVocabHead
 
 
 @dataclass
@@ -38,7 +39,8 @@ class Proposer(Protocol):
 
 
 class MTPProposer:
-    """Drafts with the model's MTP head, greedily (a point-mass draft).
+    """Drafts with the model's MTP head, greedily (a point-mass draft); with `token_map` (a draft
+    vocabulary, worker.engine.token_map) the best token among those ids.
 
     Pass 1 runs the MTP's attention over every row the target ran (so its KV cache stays complete),
     reading for row i the token after position i; rows past a rejection read garbage but only write KV
@@ -46,12 +48,13 @@ class MTPProposer:
     chain the MTP on its own post-norm output.
     """
 
-    def __init__(self, model, num_spec_tokens: int, block_size: int):
+    def __init__(self, model, num_spec_tokens: int, block_size: int, token_map: torch.Tensor | None = None):
         if model.mtp is None:
             raise ValueError("speculative_tokens > 0 needs MTP weights (mtp.* tensors) in the checkpoint")
         self.model = model
         self.num_spec_tokens = num_spec_tokens
         self.block_size = block_size
+        self.draft_head = None if token_map is None else DraftVocabHead(model.lm_head, token_map)
         self._row_bounds: dict[torch.device, torch.Tensor] = {}  # see _cu_seqlens
 
     def propose(self, inputs: ProposalInputs) -> torch.Tensor:
@@ -72,7 +75,7 @@ class MTPProposer:
         rows = anchor_rows if sampled is None else anchor_rows[sampled]
         with forward_context(StepContext(attn)):  # the MLP and the norm after it only for the anchor rows
             hidden = self.model.forward_mtp(next_ids, positions, hidden_states, output_rows=rows)
-        drafts = [kernels.argmax(self.model.compute_logits(hidden))]
+        drafts = [self._best_token(hidden)]
         if self.num_spec_tokens == 1:
             return drafts[0][:, None]
         positions = positions[rows]
@@ -84,8 +87,14 @@ class MTPProposer:
                                                         attn.max_context_len + step, row_valid))
             with forward_context(ctx):
                 hidden = self.model.forward_mtp(drafts[-1], positions, hidden, step)
-            drafts.append(kernels.argmax(self.model.compute_logits(hidden)))
+            drafts.append(self._best_token(hidden))
         return torch.stack(drafts, dim=1)
+
+    def _best_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's greedy draft per row: over the whole vocabulary, or over the draft vocabulary."""
+        if self.draft_head is None:
+            return kernels.argmax(self.model.compute_logits(hidden))
+        return self.draft_head.token_ids[kernels.argmax(self.draft_head(hidden))]
 
     def _cu_seqlens(self, num_seqs: int, device: torch.device) -> torch.Tensor:
         """0, 1, .., num_seqs (int32), one query row per sequence: built once per device (and again only when a

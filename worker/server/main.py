@@ -32,6 +32,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     option("-tp", "--tensor-parallel-size", env="NEXTSERVE_TP", default=1, type=int, help="ranks (GPUs) per worker")
     option("-k", "--speculative-tokens", env="NEXTSERVE_SPECULATIVE_TOKENS", default=0, type=int,
            help="MTP draft tokens per verification step (0: off)")
+    option("--speculative-token-map", env="NEXTSERVE_SPECULATIVE_TOKEN_MAP",
+           help="a file of the token ids the MTP head may draft (.pt, .json or text; default: the whole vocabulary)")
     option("--max-num-seqs", env="NEXTSERVE_MAX_NUM_SEQS", default=64, type=int, help="running sequences at most")
     option("--max-num-batched-tokens", env="NEXTSERVE_MAX_NUM_BATCHED_TOKENS", default=2048, type=int,
            help="tokens per engine step at most")
@@ -128,6 +130,7 @@ def engine_config(args: argparse.Namespace):
         model = str(builtin_model_dir())
     return EngineConfig(
         model=model, device=args.device, dtype=args.dtype, speculative_tokens=args.speculative_tokens,
+        speculative_token_map=args.speculative_token_map or None,
         tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len or None,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,

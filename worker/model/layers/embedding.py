@@ -42,3 +42,26 @@ class ParallelLMHead(VocabParallelEmbedding):
         logits = kernels.linear(hidden_states, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[:, : self.vocab_size]
+
+
+class DraftVocabHead(nn.Module):
+    """The lm_head's rows of a draft vocabulary (`token_ids`, worker.engine.token_map): logits over those
+    ids alone, column j for token_ids[j], the same on every rank.
+
+    Each rank keeps the map's rows that lie in its vocabulary slice and zeros for the others, so the
+    ranks' products sum (one all-reduce of [T, M]) to the logits exactly: every column has one rank's
+    value and zeros."""
+
+    def __init__(self, lm_head: ParallelLMHead, token_ids: torch.Tensor):
+        super().__init__()
+        self.tp = lm_head.tp
+        weight = lm_head.weight
+        self.register_buffer("token_ids", token_ids.to(device=weight.device, dtype=torch.int64), persistent=False)
+        local = self.token_ids - lm_head.start
+        mine = (local >= 0) & (local < lm_head.per_rank)
+        rows = weight.index_select(0, local.clamp(0, lm_head.per_rank - 1)) * mine[:, None].to(weight.dtype)
+        self.register_buffer("weight", rows.contiguous(), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, M]
+        logits = kernels.linear(hidden_states, self.weight)
+        return logits if self.tp.size == 1 else self.tp.all_reduce(logits)
