@@ -1,7 +1,7 @@
 """The engine against transformers' own `generate` and against the bytes roofline, printed as JSON.
 
     python benchmarks/bench_engine_vs_hf.py [--layers 4] [--batches 1 16 64 256] [--ks 0 1 2 3]
-        [--checkpoint DIR] [--load-format dummy] [--out FILE] [--smoke]
+        [--checkpoint DIR] [--load-format dummy] [--draft-vocab N] [--out FILE] [--smoke]
 
 A checkpoint with Qwen3-Next-80B's per-layer shapes (every 4th layer full attention; 4 layers: 3 GDN
 + 1 attention) is written once (or reused): transformers' model built from the config on the GPU
@@ -205,6 +205,9 @@ def main():
     parser.add_argument("--ks", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
+    parser.add_argument("--draft-vocab", type=int, default=None,
+                        help="the MTP head drafts from token ids 0..N-1 only (--speculative-token-map), to time "
+                             "a draft vocabulary of that size")
     parser.add_argument("--async-ks", type=int, nargs="*", default=[0, 1], help="ks also run with async scheduling")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/nextserve-80b-shape"))
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -231,6 +234,12 @@ def main():
                   load_format=args.load_format, pdl=use_pdl(torch.device(device)), rows=[])
     if not args.no_hf and args.load_format != "dummy":
         result["hf_ms_per_step"] = hf_decode_ms(model_dir, args.batches, args.new_tokens, device, args.prompt_len)
+    map_args = {}
+    if args.draft_vocab:
+        map_path = Path(tempfile.mkdtemp()) / "draft_vocab.json"
+        map_path.write_text(json.dumps(list(range(args.draft_vocab))))
+        map_args = dict(speculative_token_map=str(map_path))
+        result["draft_vocab"] = args.draft_vocab
     truth = {}
     for k in args.ks:
         kinds = ["mtp", "scripted"] if k else ["none"]
@@ -241,7 +250,8 @@ def main():
             if kind == "scripted":
                 proposer = ScriptedProposer(always_right(script_truth, args.prompt_len), k)
             engine = engine_for(model_dir, k, args.batches, device, dtype, proposer,
-                                async_scheduling=kind.endswith("async"), load_format=args.load_format)
+                                async_scheduling=kind.endswith("async"), load_format=args.load_format,
+                                **(map_args if k else {}))
             for batch in args.batches:
                 prompts = prompts_for(batch, engine.model_config.vocab_size, args.prompt_len)
                 run_batch(engine, prompts[:1], 2)  # warm-up (compiles)
