@@ -128,15 +128,3 @@ def test_mtp_matches_reference_and_chains(setup):
     assert_no_near_tie(watch.near_ties(), "reference MTP routing, chained step")
     diff = max_diff(ours.compute_logits(ours_chained), hf.lm_head(ref_chained))
     assert diff < ATOL, f"chained MTP step logits: max |ours - reference| = {diff:.3g}"
-
-
-@pytest.mark.parametrize("rows", [1, 3, 63])
-def test_mtp_input_norms_in_one_call_keep_the_bits_of_two(setup, rows):
-    _, ours, _ = setup
-    mtp = ours.mtp
-    generator = torch.Generator().manual_seed(rows)
-    embeds = torch.randn(rows, ours.config.hidden_size, generator=generator) * 3
-    hidden = torch.randn(rows, ours.config.hidden_size, generator=generator) * 0.2
-    with torch.no_grad():
-        two_calls = torch.cat([mtp.pre_fc_norm_embedding(embeds), mtp.pre_fc_norm_hidden(hidden)], dim=-1)
-        assert torch.equal(mtp._normed_inputs(embeds, hidden), two_calls)
