@@ -10,7 +10,6 @@ whether its weight is held in FP8.
 import torch
 from torch import nn
 
-from worker import kernels
 from worker.config import ModelConfig
 from worker.model.attention import GatedAttention
 from worker.model.gdn import GatedDeltaNet
@@ -98,18 +97,9 @@ class MultiTokenPredictor(nn.Module):
     def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor,
                 step: int = 0, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, H], or [R, H] for the rows `output_rows` (every row still writes its KV cache)."""
-        x = self._normed_inputs(input_embeds, hidden_states)
+        x = torch.cat([self.pre_fc_norm_embedding(input_embeds), self.pre_fc_norm_hidden(hidden_states)], dim=-1)
         x, residual = self.layers[step % len(self.layers)](positions, self.fc(x), None, output_rows)
         return self.norm(x, residual)[0]
-
-    def _normed_inputs(self, input_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """cat(pre_fc_norm_embedding(input_embeds), pre_fc_norm_hidden(hidden_states)) [T, 2H] as one norm call
-        over the [T, 2, H] pairs, each half with its own weight: every row is normalised alone, so the bits are
-        those of two calls and a cat, at one call fewer per draft pass."""
-        tokens, hidden = input_embeds.shape
-        pairs = torch.cat([input_embeds, hidden_states], dim=-1).view(tokens, 2, hidden)
-        weights = torch.stack([self.pre_fc_norm_embedding.weight, self.pre_fc_norm_hidden.weight])  # [2, H]
-        return kernels.rms_norm(pairs, weights, self.pre_fc_norm_embedding.eps).view(tokens, 2 * hidden)
 
 
 class Qwen3NextForCausalLM(nn.Module):
