@@ -24,14 +24,10 @@ from worker.kernels.triton_gated_delta_rule_chunked import _interpreting
 
 
 @functools.cache
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs sm_90+; the interpreter has no griddepcontrol."""
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-@functools.cache
 def use_pdl(device: torch.device) -> bool:
-    return pdl_supported(device) and os.environ.get("NEXTSERVE_PDL", "1") != "0"
+    """On sm_90+ unless NEXTSERVE_PDL=0; never in the interpreter, which has no griddepcontrol."""
+    return (device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+            and os.environ.get("NEXTSERVE_PDL", "1") != "0")
 
 
 def pdl_launch(device: torch.device) -> dict:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from worker.kernels.pdl import use_pdl
+from worker.kernels.pdl import pdl_enter, use_pdl
 
 MAX_FUSED_TOKENS = 64  # counters per token of the one-launch form
 
@@ -154,7 +154,7 @@ def _gate_up_pairs_kernel(x, w13, inter, topk_ids, N, K, stride_x_t, stride_w_e,
                           S: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr,
                           PDL: tl.constexpr, DOWN_PDL: tl.constexpr, ROW_ACC: tl.constexpr = False):
     if PDL:
-        gdc_wait()
+        gdc_wait()  # only: its dependent (down) is let in at its end, when DOWN_PDL
     _gate_up_tile(x, w13, inter, topk_ids, tl.program_id(0).to(tl.int64), tl.program_id(1), N, K,
                   stride_x_t, stride_w_e, stride_w_n, stride_i_p, S, BN, BK, INTERPRET, ROW_ACC)
     if DOWN_PDL:
@@ -167,9 +167,7 @@ def _down_tokens_kernel(inter, w2, out, topk_weights, topk_ids, N, K, stride_i_p
                         INTERPRET: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     w, w_ptr = _down_first_weights(w2, topk_ids, t, tl.program_id(1), N, K, stride_w_e, stride_w_n, S, BS, BN, BK)
-    if PDL:
-        gdc_wait()  # gate_up's inter is complete and visible from here on
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # gate_up's inter is complete and visible from here on
     _down_tile(inter, out, topk_weights, w, w_ptr, t, tl.program_id(1), N, K, stride_i_p, stride_o_t, S, BS, BN, BK)
 
 

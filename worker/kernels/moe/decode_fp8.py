@@ -23,7 +23,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from worker.kernels.fp8.quant import FP8_MAX, MIN_AMAX
 from worker.kernels.fp8.triton import _quantize_groups, per_token_group_quant_fp8
-from worker.kernels.pdl import use_pdl
+from worker.kernels.pdl import pdl_enter, use_pdl
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, strid
                               BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
                               PREQUANT: tl.constexpr, PDL: tl.constexpr, DOWN_PDL: tl.constexpr):
     if PDL:
-        gdc_wait()
+        gdc_wait()  # only: its dependent (down) is let in at its end, when DOWN_PDL
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     expert = tl.load(topk_ids + pair).to(tl.int64)
@@ -89,9 +89,7 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
     wmask = smask[:, None, None] & nmask[None, :, None]
     ws_ptr = w2_s + expert[:, None] * stride_ws_e + (n // BLOCK)[None, :].to(tl.int64) * stride_ws_n  # [BS, BN]
     w = tl.load(w_ptr, mask=wmask, other=0.0)
-    if PDL:
-        gdc_wait()  # gate_up's inter is complete and visible from here on
-        gdc_launch_dependents()
+    pdl_enter(PDL)  # gate_up's inter is complete and visible from here on
     acc = tl.zeros([BS, BN], dtype=tl.float32)
     for kb in range(K // BLOCK):
         if PREQUANT:  # quantised once by per_token_group_quant_fp8 (the same rounding)
