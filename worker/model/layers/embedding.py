@@ -26,13 +26,16 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[: rows.shape[0]].copy_(rows)
 
+    def local_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `token_ids` in this rank's slice, zero rows for ids outside it."""
+        local = token_ids - self.start
+        mine = (local >= 0) & (local < self.per_rank)
+        return F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * mine[:, None].to(self.weight.dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.embedding(input_ids, self.weight)
-        local = input_ids - self.start
-        mine = (local >= 0) & (local < self.per_rank)
-        out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * mine[:, None].to(self.weight.dtype)
-        return self.tp.all_reduce(out)
+        return self.tp.all_reduce(self.local_rows(input_ids))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -55,12 +58,8 @@ class DraftVocabHead(nn.Module):
     def __init__(self, lm_head: ParallelLMHead, token_ids: torch.Tensor):
         super().__init__()
         self.tp = lm_head.tp
-        weight = lm_head.weight
-        self.register_buffer("token_ids", token_ids.to(device=weight.device, dtype=torch.int64), persistent=False)
-        local = self.token_ids - lm_head.start
-        mine = (local >= 0) & (local < lm_head.per_rank)
-        rows = weight.index_select(0, local.clamp(0, lm_head.per_rank - 1)) * mine[:, None].to(weight.dtype)
-        self.register_buffer("weight", rows.contiguous(), persistent=False)
+        self.register_buffer("token_ids", token_ids.to(lm_head.weight.device), persistent=False)
+        self.register_buffer("weight", lm_head.local_rows(self.token_ids), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, M]
         logits = kernels.linear(hidden_states, self.weight)
