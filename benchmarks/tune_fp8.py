@@ -36,9 +36,10 @@ TOKENS = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256]
 ROTATE = 4
 GEMV_MAX = 16  # GEMV candidates are tried up to here
 
-GEMV = [dict(gemv=True, BN=bn, NB=nb, num_warps=w) for bn, nb, w in [
+GEMV = [dict(gemv=True, BN=bn, NB=nb, num_warps=w, prequant=pq) for bn, nb, w in [
     (2, 4, 2), (4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 4, 4), (8, 4, 8), (16, 2, 4), (16, 4, 8), (4, 8, 4),
-    (2, 8, 4), (8, 8, 8), (16, 1, 4), (32, 2, 8)]]
+    (2, 8, 4), (8, 8, 8), (16, 1, 4), (32, 2, 8), (32, 4, 8), (64, 2, 8)]
+    for pq in (False, True)]  # the features quantised by each program, or by one launch before the GEMV
 GEMM = [dict(BM=bm, BN=bn, GROUP_M=g, num_warps=w, num_stages=s) for bm, bn, g, w, s in [
     (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (16, 32, 1, 4, 5), (32, 64, 4, 4, 4), (32, 128, 4, 4, 4),
     (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 8, 3), (128, 128, 8, 8, 3)]]

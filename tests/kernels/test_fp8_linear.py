@@ -85,6 +85,19 @@ def test_block_fp8_gemv_matches_the_reference(tokens, n, k, block, tile, device)
         assert_rel_close(out, expected, 1e-5, "fp32 output")
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_block_fp8_gemv_prequantised_activations_give_the_same_bits(tokens, device):
+    """`"prequant"`: the features quantised by one per_token_group_quant_fp8 launch, the rounding each
+    GEMV program does itself otherwise, so the output is bit-identical (partial blocks in N and K)."""
+    gen = generator(5 + tokens, device)
+    weight, scale, bias = layer(136, 200, 64, gen, device, torch.float32)
+    x = randn(tokens, 200, gen=gen, device=device, scale=2.0)
+    outs = [tk.w8a8_block_fp8_linear(x=x, weight=weight, weight_scale_inv=scale, block=64, bias=bias,
+                                     tile=dict(gemv=True, BN=8, NB=2, num_warps=2, prequant=prequant))
+            for prequant in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_bad_shapes_are_refused(device):
     weight, scale, _ = layer(64, 64, 32, generator(0, device), device, torch.float32)
     with pytest.raises(ValueError, match="weight_scale_inv must be"):

@@ -6,7 +6,9 @@ e4m3 x e4m3 tensor-core product per [BM, b] x [b, BN] tile, scaled by the token 
 weight blocks' scales and summed in float32 (the reference sums in float64; see its docstring).
 
 A few tokens (decode, short verify) take one launch instead, a GEMV: one program per (token, BN
-weight rows) quantises its token's features itself (the same rounding; a row is short), walks K
+weight rows) quantises its token's features itself (the same rounding; a row is short), or with
+`"prequant"` in its tile reads them from one per_token_group_quant_fp8 launch before it (a narrow
+tile's programs all repeat the quantisation otherwise, on the path to their first product), walks K
 NB blocks at a time, sums each block's e4m3 products in fp32 and scales them like the GEMM. The
 weight rows are read from memory once, by the first token's program, and from L2 by the others.
 """
@@ -122,10 +124,14 @@ def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
 
 
 @triton.jit
-def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stride_bs, stride_cm,
+def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, N, stride_xm, stride_xqm, stride_xsm, stride_bn,
+                           stride_bs, stride_cm,
                            K: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
-    """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb]."""
+                           HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
+                           PREQUANT: tl.constexpr, PDL: tl.constexpr):
+    """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb].
+    With PREQUANT, q(x) and its scales come from per_token_group_quant_fp8 (x_q, x_s) instead of each
+    program quantising x again."""
     m = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -138,10 +144,14 @@ def _block_fp8_gemv_kernel(x, b, b_scale, bias, c, N, stride_xm, stride_bn, stri
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, NB * BLOCK):
         kmask = k0 + k2 < K
-        xk = tl.load(x + m * stride_xm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
-        xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
-        blocks = tl.sum(w.to(tl.float32) * xq[None, :, :], 2)  # [BN, NB]
         kb = k0 // BLOCK + nb
+        if PREQUANT:  # the same rounding, done once for every program
+            xq = tl.load(x_q + m * stride_xqm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
+            xs = tl.load(x_s + m * stride_xsm + kb, mask=kb * BLOCK < K, other=0.0)
+        else:
+            xk = tl.load(x + m * stride_xm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
+            xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
+        blocks = tl.sum(w.to(tl.float32) * xq[None, :, :], 2)  # [BN, NB]
         sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
         acc += tl.sum(blocks * xs[None, :] * sb, 1)
         w = tl.load(b_rows + k0 + NB * BLOCK, mask=nmask[:, None, None] & (k0 + NB * BLOCK + k2 < K)[None, :, :],
@@ -189,7 +199,7 @@ def w8a8_block_fp8_linear(
     weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
     block: int,
     bias: torch.Tensor | None = None,  # [N]
-    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, ...}
+    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant]}
 ) -> torch.Tensor:  # [T, N] activation dtype
     """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
     n, k = weight.shape
@@ -214,11 +224,13 @@ def w8a8_block_fp8_linear(
     tile = tile or get_tile(m, n, k, block, x.device)
     if tile.get("gemv"):
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        prequant = bool(tile.get("prequant"))
+        x_q, x_s = per_token_group_quant_fp8(x2, block) if prequant else (x2, x2)
         _block_fp8_gemv_kernel[(triton.cdiv(n, tile["BN"]), m)](
-            x2, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
-            x2.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
+            x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
+            x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
             K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
-            MIN_AMAX_=MIN_AMAX, num_warps=tile["num_warps"], **pdl_launch(x.device))
+            MIN_AMAX_=MIN_AMAX, PREQUANT=prequant, num_warps=tile["num_warps"], **pdl_launch(x.device))
         return out.reshape(*lead, n)
     x_q, x_scale = per_token_group_quant_fp8(x2, block)
     grid = (triton.cdiv(m, tile["BM"]) * triton.cdiv(n, tile["BN"]),)
