@@ -59,6 +59,14 @@ def test_select_experts(tokens, experts, top_k, renormalize, shared, device):
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
 
 
+def test_select_experts_ties_go_to_the_lower_id(device):
+    """Equal probabilities (a flat row, and a tie below a clear winner) are taken lowest id first."""
+    logits = torch.tensor([[0.0] * 9, [0.0, 1.0, 0.5, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0]], device=device)
+    weights, ids = tk.select_experts(router_logits=logits, top_k=4, renormalize=False)
+    assert ids.tolist() == [[0, 1, 2, 3], [1, 3, 2, 4]]
+    assert torch.equal(weights[0], torch.full((4,), 1 / 9, device=device))
+
+
 @pytest.mark.parametrize("tokens,slots,experts,block_size", [
     (1, 3, 9, 16), (7, 3, 9, 4), (63, 5, 17, 16), (500, 3, 9, 16), (97, 11, 33, 32),
 ], ids=lambda v: str(v))
