@@ -1,7 +1,7 @@
 """Sparse mixture of SwiGLU experts, Triton kernels (torch references: worker.kernels.moe.reference).
 
-select_experts: one program per token: fp32 softmax, top-k by repeated arg-max over (probability, id)
-keys (ties to the lower id), renormalisation, and the shared expert's sigmoid gate as slot top_k.
+select_experts: one program per token: fp32 softmax, top-k by repeated arg-max (ties to the lower
+id), renormalisation, and the shared expert's sigmoid gate as slot top_k.
 
 fused_moe for decode-sized batches (tile config `"path": "pairs"`): two GEMV launches, decode.py.
 Otherwise in four launches and no host sync:
@@ -45,20 +45,16 @@ def _select_experts_kernel(logits, weights, ids, stride_l, E, TOP_K: tl.constexp
     x = tl.load(logits + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
-    # One max per slot: the probability's bits (p >= 0, so they order as the values do) above the inverted
-    # id (ties to the lower id); -1 below every key marks padding and the experts already taken.
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BE - 1 - e).to(tl.int64)
-    key = tl.where(e < E, key, -1)
+    p = tl.where(e < E, p, -1.0)
     slot = tl.arange(0, BS)
     w = tl.zeros([BS], dtype=tl.float32)
     chosen = tl.zeros([BS], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        top = tl.max(key, 0)
-        best = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        idx = BE - 1 - (top & 0xFFFFFFFF).to(tl.int32)
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, BE), 0)
         w = tl.where(slot == j, best, w)
         chosen = tl.where(slot == j, idx, chosen)
-        key = tl.where(key == top, -1, key)
+        p = tl.where(e == idx, -1.0, p)
     if RENORMALIZE:
         w = w / tl.sum(w, 0)
     if SHARED:
