@@ -1,11 +1,12 @@
 """The whole Qwen3-Next-80B shape in FP8 on one GPU, with random weights made on the device.
 
-    python benchmarks/bench_fp8_80b.py [--layers 48] [--batches 1 16 64 256] [--ks 0 1 2 3] [--out FILE]
+    python benchmarks/bench_fp8_80b.py [--layers 48] [--batches 1 16 64 256] [--ks 0 1 2 3] [--async-ks 0] [--out FILE]
 
 The published FP8 layout (`quantization_config`: e4m3, 128 x 128 weight blocks, dynamic activations)
 from config.json alone (`load_format="dummy"`). In the same process: the copy rate, then per k and
 batch the decode ms/step and tokens/s (128-token prompts, greedy; the MTP head's random weights
-accept little, so k > 0 rows show the cost of drafting), the ratio to the FP8 bytes roofline at
+accept little, so k > 0 rows show the cost of drafting; the --async-ks also with async scheduling,
+the host planning step n+1 while the GPU runs step n), the ratio to the FP8 bytes roofline at
 k = 0 (the bytes of the weights a step reads: non-expert weights, the distinct experts it touched,
 their scales, KV and GDN states, over the copy rate), the memory left for KV blocks and state slots
 and the concurrency it allows at 8k context; then FP8 against bf16 ms/step on the 4-layer shape.
@@ -26,9 +27,9 @@ from worker.tools.model_shapes import write_shape_config  # noqa: E402
 CONTEXT = 8192
 
 
-def engine(model_dir: Path, k: int, batches: list[int]) -> LLMEngine:
+def engine(model_dir: Path, k: int, batches: list[int], async_scheduling: bool = False) -> LLMEngine:
     return engine_for(model_dir, k, batches, "cuda", "bfloat16", load_format="dummy", max_model_len=CONTEXT,
-                      gpu_memory_utilization=0.92)
+                      gpu_memory_utilization=0.92, async_scheduling=async_scheduling)
 
 
 def cache_memory(e: LLMEngine) -> dict:
@@ -40,14 +41,14 @@ def cache_memory(e: LLMEngine) -> dict:
                 max_concurrency_at_8k=round(plan.max_concurrency(e.config.block_size, CONTEXT), 1))
 
 
-def measure(e: LLMEngine, k: int, batches, new_tokens: int, rates: dict | None) -> list[dict]:
+def measure(e: LLMEngine, k: int, batches, new_tokens: int, rates: dict | None, scheduling: str = "sync") -> list[dict]:
     rows = []
     for batch in batches:
         prompts = prompts_for(batch, e.model_config.vocab_size)
         run_batch(e, prompts[:1], 2)  # warm-up
         m = run_batch(e, prompts, new_tokens)
         ms = m["decode_s"] * 1e3 / max(1, m["decode_steps"])
-        row = dict(k=k, batch=batch, ms_per_step=round(ms, 3),
+        row = dict(k=k, scheduling=scheduling, batch=batch, ms_per_step=round(ms, 3),
                    decode_tokens_per_s=round(m["decode_tokens"] / m["decode_s"], 1) if m["decode_s"] else None)
         if k == 0 and rates:
             traffic = step_bytes(e, prompts)
@@ -64,6 +65,8 @@ def main():
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256])
     parser.add_argument("--ks", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--async-ks", type=int, nargs="*", default=[0],
+                        help="ks also run with async scheduling (the host plans step n+1 while step n runs)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -72,10 +75,12 @@ def main():
                   rows=[], memory={})
     root = Path(tempfile.mkdtemp())
     full = write_shape_config(root / "fp8-full", num_layers=args.layers, quantize="fp8")
-    for k in args.ks:
-        e = engine(full, k, args.batches)
-        result["memory"][f"k{k}"] = cache_memory(e)
-        result["rows"] += measure(e, k, args.batches, args.new_tokens, rates)
+    runs = [(k, "sync") for k in args.ks] + [(k, "async") for k in args.async_ks]
+    for k, scheduling in runs:
+        e = engine(full, k, args.batches, async_scheduling=scheduling == "async")
+        if scheduling == "sync":
+            result["memory"][f"k{k}"] = cache_memory(e)
+        result["rows"] += measure(e, k, args.batches, args.new_tokens, rates, scheduling)
         save_partial(result, args.out)
         e.shutdown()
         del e
