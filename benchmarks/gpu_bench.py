@@ -6,8 +6,10 @@ Ceilings are measured in the same process as what they judge: the device-to-devi
 
 import gc
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -78,6 +80,22 @@ def back_to_back_replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / replays
+
+
+def lone_replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> dict:
+    """Median wall µs of one replay from an idle GPU, as a synchronous step meets it: the host's
+    `replay()` call alone (`launch_us`), and the replay until the GPU is done (`until_done_us`). Against
+    back_to_back_replay_us, what launching the graph adds when nothing hides it."""
+    launch, done = [], []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        launched = time.perf_counter()
+        torch.cuda.synchronize()
+        launch.append((launched - start) * 1e6)
+        done.append((time.perf_counter() - start) * 1e6)
+    return dict(launch_us=round(statistics.median(launch), 1), until_done_us=round(statistics.median(done), 1))
 
 
 def candidate_time_us(fn, inner: int, replays: int = 10) -> float | None:

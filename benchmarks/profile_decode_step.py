@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_bench import back_to_back_replay_us, card, emit, git_commit  # noqa: E402
+from benchmarks.gpu_bench import back_to_back_replay_us, card, emit, git_commit, lone_replay_us  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.engine.sampling_params import SamplingParams  # noqa: E402
@@ -52,6 +52,7 @@ def main():
     graph.replay()
     torch.cuda.synchronize()
     replay_us = back_to_back_replay_us(graph, args.timed_replays)
+    lone = lone_replay_us(graph, args.timed_replays)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):
             graph.replay()
@@ -68,7 +69,7 @@ def main():
                   key=lambda r: -r["us_per_step"])
     emit(dict(benchmark="profile_decode_step", card=card(), commit=git_commit(), batch=args.batch, k=args.k,
               layers=args.layers, quantize=args.quantize, pdl=use_pdl(torch.device("cuda")),
-              graph_replay_us=round(replay_us, 1), kernel_us_per_step=round(total, 1),
+              graph_replay_us=round(replay_us, 1), lone_replay=lone, kernel_us_per_step=round(total, 1),
               kernels_per_step=sum(r["calls_per_step"] for r in rows), rows=rows), args.out)
     engine.shutdown()
 
