@@ -144,3 +144,15 @@ def test_mtp_with_preemption_and_chunked_prefill(model_dir, prompts, reference):
     assert [o.token_ids for o in outputs] == [r[:MAX_TOKENS] for r in reference]
     assert llm.engine.scheduler.num_preemptions > 0
     assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=lambda k: f"k{k}")
+def test_chunk_leaving_only_the_last_prompt_token(model_dir, prompts, reference, k):
+    """17 tokens in chunks of 16: the second chunk is the last prompt token alone, which must still
+    draft (a decode without drafts is refused)."""
+    assert len(prompts[2]) == 17
+    llm = make_llm(model_dir, speculative_tokens=k, max_num_batched_tokens=16)
+    out = llm.generate(prompts[2:3], greedy(MAX_TOKENS))[0]
+    assert out.token_ids == reference[2][:MAX_TOKENS]
+    assert out.num_drafted_tokens > 0
+    assert_pool_full(llm)

@@ -106,7 +106,7 @@ class Scheduler:
         prefills: list[ScheduledSequence] = []
         scheduled: set[str] = set()
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.is_prefilling:
+            if seq.status != SequenceStatus.RUNNING or self._needs_prefill(seq):
                 continue
             num_tokens = self.config.decode_query_len
             if num_tokens > budget or not self._make_room(seq, seq.num_computed_tokens + num_tokens, scheduled):
@@ -117,7 +117,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.status != SequenceStatus.RUNNING or not seq.is_prefilling or seq.request_id in scheduled:
+            if seq.status != SequenceStatus.RUNNING or not self._needs_prefill(seq) or seq.request_id in scheduled:
                 continue
             entry = self._prefill_entry(seq, budget, scheduled, preempt=True)
             if entry:
@@ -173,6 +173,11 @@ class Scheduler:
         ahead = StepPlan(self._step_id, entries, self._new_requests, self._retired_ids)
         self._new_requests, self._retired_ids = [], []
         return ahead
+
+    def _needs_prefill(self, seq: Sequence) -> bool:
+        """Prefilling, or, with drafts, left with only its last prompt token by a chunk that sampled
+        nothing: a decode needs k drafts, so that token goes as a one-token last chunk, which drafts."""
+        return seq.is_prefilling or (self.config.num_spec_tokens > 0 and not seq.draft_token_ids)
 
     def _may_end_by_length(self, seq: Sequence, num_new: int) -> bool:
         return (len(seq.output_token_ids) + num_new >= seq.params.max_tokens
