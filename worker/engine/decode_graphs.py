@@ -3,7 +3,8 @@
 A decode-only step (every sequence feeds its last token and its k drafts) whose requests need no
 penalties or min_tokens masking runs here: the target's (1+k)·B positions, sampling or draft
 verification, logprobs (the top MAX_LOGPROBS, cut to what each request asked on the host), and the
-MTP head's chained drafts, all read from static buffers. The host
+drafts of a proposer that drafts in the graph (the MTP head's chained drafts, or known tokens), all
+read from static buffers. The host
 writes one packed int64 and one fp32 vector of inputs and the used columns of the block tables into
 pinned memory, copies them without blocking, draws the step's uniforms (so seeded requests keep
 their own streams), and replays the graph of the smallest bucket that holds the batch.
@@ -64,7 +65,7 @@ def graph_compatible(rows: list[RequestSampling], extra_outputs: int = 0) -> boo
 class DecodeResult:
     token_ids: torch.Tensor  # [bucket, Q] emitted tokens, padded with -1
     num_accepted: torch.Tensor  # [bucket]
-    drafts: torch.Tensor | None  # [bucket, k] from the MTP head, None without one
+    drafts: torch.Tensor | None  # [bucket, k] from the graph's proposer, None without one
     ctx: StepContext
     input_ids: torch.Tensor  # [bucket * Q]
     positions: torch.Tensor
@@ -74,10 +75,11 @@ class DecodeResult:
 
 
 class DecodeGraphs:
-    def __init__(self, model, mtp_proposer, num_spec_tokens: int, block_size: int, max_num_seqs: int,
+    def __init__(self, model, proposer, num_spec_tokens: int, block_size: int, max_num_seqs: int,
                  max_model_len: int, device: torch.device, sizes: tuple[int, ...] | None = None):
+        """`proposer`: one with drafts_in_graph, whose `draft` each step runs, or None (no drafts here)."""
         self.model = model
-        self.mtp = mtp_proposer
+        self.proposer = proposer
         self.q_len = 1 + num_spec_tokens
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -256,11 +258,12 @@ class DecodeGraphs:
             logprobs = logprobs.view(bucket, self.q_len)
             top = tuple(t.view(bucket, self.q_len, MAX_LOGPROBS) for t in top)
         drafts = None
-        if self.mtp is not None:
+        if self.proposer is not None:
             anchor_rows = self.row_starts[:bucket] + num_accepted
             anchor_next = token_ids.gather(1, num_accepted[:, None]).squeeze(1)
-            drafts = self.mtp.draft(ctx.attn, input_ids, positions, hidden, anchor_rows, anchor_next,
-                                    row_valid=valid)
+            with forward_context(ctx):  # a proposer may read the step's metadata (the rows' slot groups)
+                drafts = self.proposer.draft(ctx.attn, input_ids, positions, hidden, anchor_rows, anchor_next,
+                                             row_valid=valid)
         return DecodeResult(token_ids, num_accepted, drafts, ctx, input_ids, positions, hidden, logprobs, top)
 
     # -- capture ------------------------------------------------------------------------------

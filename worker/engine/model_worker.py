@@ -42,9 +42,10 @@ class ModelWorker:
             if config.speculative_token_map:
                 token_map = load_token_map(config.speculative_token_map, self.model_config.vocab_size)
             proposer = MTPProposer(self.model, k, config.block_size, token_map)
+        in_graph = proposer if getattr(proposer, "drafts_in_graph", False) else None  # else the runner asks it
         self.decode_graphs = DecodeGraphs(
-            self.model, proposer if isinstance(proposer, MTPProposer) else None, k, config.block_size,
-            config.max_num_seqs, self.max_model_len, device, config.cuda_graph_sizes)
+            self.model, in_graph, k, config.block_size, config.max_num_seqs, self.max_model_len, device,
+            config.cuda_graph_sizes)
         self.cache_plan = self._plan_cache()
         if agree is not None:
             self.cache_plan = agree(self.cache_plan)

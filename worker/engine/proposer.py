@@ -3,18 +3,20 @@
 After the target has run a step, each sequence has an *anchor*: the row of its last accepted
 position and the token that follows it (the correction / bonus token, the freshly sampled token,
 or the next prompt token of an unfinished prefill chunk). A proposer returns k draft tokens per
-sampled sequence.
+sampled sequence. One with `drafts_in_graph` also drafts from device tensors alone (`draft`), so the
+decode graphs capture its drafting and a decode step can be planned ahead of the one in flight.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
-from worker.engine.host_io import index_tensor
+from worker.engine.host_io import index_tensor, to_device
 from worker.engine.plan import StepPlan
 from worker import kernels
-from worker.model.context import AttentionMetadata, StepContext, forward_context
+from worker.model.context import PAD_SLOT, AttentionMetadata, StepContext, forward_context, get_context
 from worker.model.layers.embedding import DraftVocabHead
 
 
@@ -33,6 +35,7 @@ class ProposalInputs:
 
 class Proposer(Protocol):
     num_spec_tokens: int
+    drafts_in_graph: bool  # also has `draft(...)` (MTPProposer.draft's signature), from device tensors alone
 
     def propose(self, inputs: ProposalInputs) -> torch.Tensor:  # [len(sampled), k] int64
         ...
@@ -47,6 +50,8 @@ class MTPProposer:
     at positions the next step overwrites. Only the anchor rows go on through its MLP. Further drafts
     chain the MTP on its own post-norm output.
     """
+
+    drafts_in_graph = True
 
     def __init__(self, model, num_spec_tokens: int, block_size: int, token_map: torch.Tensor | None = None):
         if model.mtp is None:
@@ -125,6 +130,8 @@ class ScriptedProposer:
     true continuation (accept-all), a wrong first token (reject-first), or anything in between.
     """
 
+    drafts_in_graph = False  # it needs the step's emitted tokens on the host
+
     def __init__(self, script: Callable[[str, list[int], int], list[int]], num_spec_tokens: int):
         self.script = script
         self.num_spec_tokens = num_spec_tokens
@@ -146,3 +153,76 @@ class ScriptedProposer:
                 raise ValueError(f"script proposed {len(proposal)} tokens, expected {self.num_spec_tokens}")
             drafts.append(proposal)
         return torch.tensor(drafts, dtype=torch.long, device=inputs.input_ids.device).view(-1, self.num_spec_tokens)
+
+
+FALLBACK_TOKEN = 0  # what an unknown row or position drafts: a valid id, which verification may reject
+
+
+class KnownTokensProposer:
+    """Drafts each request's known tokens from a device table, so the decode graphs capture its drafting
+    like the MTP head's: with a greedy run's own output as the known tokens, every draft is accepted
+    (the upper bound of speculative decoding, without host work in the step).
+
+    `known[request_id]` is a request's whole token sequence, prompt then continuation. It is read when
+    the request's prefill ends (so entries may be added until then) and written into the table row of
+    the request's GDN slot group, a per-row id the decode graphs' static buffers already hold. The
+    draft j of a row whose last accepted position is p is the known token at p + 2 + j (the anchor
+    token is the one at p + 1). Unknown requests, padded rows and positions past the table draft
+    FALLBACK_TOKEN.
+    """
+
+    drafts_in_graph = True
+
+    def __init__(self, known: Mapping[str, list[int]], num_spec_tokens: int, max_num_seqs: int,
+                 max_len: int, device: torch.device | str):
+        """Slot groups are below max_num_seqs (the cache plan holds at most that many); the table holds
+        positions 0 .. max_len-1."""
+        self.known = known
+        self.num_spec_tokens = num_spec_tokens
+        self.max_len = max_len
+        self.unknown_row = max_num_seqs  # every slot group outside the table reads this row of FALLBACK_TOKEN
+        self.tokens = torch.full((max_num_seqs + 1, max_len), FALLBACK_TOKEN, dtype=torch.int64, device=device)
+        self._offsets = torch.arange(2, 2 + num_spec_tokens, device=device)
+
+    def propose(self, inputs: ProposalInputs) -> torch.Tensor:
+        self.write_rows(inputs.plan)
+        sampled = index_tensor(inputs.sampled, inputs.input_ids.device)
+        groups = inputs.ctx.gdn.state_indices[sampled]
+        return self._known_after(groups, inputs.positions[inputs.anchor_rows[sampled]])
+
+    def write_rows(self, plan: StepPlan) -> None:
+        """Write the known tokens of the requests whose prefill ends in `plan` into their slot groups' rows
+        (a group freed and taken again gets its new request's tokens)."""
+        ending = [entry for entry in plan.sequences if not entry.is_decode and entry.sample]
+        if not ending:
+            return
+        rows = []
+        for entry in ending:
+            if not 0 <= entry.state_group < self.unknown_row:
+                raise ValueError(f"slot group {entry.state_group} is outside the table of {self.unknown_row} rows")
+            tokens = list(self.known.get(entry.request_id, ()))[: self.max_len]
+            rows.append(tokens + [FALLBACK_TOKEN] * (self.max_len - len(tokens)))
+        device = self.tokens.device
+        groups = index_tensor([entry.state_group for entry in ending], device)
+        self.tokens.index_copy_(0, groups, to_device(rows, torch.int64, device))
+
+    def draft(self, attn: AttentionMetadata, input_ids: torch.Tensor, positions: torch.Tensor,
+              hidden_states: torch.Tensor, anchor_rows: torch.Tensor, anchor_next_ids: torch.Tensor,
+              sampled: torch.Tensor | None = None, row_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The drafts [len(sampled), k], as MTPProposer.draft; the rows' slot groups come from the step's
+        context (get_context().gdn), which the caller sets."""
+        groups, rows = get_context().gdn.state_indices, anchor_rows
+        if sampled is not None:
+            groups, rows = groups[sampled], rows[sampled]
+        if row_valid is not None:
+            groups = torch.where(row_valid, groups, PAD_SLOT)
+        return self._known_after(groups, positions[rows])
+
+    def _known_after(self, groups: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
+        """[R] slot groups, [R] last accepted positions -> [R, k] the known tokens 2.. positions on."""
+        in_table = (groups >= 0) & (groups < self.unknown_row)
+        rows = torch.where(in_table, groups, self.unknown_row)
+        at = last_positions[:, None] + self._offsets  # [R, k]
+        in_range = (at >= 0) & (at < self.max_len)
+        tokens = self.tokens[rows[:, None], at.clamp(0, self.max_len - 1)]
+        return torch.where(in_range, tokens, FALLBACK_TOKEN)

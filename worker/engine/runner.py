@@ -60,7 +60,7 @@ class ModelRunner:
         """Whether the successor of this decode step can be launched before its tokens are known: its
         drafts (if any) must come from the graphs, not from a proposer on the host."""
         graphs = self.decode_graphs
-        return (graphs is not None and (self.num_spec_tokens == 0 or graphs.mtp is not None)
+        return (graphs is not None and (self.num_spec_tokens == 0 or graphs.proposer is not None)
                 and graphs.can_run(sequences, rows, extra_outputs=1 + self.num_spec_tokens))
 
     def _execute_general(self, plan: StepPlan) -> StepOutput:
