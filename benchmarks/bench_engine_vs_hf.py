@@ -8,7 +8,9 @@ A checkpoint with Qwen3-Next-80B's per-layer shapes (every 4th layer full attent
 with its own random init, saved in the HF layout, plus random `mtp.*` weights. In the same process:
 the copy rate, transformers' `generate` (fla-core's kernels when installed), and our engine on that
 checkpoint at each batch with 128-token prompts; k = 0 also with async scheduling; k = 1..3 both with the MTP head and with scripted
-always-right drafts (the upper bound). Per decode step: ms, tokens/s, the ratio to transformers and,
+always-right drafts (the upper bound). The scripted drafts are the greedy run's own tokens, looked up in
+a device table inside the decode step's CUDA graph (KnownTokensProposer), so the step does no host work
+for them, as with the MTP head. Per decode step: ms, tokens/s, the ratio to transformers and,
 at k = 0, to the roofline: non-expert weights + the distinct experts the step touched x expert bytes
 + KV and GDN state traffic, over the copy rate. `--smoke` runs the built-in model on the CPU, 16-token prompts (CI).
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_bench import ceilings, emit, free_engine_memory, save_partial  # noqa: E402
 from worker.engine.config import EngineConfig  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
-from worker.engine.proposer import ScriptedProposer  # noqa: E402
+from worker.engine.proposer import KnownTokensProposer  # noqa: E402
 from worker.engine.sampling_params import SamplingParams  # noqa: E402
 from worker.kernels.pdl import use_pdl  # noqa: E402
 from worker.model.moe import Experts  # noqa: E402
@@ -36,6 +38,7 @@ from worker.tools.model_shapes import shape_config, write_shape_config  # noqa: 
 from worker.tools.tiny_weights import tensor_specs  # noqa: E402
 
 PROMPT_LEN = 128
+MAX_MODEL_LEN = 1024
 
 
 def write_checkpoint(out: Path, layers: int, device: str) -> Path:
@@ -101,7 +104,7 @@ def engine_for(model_dir: Path, k: int, batches: list[int], device: str, dtype: 
     """Graphs for the measured batch sizes only: capture time is device time. `overrides` go into EngineConfig."""
     max_batch = max(batches)
     config = dict(model=str(model_dir), device=device, dtype=dtype, speculative_tokens=k, max_num_seqs=max_batch,
-                  max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN), max_model_len=1024,
+                  max_num_batched_tokens=max(2048, max_batch * PROMPT_LEN), max_model_len=MAX_MODEL_LEN,
                   gpu_memory_utilization=0.85, cuda_graph_sizes=tuple(batches))
     return LLMEngine(EngineConfig(**{**config, **overrides}), proposer)
 
@@ -189,13 +192,9 @@ def _mean_accepted(outputs: dict) -> float | None:
     return round(sum(out.mean_accepted_length for out in drafted) / len(drafted), 3) if drafted else None
 
 
-def always_right(truth: dict[str, list[int]], prompt_len: int):
-    """A script proposing the k = 0 run's own continuation (padded past its end): every draft accepted."""
-    def script(request_id: str, tokens: list[int], k: int) -> list[int]:
-        ahead = truth[request_id][len(tokens) - prompt_len:][:k]
-        return ahead + [0] * (k - len(ahead))
-
-    return script
+def whole_sequences(outputs: dict) -> dict[str, list[int]]:
+    """request id -> its prompt and generated tokens: what always-right drafts propose."""
+    return {rid: out.prompt_token_ids + out.token_ids for rid, out in outputs.items()}
 
 
 def main():
@@ -247,8 +246,8 @@ def main():
             kinds.append("mtp-async" if k else "async")  # the same with async scheduling
         for kind in kinds:
             proposer, script_truth = None, dict(truth)
-            if kind == "scripted":
-                proposer = ScriptedProposer(always_right(script_truth, args.prompt_len), k)
+            if kind == "scripted":  # reads script_truth when a request's prefill ends
+                proposer = KnownTokensProposer(script_truth, k, max(args.batches), MAX_MODEL_LEN, device)
             engine = engine_for(model_dir, k, args.batches, device, dtype, proposer,
                                 async_scheduling=kind.endswith("async"), load_format=args.load_format,
                                 **(map_args if k else {}))
@@ -259,10 +258,10 @@ def main():
                     # The verify step's greedy tokens can differ from k = 0's in bf16 (other batch shapes round
                     # differently); a first pass at this k gives the continuation its verify steps produce.
                     first = run_batch(engine, prompts, args.new_tokens)
-                    script_truth.update({rid: out.token_ids for rid, out in first["outputs"].items()})
+                    script_truth.update(whole_sequences(first["outputs"]))
                 measured = run_batch(engine, prompts, args.new_tokens)
                 if kind == "none":
-                    truth.update({rid: out.token_ids for rid, out in measured["outputs"].items()})
+                    truth.update(whole_sequences(measured["outputs"]))
                 ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
                 tokens_per_s = measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
                 row = dict(k=k, drafts=kind, batch=batch, ms_per_step=round(ms, 3), decode_steps=measured["decode_steps"],
