@@ -10,8 +10,9 @@ the bug class of a drafter whose graph mode reads stale buffers (ATOM's lost gsm
 import pytest
 import torch
 
-from tests.engine_helpers import make_prompts
+from tests.engine_helpers import greedy, make_prompts
 from worker import LLM, SamplingParams
+from worker.engine.proposer import KnownTokensProposer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -129,3 +130,31 @@ def test_programmatic_dependent_launch_equals_stream_order(model_dir, k, monkeyp
     assert [o.logprobs for o in on] == [o.logprobs for o in off]
     for i, (a, b) in enumerate(zip(on_caches, off_caches)):
         assert torch.equal(a, b), f"cache tensor {i} differs between PDL and stream order"
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("k", [1, 3], ids=["k1", "k3"])
+def test_known_tokens_drafted_in_the_graph_are_all_accepted(model_dir, k, async_scheduling):
+    """A k = 0 run's own tokens as KnownTokensProposer's table: the replayed verify steps draft them
+    (no host drafting), accept every one, and emit k = 0's tokens (fp32)."""
+    max_tokens, common = 24, dict(device="cuda", gpu_memory_utilization=0.3, max_num_seqs=8, max_model_len=512)
+    with LLM(model_dir, **common) as llm:
+        reference = [o.token_ids for o in llm.generate(PROMPTS, greedy(max_tokens + k + 2), use_tqdm=False)]
+    torch.cuda.empty_cache()
+    known = {f"r{i}": p + r for i, (p, r) in enumerate(zip(PROMPTS, reference))}
+    proposer = KnownTokensProposer(known, k, 8, 512, "cuda")
+    with LLM(model_dir, speculative_tokens=k, proposer=proposer, async_scheduling=async_scheduling, **common) as llm:
+        engine = llm.engine
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, greedy(max_tokens))
+        finished = {}
+        while engine.has_unfinished:
+            finished.update({out.request_id: out for out in engine.step() if out.finished})
+        graphs = engine.worker.decode_graphs
+        replays, eager_steps, ahead = graphs.num_replays, graphs.num_eager_steps, engine.num_steps_ahead
+    torch.cuda.empty_cache()
+    outputs = [finished[f"r{i}"] for i in range(len(PROMPTS))]
+    assert [o.token_ids for o in outputs] == [r[:max_tokens] for r in reference]
+    assert all(o.num_drafted_tokens > 0 and o.num_accepted_tokens == o.num_drafted_tokens for o in outputs)
+    assert replays > 0 and eager_steps == 0
+    assert (ahead > 0) == async_scheduling

@@ -10,6 +10,7 @@ import torch
 
 from worker.engine.config import EngineConfig
 from worker.engine.llm_engine import LLMEngine
+from worker.engine.proposer import KnownTokensProposer
 from worker.engine.sampling_params import SamplingParams
 from worker.tools.model_shapes import write_shape_config
 
@@ -31,11 +32,11 @@ def model_dir(tmp_path_factory):
     return write_shape_config(tmp_path_factory.mktemp("qwen3-next-80b-4l"), num_layers=4)
 
 
-def make_engine(model_dir, k: int) -> LLMEngine:
-    config = EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
-                          speculative_tokens=k, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048,
-                          gpu_memory_utilization=0.5)
-    return LLMEngine(config)
+def make_engine(model_dir, k: int, proposer=None, **overrides) -> LLMEngine:
+    config = dict(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
+                  speculative_tokens=k, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048,
+                  gpu_memory_utilization=0.5)
+    return LLMEngine(EngineConfig(**{**config, **overrides}), proposer)
 
 
 def add_requests(engine: LLMEngine, num: int, prompt_len: int, params: SamplingParams) -> None:
@@ -68,3 +69,27 @@ def test_steps_never_sync(model_dir, k, sampling, logprobs):
         del engine, graphs  # a failure's traceback must not keep the caches alive for the next test
     assert any(out.new_token_ids for out in outputs)
     assert replays > 0 and eager_steps == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_known_token_drafts_never_sync(model_dir, async_scheduling):
+    """KnownTokensProposer drafts inside the graphs: no host work per step, and steps planned ahead."""
+    known = {}
+    proposer = KnownTokensProposer(known, 2, 8, 2048, "cuda")
+    engine = make_engine(model_dir, 2, proposer, async_scheduling=async_scheduling)
+    add_requests(engine, 4, 128, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0))
+    known.update({f"r{i}": list(range(1000, 1200)) for i in range(3)})  # r3 stays unknown
+    outputs = []
+    graphs = engine.worker.decode_graphs
+    try:
+        with syncs_are_errors():
+            for _ in range(9):
+                outputs += engine.step()
+        replays, eager_steps, ahead = graphs.num_replays, graphs.num_eager_steps, engine.num_steps_ahead
+    finally:
+        engine.shutdown()
+        del engine, graphs
+    assert any(out.new_token_ids for out in outputs)
+    assert proposer.tokens[:, 130].tolist().count(1130) == 3, "the three known requests' rows were written"
+    assert replays > 0 and eager_steps == 0
+    assert (ahead > 0) == async_scheduling
