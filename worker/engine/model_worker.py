@@ -42,7 +42,8 @@ class ModelWorker:
             if config.speculative_token_map:
                 token_map = load_token_map(config.speculative_token_map, self.model_config.vocab_size)
             proposer = MTPProposer(self.model, k, config.block_size, token_map)
-        in_graph = proposer if getattr(proposer, "drafts_in_graph", False) else None  # else the runner asks it
+        # A proposer that drafts on the host (no drafts_in_graph) gets each step's tokens from the runner.
+        in_graph = proposer if getattr(proposer, "drafts_in_graph", False) else None
         self.decode_graphs = DecodeGraphs(
             self.model, in_graph, k, config.block_size, config.max_num_seqs, self.max_model_len, device,
             config.cuda_graph_sizes)

@@ -23,7 +23,7 @@ from worker.model.layers.embedding import DraftVocabHead
 @dataclass
 class ProposalInputs:
     plan: StepPlan
-    ctx: StepContext  # the target step's metadata (the MTP layer reuses its attention part)
+    ctx: StepContext  # the target step's metadata (the MTP layer reuses its attention part; slot groups)
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     hidden_states: torch.Tensor  # [T, H] target hidden states after the final norm
