@@ -133,6 +133,27 @@ def test_async_scheduling_survives_aborts_and_new_arrivals(checkpoint_factory, k
         assert stats["num_free_state_groups"] == stats["num_state_groups"]
 
 
+@pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])
+def test_async_scheduling_after_min_tokens_masking(checkpoint_factory, k):
+    """min_tokens' masked steps run eagerly. The last of them already allows the next step to be planned
+    ahead, but an eager step leaves nothing on the device to continue from: the step after it must be
+    planned normally (it raised "a step planned ahead must follow, and be, a step of the decode graphs")."""
+    prompts = make_prompts([7, 12], seed=4)
+    params = SamplingParams(max_tokens=12, temperature=0.0, min_tokens=5, stop_token_ids=[3])
+    results = []
+    for async_scheduling in (False, True):
+        with LLM(checkpoint_factory("tiny"), max_num_seqs=4, cache_memory_bytes=32 << 20, speculative_tokens=k,
+                 async_scheduling=async_scheduling) as llm:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            stats, ahead = llm.engine.stats(), llm.engine.num_steps_ahead
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+        assert stats["num_free_state_groups"] == stats["num_state_groups"]
+        results.append(([o.token_ids for o in outputs], ahead))
+    assert results[0][0] == results[1][0]
+    assert all(len(tokens) >= 5 for tokens in results[1][0])
+    assert results[1][1] > 0, "once masking ends, steps are planned ahead"
+
+
 def test_a_step_planned_ahead_continues_from_the_accepted_drafts():
     """The inputs of the step after a verify step, set on the device: the token after the accepted drafts,
     then the new drafts; the start num_accepted + 1 further on; the state slot after the last accepted."""

@@ -184,6 +184,8 @@ class LLMEngine:
     def _launch_ahead(self, plan: StepPlan, pending) -> None:
         if not self.config.async_scheduling or self.ranks is not None or not plan.sequences:
             return
+        if pending.decode is None:  # an eager step (e.g. min_tokens' last masked one): no device results to feed on
+            return
         rows = [self.runner.requests[s.request_id] for s in plan.sequences]
         if not self.runner.can_run_ahead(plan.sequences, rows):
             return
