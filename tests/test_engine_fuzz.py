@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from tests.engine_helpers import assert_pool_full
 from worker import LLM, SamplingParams
 
 TOKEN_RANGE = 500  # inside every tiny preset's vocabulary, below its special tokens
@@ -82,10 +83,7 @@ def run_scenario(model_dir, seed: int, **overrides) -> None:
             assert len(out.token_ids) <= params.max_tokens
             allowed = {"length", "stop", "abort"} if request_id in aborted else {"length", "stop"}
             assert out.finish_reason in allowed, (request_id, out.finish_reason)
-        stats = engine.stats()
-        assert stats["num_free_blocks"] == stats["num_blocks"], stats
-        assert stats["num_free_state_groups"] == stats["num_state_groups"], stats
-        assert not engine.runner.requests, "the runner kept sampling state of finished requests"
+        assert_pool_full(llm)
 
 
 # 1,200 seeds of the first and 300 of the second passed once; CI runs the first 40 of each. Of those, 21 and 22
