@@ -220,3 +220,20 @@ def test_config_records_the_quantisation(fp8_checkpoint):
     quant = ModelConfig.from_pretrained(fp8_checkpoint).quantization
     assert quant.weight_block_size == (128, 128) and quant.activation_scheme == "dynamic"
     assert "lm_head" in quant.modules_to_not_convert
+
+
+def test_norms_before_fp8_layers_quantise_for_them(checkpoint_factory):
+    """Each norm that feeds an FP8 layer is told its block (the GPU kernels then write the e4m3 groups the
+    layer reads; tests/gpu/test_fp8_engine_gpu.py checks that this changes no bit); the unquantised
+    model's norms are not, nor the final norms, which feed the bf16 lm_head."""
+    for block in (128, None):
+        model_dir = checkpoint_factory("tiny", dtype="bfloat16", fp8_block_size=block) if block else \
+            checkpoint_factory("tiny", dtype="bfloat16")
+        model = load_model(model_dir)
+        layers = [*model.model.layers, *model.mtp.layers]
+        for layer in layers:
+            assert layer.input_layernorm.quant_block == block
+            assert layer.post_attention_layernorm.quant_block == block
+        gdn = [layer.linear_attn for layer in layers if layer.layer_type == "linear_attention"]
+        assert gdn and all(m.norm.quant_block == block for m in gdn)
+        assert model.model.norm.quant_block is None and model.mtp.norm.quant_block is None

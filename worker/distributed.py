@@ -28,10 +28,10 @@ class TensorParallel:
         return self.reducer.all_reduce(x)
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                eps: float, quant_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (normed, new residual): x summed over the ranks, added to the residual stream, then the
         zero-centred RMSNorm (AllReduce.all_reduce_add_rms_norm)."""
-        return self.reducer.all_reduce_add_rms_norm(x, residual, weight, eps)
+        return self.reducer.all_reduce_add_rms_norm(x, residual, weight, eps, quant_block)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

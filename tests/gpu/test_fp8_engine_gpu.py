@@ -52,3 +52,43 @@ def test_fp8_kernels_agree_with_the_cpu_references(model_dir):
     for a, b in zip(cuda, cpu):
         if decided_prefix(b.logprobs, CHAOS_MARGIN):
             assert a.token_ids == b.token_ids
+
+
+def _norms(model):
+    from worker.model.layers.norm import GatedRMSNorm, RMSNorm
+
+    return [m for m in model.modules() if isinstance(m, (RMSNorm, GatedRMSNorm)) and m.quant_block is not None]
+
+
+@pytest.mark.parametrize("tokens_per_sequence", [1, 3], ids=["decode", "verify"])
+def test_quantising_norms_change_no_bit(model_dir, tokens_per_sequence):
+    """The norms before FP8 layers write their outputs' e4m3 groups, which the FP8 linears and MoE read
+    instead of quantising again: the logits are the same bits as with every layer quantising itself.
+    A prefill of the prompts, then a step of 1 (decode) or 3 (verify) tokens per sequence."""
+    from worker.engine.cache_tensors import CacheShapes, allocate_and_bind
+    from worker.engine.step_inputs import SequenceSlice, build_step_inputs
+    from worker.model.context import forward_context
+    from worker.model.loader import load_model
+
+    prompts = [[t % 500 for t in p] for p in make_prompts([5, 17], seed=3)]
+    model = load_model(model_dir, dtype=torch.bfloat16, device="cuda")
+    norms = _norms(model)
+    assert norms, "no norm feeds an FP8 layer"
+    blocks = [n.quant_block for n in norms]
+    results = []
+    for fused in (True, False):
+        for norm, block in zip(norms, blocks):
+            norm.quant_block = block if fused else None
+        shapes = CacheShapes.for_model(model, 16, tokens_per_sequence - 1, torch.bfloat16)
+        allocate_and_bind(model, shapes, 64, len(prompts), "cuda")
+        steps = [[SequenceSlice(p, 0, list(range(8 * i, 8 * i + 8)), state_group=i) for i, p in enumerate(prompts)]]
+        steps.append([SequenceSlice([7] * tokens_per_sequence, len(p), list(range(8 * i, 8 * i + 8)), state_group=i,
+                                    is_decode=True) for i, p in enumerate(prompts)])
+        logits = []
+        for slices, query_len in zip(steps, (1, tokens_per_sequence)):
+            input_ids, positions, ctx = build_step_inputs(slices, 16, query_len, "cuda")
+            with torch.inference_mode(), forward_context(ctx):
+                logits.append(model.compute_logits(model(input_ids, positions)))
+        results.append(logits)
+    for fused, unfused in zip(*results):
+        assert torch.equal(fused, unfused)

@@ -7,6 +7,7 @@ import torch
 
 from tests.kernels.conftest import HAS_CUDA
 from tests.kernels.helpers import assert_rel_close, generator, randn, tolerance
+from worker.kernels.fp8.quant import per_token_group_quant_fp8
 
 ref = importlib.import_module("worker.kernels.add_rms_norm")
 tk = pytest.importorskip("worker.kernels.triton_add_rms_norm", reason="triton is not installed")
@@ -46,3 +47,38 @@ def test_rms_norm_without_a_residual(tokens, hidden, device):
 @pytest.mark.parametrize("tokens", [1, 7, 500, 4097])
 def test_fused_add_rms_norm_real_shapes(tokens, dtype, device):
     check(tokens, 2048, dtype, device, seed=tokens)
+
+
+def assert_groups_of(out, group, quant=None):
+    """The e4m3 groups attached to out are those the quantisation kernel (or `quant`) makes of it, byte for byte."""
+    from worker.kernels.fp8.quant import attached_token_groups
+    from worker.kernels.fp8.triton import per_token_group_quant_fp8
+
+    quant = quant or per_token_group_quant_fp8
+    groups = attached_token_groups(out, group)
+    assert groups is not None, "no groups attached"
+    q_ref, scale_ref = quant(out.reshape(out.shape[0], -1), group)
+    assert torch.equal(groups[1], scale_ref)
+    assert torch.equal(groups[0].view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("tokens,hidden,group", [(1, 64, 16), (7, 200, 32), (3, 48, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="Triton's interpreter adds bf16 wrongly (overflow, NaN)")), torch.float32], ids=["bf16", "fp32"])
+def test_quantising_norm_writes_the_same_rows_and_their_e4m3_groups(tokens, hidden, group, dtype, device):
+    """With quant_block the norm's outputs are unchanged (bit for bit), and its groups are those the
+    quantisation kernel makes of its output (partial last groups; a row narrower than a group). The
+    reference attaches the reference quantisation's."""
+    gen = generator(tokens + hidden, device)
+    x = randn(tokens, hidden, gen=gen, device=device, dtype=dtype, scale=2.0)
+    residual = randn(tokens, hidden, gen=gen, device=device, dtype=dtype, scale=4.0)
+    weight = randn(hidden, gen=gen, device=device, scale=0.1).to(dtype)
+    plain = tk.fused_add_rms_norm(x, residual, weight, 1e-6)
+    out, new_residual = tk.fused_add_rms_norm(x, residual, weight, 1e-6, quant_block=group)
+    assert torch.equal(out, plain[0]) and torch.equal(new_residual, plain[1])
+    assert_groups_of(out, group)
+    alone = tk.rms_norm(x, weight, 1e-6, quant_block=group)
+    assert torch.equal(alone, tk.rms_norm(x, weight, 1e-6))
+    assert_groups_of(alone, group)
+    ref_out, _ = ref.fused_add_rms_norm(x, residual, weight, 1e-6, quant_block=group)
+    assert_groups_of(ref_out, group, per_token_group_quant_fp8)

@@ -98,6 +98,18 @@ def test_block_fp8_gemv_prequantised_activations_give_the_same_bits(tokens, devi
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("tile", [dict(gemv=True, BN=8, NB=2, num_warps=2),
+                                  dict(BM=16, BN=32, GROUP_M=1, num_warps=4, num_stages=2)], ids=["gemv", "gemm"])
+def test_groups_quantised_already_give_the_same_bits(tile, device):
+    """x_groups (a norm's e4m3 groups of x) stand in for the kernels' own quantisation of x."""
+    gen = generator(9, device)
+    weight, scale, bias = layer(136, 200, 64, gen, device, torch.float32)
+    x = randn(3, 200, gen=gen, device=device, scale=2.0)
+    args = dict(x=x, weight=weight, weight_scale_inv=scale, block=64, bias=bias, tile=tile)
+    groups = tk.per_token_group_quant_fp8(x, 64)
+    assert torch.equal(tk.w8a8_block_fp8_linear(**args), tk.w8a8_block_fp8_linear(**args, x_groups=groups))
+
+
 def test_bad_shapes_are_refused(device):
     weight, scale, _ = layer(64, 64, 32, generator(0, device), device, torch.float32)
     with pytest.raises(ValueError, match="weight_scale_inv must be"):

@@ -45,3 +45,25 @@ def test_heads_of_a_wider_buffer_are_read_in_place(device):
 @pytest.mark.parametrize("tokens", [1, 64, 4097])
 def test_gated_rms_norm_real_shapes(tokens, dtype, device):
     check(tokens * 32, 128, dtype, device, seed=tokens)  # 32 value heads of 128
+
+
+@pytest.mark.parametrize("heads,dim,group", [(3, 32, 32), (2, 64, 16), (20, 128, 128)], ids=str)
+def test_quantising_norm_writes_the_same_rows_and_their_e4m3_groups(heads, dim, group, device):
+    """With quant_block the output is unchanged (bit for bit) and carries the e4m3 groups that the
+    quantisation kernel makes of each token's heads * dim features, which flatten_tokens keeps.
+    20 heads of 128: more rows than one program's block, the last block partly empty."""
+    from tests.kernels.test_add_rms_norm import assert_groups_of
+    from worker.kernels.fp8.quant import flatten_tokens, per_token_group_quant_fp8
+
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32  # the interpreter's bf16 arithmetic overflows
+    gen = generator(heads * dim, device)
+    x = randn(5, heads, dim, gen=gen, device=device, dtype=dtype, scale=2.0)
+    z = randn(5, heads * dim + 8, gen=gen, device=device, dtype=dtype)[:, 8:].view(5, heads, dim)
+    weight = (1 + randn(dim, gen=gen, device=device, scale=0.1)).to(dtype)
+    out = tk.gated_rms_norm(x, z, weight, 1e-6, quant_block=group)
+    assert torch.equal(out, tk.gated_rms_norm(x, z, weight, 1e-6))
+    assert_groups_of(flatten_tokens(out), group)
+    ref_out = ref.gated_rms_norm(x, z, weight, 1e-6, quant_block=group)
+    assert_groups_of(flatten_tokens(ref_out), group, per_token_group_quant_fp8)
+    with pytest.raises(ValueError, match="cannot be quantised"):
+        tk.gated_rms_norm(x, z, weight, 1e-6, quant_block=2 * dim)

@@ -72,6 +72,20 @@ def test_fp8_decode_path_prequantised_activations_give_the_same_bits(tokens, sta
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("path", ["pairs", "grouped"])
+def test_fp8_moe_reads_groups_quantised_already(path, device):
+    """x_groups (a norm's e4m3 groups of the tokens) stand in for the MoE's own quantisation of them."""
+    gen = generator(12, device)
+    weights = experts(6, 80, 64, 32, gen, device)
+    topk_weights, topk_ids = routing(3, 5, 3, gen, device)
+    x = randn(3, 80, gen=gen, device=device)
+    config = ({"path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2), "down": dict(BLOCK_N=8, num_warps=2)}
+              if path == "pairs" else tk.DEFAULT_CONFIG)
+    args = dict(topk_weights=topk_weights, topk_ids=topk_ids, block=32, config=config, **weights)
+    groups = tk.per_token_group_quant_fp8(x, 32)
+    assert torch.equal(tk.fused_moe_fp8(x, **args), tk.fused_moe_fp8(x, **args, x_groups=groups))
+
+
 def test_bad_scales_are_refused(device):
     weights = experts(3, 64, 32, 32, generator(0, device), device)
     weights["w2_scale_inv"] = weights["w2_scale_inv"][:, :1]

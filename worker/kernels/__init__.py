@@ -10,6 +10,10 @@ forces the kernels (on the CPU that needs TRITON_INTERPRET=1 before triton is im
 The block-scaled FP8 ops have their Triton kernels in `worker.kernels.fp8.triton` (`fp8_block_linear`)
 and `worker.kernels.moe.triton_fp8` (`fused_moe_fp8`), for power-of-two blocks of 16 or more (others
 take the references).
+
+The norms before FP8 layers take a `quant_block`: on the Triton path they then also write the e4m3
+groups of their output (attach_token_groups), which the FP8 linear and MoE kernels read instead of
+quantising again. The references ignore it: their FP8 ops quantise for themselves.
 """
 
 import importlib
@@ -20,7 +24,7 @@ from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import continue_decode as _continue_ref
 from worker.kernels import decode_metadata as _meta_ref
 from worker.kernels.fp8 import reference as _fp8_ref
-from worker.kernels.fp8.quant import kernel_block
+from worker.kernels.fp8.quant import attached_token_groups, kernel_block
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
 from worker.kernels import linear as _linear_ref
@@ -93,14 +97,24 @@ def causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, ac
     return impl.causal_conv1d_update(x, weight, conv_states, state_indices, num_accepted, activation=activation)
 
 
-def gated_rms_norm(x, z, weight, eps):
-    impl = _triton_module("gated_rms_norm") if _use_triton(x) else _gated_norm_ref
-    return impl.gated_rms_norm(x, z, weight, eps)
+def _kernel_quant_block(quant_block):
+    """The group size an FP8 consumer's Triton kernel reads, else None."""
+    return quant_block if quant_block is not None and kernel_block(quant_block) else None
 
 
-def fused_add_rms_norm(x, residual, weight, eps):
-    impl = _triton_module("add_rms_norm") if _use_triton(x) else _norm_ref
-    return impl.fused_add_rms_norm(x, residual, weight, eps)
+def gated_rms_norm(x, z, weight, eps, quant_block=None):
+    if _use_triton(x):
+        impl = _triton_module("gated_rms_norm")
+        block = _kernel_quant_block(quant_block)
+        return impl.gated_rms_norm(x, z, weight, eps, block if impl.quantisable(x.shape[-1], block) else None)
+    return _gated_norm_ref.gated_rms_norm(x, z, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps, quant_block=None):
+    if _use_triton(x):
+        return _triton_module("add_rms_norm").fused_add_rms_norm(x, residual, weight, eps,
+                                                                  _kernel_quant_block(quant_block))
+    return _norm_ref.fused_add_rms_norm(x, residual, weight, eps)
 
 
 def decode_metadata(start, block_tables, valid, query_len, block_size):
@@ -118,11 +132,10 @@ def argmax(logits):
     return impl.argmax(logits)
 
 
-def rms_norm(x, weight, eps):
-    if x.dim() != 2:  # the kernel takes rows of tokens; other shapes stay with the reference
+def rms_norm(x, weight, eps, quant_block=None):
+    if x.dim() != 2 or not _use_triton(x):  # the kernel takes rows of tokens; other shapes stay with the reference
         return _norm_ref.rms_norm(x, weight, eps)
-    impl = _triton_module("add_rms_norm") if _use_triton(x) else _norm_ref
-    return impl.rms_norm(x, weight, eps)
+    return _triton_module("add_rms_norm").rms_norm(x, weight, eps, _kernel_quant_block(quant_block))
 
 
 def _moe_impl(x):
@@ -145,14 +158,15 @@ def linear(x, weight, bias=None):
 def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):
     if _use_triton(x) and kernel_block(block):
         return importlib.import_module("worker.kernels.fp8.triton").w8a8_block_fp8_linear(
-            x, weight, weight_scale_inv, block, bias)
+            x, weight, weight_scale_inv, block, bias, x_groups=attached_token_groups(x, block))
     return _fp8_ref.w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, bias)
 
 
 def fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block):
     if _use_triton(hidden_states) and kernel_block(block) and w2.shape[-1] % block == 0:
         return importlib.import_module("worker.kernels.moe.triton_fp8").fused_moe_fp8(
-            hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block)
+            hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block,
+            x_groups=attached_token_groups(hidden_states, block))
     return _moe_fp8_ref.fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids,
                                       block)
 

@@ -4,12 +4,18 @@ worker.kernels.add_rms_norm).
 One program per token reads x and the residual once, writes the new residual and the normed row:
 two launches' worth of traffic (and six small ops) become one. The sum is rounded to the activation
 dtype before the norm, as the reference's separate add leaves it.
+
+Given `quant_block`, the same program also quantises the normed row to e4m3 per group of that many
+features for an FP8 consumer, with per_token_group_quant_fp8's rounding (bit for bit): one launch
+fewer per norm on the way into an FP8 projection or MoE.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups, cdiv
+from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_paged_attention import _check
 
@@ -20,8 +26,9 @@ def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 
 @triton.jit
-def _add_rms_norm_kernel(x, residual, weight, out, new_residual, stride_x, stride_r, stride_o, stride_n, H, eps,
-                         BH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_kernel(x, residual, weight, out, new_residual, x_q, x_scale, stride_x, stride_r, stride_o, stride_n,
+                         stride_q, stride_s, H, eps, BH: tl.constexpr, HAS_RESIDUAL: tl.constexpr, G: tl.constexpr,
+                         QUANT: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BH)
@@ -33,7 +40,34 @@ def _add_rms_norm_kernel(x, residual, weight, out, new_residual, stride_x, strid
     rf = r.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(rf * rf, 0) / H + eps)
     w = tl.load(weight + h, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + t * stride_o + h, (rf * rstd * (1.0 + w)).to(out.dtype.element_ty), mask=mask)
+    y = (rf * rstd * (1.0 + w)).to(out.dtype.element_ty)
+    tl.store(out + t * stride_o + h, y, mask=mask)
+    if QUANT:  # the stored row, in groups of G (BH is a multiple of G; padding is 0 and never stored)
+        groups = tl.reshape(y.to(tl.float32), (BH // G, G))
+        q, scale = _quantize_groups(groups, FP8_MAX_, MIN_AMAX_)
+        g = tl.arange(0, BH // G)
+        cols = g[:, None] * G + tl.arange(0, G)[None, :]
+        tl.store(x_q + t * stride_q + cols, q.to(x_q.dtype.element_ty), mask=cols < H)
+        tl.store(x_scale + t * stride_s + g, scale, mask=g * G < H)
+
+
+def _launch(x, residual, weight, eps, out, new_residual, quant_block):
+    """One program per token; with quant_block, also the e4m3 groups, attached to out."""
+    T, H = x.shape
+    quant = quant_block is not None
+    x_q = torch.empty(T, H, dtype=FP8_DTYPE, device=x.device) if quant else out
+    x_scale = torch.empty(T, cdiv(H, quant_block), dtype=torch.float32, device=x.device) if quant else out
+    BH = triton.next_power_of_2(H)
+    G = quant_block or BH
+    BH = max(BH, G)
+    if T:
+        _add_rms_norm_kernel[(T,)](x, residual, weight, out, new_residual, x_q, x_scale, x.stride(0),
+                                   residual.stride(0), out.stride(0), new_residual.stride(0), x_q.stride(0),
+                                   x_scale.stride(0), H, eps, BH=BH, HAS_RESIDUAL=residual is not x, G=G, QUANT=quant,
+                                   FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=min(16, max(1, BH // 256)),
+                                   **pdl_launch(x.device))
+    if quant:
+        attach_token_groups(out, x_q, x_scale, quant_block)
 
 
 def fused_add_rms_norm(
@@ -41,6 +75,7 @@ def fused_add_rms_norm(
     residual: torch.Tensor,  # [T, H] the residual stream so far
     weight: torch.Tensor,  # [H]
     eps: float,
+    quant_block: int | None = None,  # also quantise the normed rows in groups of this many features (a power of 2)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], new residual [T, H])
     _check(x.dim() == 2 and residual.shape == x.shape, f"x and residual must be [T, H], got {tuple(x.shape)}, "
                                                        f"{tuple(residual.shape)}")
@@ -49,11 +84,7 @@ def fused_add_rms_norm(
     _check(weight.shape == (H,), f"weight must be [{H}], got {tuple(weight.shape)}")
     _check(x.stride(1) == 1 and residual.stride(1) == 1, "x and residual must be contiguous in their last dim")
     out, new_residual = _empty_output(x), _empty_output(x)
-    if T:
-        BH = triton.next_power_of_2(H)
-        _add_rms_norm_kernel[(T,)](x, residual, weight, out, new_residual, x.stride(0), residual.stride(0),
-                                   out.stride(0), new_residual.stride(0), H, eps, BH=BH, HAS_RESIDUAL=True,
-                                   num_warps=min(16, max(1, BH // 256)), **pdl_launch(x.device))
+    _launch(x, residual, weight, eps, out, new_residual, quant_block)
     return out, new_residual
 
 
@@ -61,14 +92,12 @@ def rms_norm(
     x: torch.Tensor,  # [T, H]
     weight: torch.Tensor,  # [H]
     eps: float,
+    quant_block: int | None = None,
 ) -> torch.Tensor:  # [T, H]
     _check(x.dim() == 2, f"x must be [T, H], got {tuple(x.shape)}")
     T, H = x.shape
     _check(weight.shape == (H,), f"weight must be [{H}], got {tuple(weight.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = _empty_output(x)
-    if T:
-        BH = triton.next_power_of_2(H)
-        _add_rms_norm_kernel[(T,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, H, eps, BH=BH,
-                                   HAS_RESIDUAL=False, num_warps=min(16, max(1, BH // 256)), **pdl_launch(x.device))
+    _launch(x, x, weight, eps, out, out, quant_block)
     return out

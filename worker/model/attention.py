@@ -38,6 +38,7 @@ class GatedAttention(nn.Module):
             self.head_dim, config.rotary_dim, config.rope_theta, config.max_position_embeddings
         )
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, H_kv, D], bound by the runner
+        self.fp8_input_block = self.q_proj.block  # norm.RMSNorm
         self.v_cache: torch.Tensor | None = None
         self.qkv: MergedColumnLinear | None = None  # q, k and v as one GEMM, once loaded
 

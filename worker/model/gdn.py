@@ -13,6 +13,7 @@ from torch import nn
 from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
+from worker.kernels.fp8.quant import flatten_tokens
 from worker.model.context import get_context
 from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
 from worker.model.layers.linear import (ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, _check_shape,
@@ -80,6 +81,9 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(dv, config.rms_norm_eps)
         self.out_proj = RowParallelLinear(nv * dv, hidden, reduce_results=reduce_results, **quant,
                                           prefix=f"{prefix}.out_proj")
+        self.norm.quant_block = self.out_proj.block
+        first = self.in_proj_qkv if self.split_projections else self.in_proj_qkvz
+        self.fp8_input_block = first.block  # norm.RMSNorm
         self.conv_states: torch.Tensor | None = None  # [G, conv_dim, K-1+k], bound by the runner
         self.ssm_states: torch.Tensor | None = None  # [G, 1+k, HV, K, V]
 
@@ -165,7 +169,7 @@ class GatedDeltaNet(nn.Module):
                 g, beta = kernels.gdn_gating(a[n_tok:], b[n_tok:], self.A_log, self.dt_bias)
                 core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g, beta, meta, n_dec)
         out = self.norm(core, z)  # [T, HV, V]; z may be rows of the projection's output
-        return self.out_proj(out.reshape(tokens, -1))
+        return self.out_proj(flatten_tokens(out))
 
     def _split_heads(self, mixed_qkv: torch.Tensor):
         q, k, v = mixed_qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)

@@ -43,6 +43,11 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce_results=reduce_results,
                                            quant_config=quant_config, prefix=f"{prefix}.down_proj")
 
+    @property
+    def fp8_input_block(self) -> int | None:
+        """The FP8 block of the layer reading this module's input, None if it is not FP8 (norm.RMSNorm)."""
+        return self.gate_proj.block
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -156,6 +161,11 @@ class SparseMoeBlock(nn.Module):
                                           prefix=f"{prefix}.shared_expert")
             self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, quant_config=quant,
                                                        prefix=f"{prefix}.shared_expert_gate")
+
+    @property
+    def fp8_input_block(self) -> int | None:
+        """The experts' FP8 block (the shared expert's where only it is FP8), else None (norm.RMSNorm)."""
+        return self.experts.block or (self.shared_expert.fp8_input_block if self.shared_expert is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = kernels.select_experts(self.gate(x), self.top_k, self.renormalize,

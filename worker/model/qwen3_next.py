@@ -39,6 +39,8 @@ class DecoderLayer(nn.Module):
                                 quant_config=config.quantization, prefix=f"{prefix}.mlp")
         self.input_layernorm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm.quant_block = self.token_mixer.fp8_input_block
+        self.post_attention_layernorm.quant_block = self.mlp.fp8_input_block
 
     @property
     def token_mixer(self) -> nn.Module:

@@ -57,9 +57,10 @@ class AllReduce:
         residual: torch.Tensor,  # [T, H] the residual stream so far, the same on every rank
         weight: torch.Tensor,  # [H]
         eps: float,
+        quant_block: int | None = None,  # the normed rows' e4m3 groups too, for an FP8 consumer
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], new residual [T, H])
         """The zero-centred RMSNorm of `residual + (x summed over the ranks)` (kernels.fused_add_rms_norm)."""
-        return kernels.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+        return kernels.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps, quant_block)
 
     def describe(self) -> str:
         return "one rank: no all-reduce"

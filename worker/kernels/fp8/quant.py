@@ -86,3 +86,33 @@ def dequantize_token_groups(
     group_size: int,
 ) -> torch.Tensor:  # [T, K] float32
     return x_q.float() * x_scale.repeat_interleave(group_size, dim=-1)[:, : x_q.shape[-1]]
+
+
+# A kernel that already holds a row of activations (a norm) can quantise it on the way out, saving its FP8
+# consumer a launch. The groups travel on the tensor object itself: any view or copy of it is a new object
+# without them, so a consumer can never read groups of other values, and without groups it quantises itself.
+_TOKEN_GROUPS = "_fp8_token_groups"
+
+
+def attach_token_groups(x: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Records per_token_group_quant_fp8(x, group_size) = (x_q, x_scale) on x; returns x."""
+    setattr(x, _TOKEN_GROUPS, (group_size, x_q, x_scale))
+    return x
+
+
+def attached_token_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x_q, x_scale) recorded on this very tensor for this group size, else None."""
+    groups = getattr(x, _TOKEN_GROUPS, None)
+    if groups is None or groups[0] != group_size:
+        return None
+    return groups[1], groups[2]
+
+
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[T, ...] -> the [T, K] view of the same features, with the groups attached to x (which cover each
+    token's K features)."""
+    flat = x.reshape(x.shape[0], -1)
+    groups = getattr(x, _TOKEN_GROUPS, None)
+    if groups is not None:
+        setattr(flat, _TOKEN_GROUPS, groups)
+    return flat

@@ -200,6 +200,7 @@ def w8a8_block_fp8_linear(
     block: int,
     bias: torch.Tensor | None = None,  # [N]
     tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant]}
+    x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_token_group_quant_fp8(x as [T, K], block)
 ) -> torch.Tensor:  # [T, N] activation dtype
     """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
     n, k = weight.shape
@@ -224,15 +225,15 @@ def w8a8_block_fp8_linear(
     tile = tile or get_tile(m, n, k, block, x.device)
     if tile.get("gemv"):
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        prequant = bool(tile.get("prequant"))
-        x_q, x_s = per_token_group_quant_fp8(x2, block) if prequant else (x2, x2)
+        prequant = x_groups is not None or bool(tile.get("prequant"))
+        x_q, x_s = x_groups or (per_token_group_quant_fp8(x2, block) if prequant else (x2, x2))
         _block_fp8_gemv_kernel[(triton.cdiv(n, tile["BN"]), m)](
             x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
             x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
             K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
             MIN_AMAX_=MIN_AMAX, PREQUANT=prequant, num_warps=tile["num_warps"], **pdl_launch(x.device))
         return out.reshape(*lead, n)
-    x_q, x_scale = per_token_group_quant_fp8(x2, block)
+    x_q, x_scale = x_groups or per_token_group_quant_fp8(x2, block)
     grid = (triton.cdiv(m, tile["BM"]) * triton.cdiv(n, tile["BN"]),)
     _block_fp8_matmul_kernel[grid](
         x_q, x_scale, weight, weight_scale_inv.float(), bias if bias is not None else out, out, m, n,

@@ -109,17 +109,19 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
     tl.store(out + t * stride_o_t + n, tl.sum(slot_out, 0).to(out.dtype.element_ty), mask=nmask)
 
 
-def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, block: int, cfg: dict) -> None:
+def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, block: int, cfg: dict,
+                        x_groups=None) -> None:
     """x [T, H]; w13 [E, 2I, H], w2 [E, H, I] e4m3 with their block scales; weights [T*S] fp32;
-    topk_ids [T, S]; inter [T*S, I] fp32 -> out [T, H]."""
+    topk_ids [T, S]; inter [T*S, I] fp32 -> out [T, H]. x_groups: x's e4m3 groups, quantised already
+    (read as with "prequant")."""
     T, H = x.shape
     S, I = topk_ids.shape[1], w2.shape[2]
     up, down = cfg["gate_up"], cfg["down"]
     pdl = use_pdl(x.device)
     down_pdl = cfg.get("pdl", True) and pdl
     up_bn = min(up["BLOCK_N"], block)
-    prequant = bool(up.get("prequant"))
-    x_q, x_s = per_token_group_quant_fp8(x, block) if prequant else (x, x)
+    prequant = x_groups is not None or bool(up.get("prequant"))
+    x_q, x_s = x_groups or (per_token_group_quant_fp8(x, block) if prequant else (x, x))
     _gate_up_fp8_pairs_kernel[(T * S, I // up_bn)](
         x, x_q, x_s, w13, w13_s, inter, topk_ids, I, x.stride(0), x_q.stride(0), x_s.stride(0), w13.stride(0),
         w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),

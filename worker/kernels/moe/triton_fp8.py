@@ -120,6 +120,7 @@ def fused_moe_fp8(
     block: int,
     config: dict | None = None,  # {"BLOCK_M", "gate_up": {...}, "down": {"BLOCK_N", ...}} or the decode path's
     # {"path": "pairs", "gate_up": {"BLOCK_N", "NB", ...}, "down": {"BLOCK_N", ...}}; None: get_fp8_config
+    x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_token_group_quant_fp8(hidden_states, block)
 ) -> torch.Tensor:  # [T, H]
     T, H, E, I = check_moe_shapes(hidden_states, w13, w2, topk_weights, topk_ids)
     _check(w13.dtype == w2.dtype == FP8_DTYPE, f"w13 and w2 must be {FP8_DTYPE}, got {w13.dtype}, {w2.dtype}")
@@ -140,9 +141,10 @@ def fused_moe_fp8(
     if cfg.get("path") == "pairs":
         x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
         inter = bf16_kernels._empty_output(x, (T * S, I), torch.float32)
-        fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids.contiguous(), out, inter, block, cfg)
+        fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids.contiguous(), out, inter, block, cfg,
+                            x_groups)
         return out
-    x_q, x_s = per_token_group_quant_fp8(hidden_states, block)
+    x_q, x_s = x_groups or per_token_group_quant_fp8(hidden_states, block)
     num_pairs, BM = T * S, cfg["BLOCK_M"]
     sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, E, BM)
     num_blocks = expert_ids.shape[0]

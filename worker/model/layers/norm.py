@@ -9,17 +9,21 @@ class RMSNorm(nn.Module):
     """Zero-centred RMSNorm in fp32: y = x * rsqrt(mean(x^2) + eps) * (1 + w).
 
     Given the residual stream too, it adds x to it first (one fused kernel on the GPU) and returns
-    (normed, new residual)."""
+    (normed, new residual).
+
+    `quant_block` is set where an FP8 layer reads the output (feeds_fp8): the kernel then writes the
+    output's e4m3 groups too, which that layer reads instead of quantising again."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self.quant_block: int | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return kernels.rms_norm(x, self.weight, self.eps, self.quant_block)
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, self.quant_block)
 
 
 class AllReduceRMSNorm(RMSNorm):
@@ -35,16 +39,18 @@ class AllReduceRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return super().forward(x)
-        return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+        return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps, self.quant_block)
 
 
 class GatedRMSNorm(nn.Module):
-    """Norm then gate, with a plain (not zero-centred) weight: y = w * norm(x) * silu(z)."""
+    """Norm then gate, with a plain (not zero-centred) weight: y = w * norm(x) * silu(z). `quant_block` as
+    RMSNorm's, for each token's features (flatten_tokens keeps the groups)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.quant_block: int | None = None
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return kernels.gated_rms_norm(x, z, self.weight, self.eps)
+        return kernels.gated_rms_norm(x, z, self.weight, self.eps, self.quant_block)
