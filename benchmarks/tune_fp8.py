@@ -8,7 +8,8 @@ Shapes are Qwen3-Next-80B's FP8 layers at tp 1 (128 x 128 blocks): GDN in_proj_q
 attention q (with its gate), k/v, q+k+v (the one GEMM the layer runs once loaded) and o projections;
 the MoE with 512 routed experts + the shared one, hidden 2048, intermediate 512. Every candidate is
 timed as CUDA-graph replays over ROTATE weight or routing sets (so L2 does not hold them); the
-fastest wins. Candidates that do not compile
+fastest wins. Inputs that come from a norm in the model come with their e4m3 groups, as the norm writes
+them (NORM_FED, and the MoE's), so the GEMV's own quantisation and its "prequant" are not timed there. Candidates that do not compile
 are skipped. Existing files keep the token counts not swept.
 """
 
@@ -38,8 +39,12 @@ GEMV_MAX = 16  # GEMV candidates are tried up to here
 
 GEMV = [dict(gemv=True, BN=bn, NB=nb, num_warps=w, prequant=pq) for bn, nb, w in [
     (2, 4, 2), (4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 4, 4), (8, 4, 8), (16, 2, 4), (16, 4, 8), (4, 8, 4),
-    (2, 8, 4), (8, 8, 8), (16, 1, 4), (32, 2, 8), (32, 4, 8), (64, 2, 8)]
+    (2, 8, 4), (8, 8, 8), (16, 1, 4), (32, 2, 8), (32, 4, 8), (64, 2, 8),
+    # a program's whole K in its first tile, loaded before the PDL wait (the weights do not depend on it)
+    (1, 16, 2), (1, 16, 4), (2, 16, 4), (4, 16, 8), (8, 16, 8), (1, 32, 4), (2, 32, 4), (2, 32, 8), (4, 32, 8)]
     for pq in (False, True)]  # the features quantised by each program, or by one launch before the GEMV
+# Layers whose input comes from a norm that writes its e4m3 groups (RMSNorm.quant_block): they read those.
+NORM_FED = {"gdn.in_proj_qkvz", "gdn.out_proj", "attn.q_proj", "attn.k_proj", "attn.qkv_proj"}
 GEMM = [dict(BM=bm, BN=bn, GROUP_M=g, num_warps=w, num_stages=s) for bm, bn, g, w, s in [
     (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (16, 32, 1, 4, 5), (32, 64, 4, 4, 4), (32, 128, 4, 4, 4),
     (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 8, 3), (128, 128, 8, 8, 3)]]
@@ -64,9 +69,11 @@ def tune_linear(tokens: list[int], gen, layers: list[str]) -> list[dict]:
                   for _ in range(ROTATE)]
         for m in tokens:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
-            candidates = (GEMV if m <= GEMV_MAX else []) + GEMM
-            us, tile = best_of(candidates, lambda c: [fp8_triton.w8a8_block_fp8_linear(x, w, s, BLOCK, tile=c)
-                                                      for w, s in layers], ROTATE)
+            groups = fp8_triton.per_token_group_quant_fp8(x, BLOCK) if name in NORM_FED else None
+            gemv = [c for c in GEMV if c["NB"] * BLOCK <= max(k, BLOCK) and (groups is None or not c["prequant"])]
+            candidates = (gemv if m <= GEMV_MAX else []) + GEMM
+            us, tile = best_of(candidates, lambda c: [
+                fp8_triton.w8a8_block_fp8_linear(x, w, s, BLOCK, tile=c, x_groups=groups) for w, s in layers], ROTATE)
             weight_bytes = n * k
             points.append(dict(layer=name, n=n, k=k, tokens=m, us=round(us, 2), tile=tile,
                                weight_GBps=round(weight_bytes / us / 1e3, 1)))
@@ -84,10 +91,14 @@ def tune_moe(tokens: list[int], gen) -> list[dict]:
         routes = [moe_triton.select_experts(torch.randn(m, E, device="cuda", generator=gen), TOP_K, True,
                                             shared_gate=True) for _ in range(ROTATE)]
 
-        def run(cfg):
-            return [triton_fp8.fused_moe_fp8(x, w13, w2, w13_s, w2_s, w, i, BLOCK, config=cfg) for w, i in routes]
+        groups = fp8_triton.per_token_group_quant_fp8(x, BLOCK)  # from the norm before the MoE (RMSNorm.quant_block)
 
-        candidates = (MOE_PAIRS if m <= MOE_PAIRS_MAX else []) + MOE_GROUPED
+        def run(cfg):
+            return [triton_fp8.fused_moe_fp8(x, w13, w2, w13_s, w2_s, w, i, BLOCK, config=cfg, x_groups=groups)
+                    for w, i in routes]
+
+        pairs = [c for c in MOE_PAIRS if c["gate_up"]["prequant"]]  # the groups are given: the same kernels
+        candidates = (pairs if m <= MOE_PAIRS_MAX else []) + MOE_GROUPED
         us, cfg = best_of(candidates, run, ROTATE)
         points.append(dict(tokens=m, us=round(us, 2), config=cfg))
         print(json.dumps(points[-1]), file=sys.stderr)
