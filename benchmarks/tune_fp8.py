@@ -49,11 +49,12 @@ GEMM = [dict(BM=bm, BN=bn, GROUP_M=g, num_warps=w, num_stages=s) for bm, bn, g, 
     (16, 64, 1, 4, 4), (16, 128, 1, 4, 4), (16, 32, 1, 4, 5), (32, 64, 4, 4, 4), (32, 128, 4, 4, 4),
     (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 8, 3), (128, 128, 8, 8, 3)]]
 MOE_PAIRS = [{"path": "pairs", "gate_up": dict(BLOCK_N=up_n, NB=nb, num_warps=uw, prequant=pq),
-              "down": dict(BLOCK_N=dn, num_warps=dw, prequant=dpq)}
+              "down": dict(BLOCK_N=dn, NB=dnb, num_warps=dw, prequant=dpq)}
              for up_n, nb, uw in [(4, 4, 4), (8, 2, 4), (16, 2, 4), (1, 16, 2), (1, 8, 2), (2, 16, 4), (2, 8, 2),
                                   (1, 16, 4)]
              for pq in (False, True)  # the activations quantised in gate_up, or by one launch before it
-             for dn, dw in [(4, 4), (8, 8), (16, 8), (2, 2)]
+             # NB 4: the whole intermediate size (512) in the first tile, loaded before the PDL wait
+             for dn, dw, dnb in [(4, 4, 1), (8, 8, 1), (16, 8, 1), (2, 2, 1), (2, 4, 4), (4, 4, 4), (4, 8, 4), (8, 8, 4)]
              for dpq in (False, True) if pq or not dpq]  # the same for down's inputs (only beside gate_up's)
 MOE_GROUPED = [{"BLOCK_M": bm, "gate_up": dict(GROUP_M=g, num_warps=w, num_stages=s),
                 "down": dict(BLOCK_N=dn, GROUP_M=g, num_warps=w, num_stages=s)}

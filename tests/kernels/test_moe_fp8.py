@@ -53,9 +53,10 @@ def test_fp8_decode_path_matches_the_reference(tokens, gate_up_n, nb, down_n, de
     check(tokens, 5, 3, hidden=80, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3, config=config)
 
 
+@pytest.mark.parametrize("down_nb", [1, 2], ids=["down-nb1", "down-whole-k"])
 @pytest.mark.parametrize("stage", ["gate_up", "down"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_fp8_decode_path_prequantised_activations_give_the_same_bits(tokens, stage, device):
+def test_fp8_decode_path_prequantised_activations_give_the_same_bits(tokens, stage, down_nb, device):
     """`"prequant"`: a stage's activations (the token's features for gate_up, the intermediate rows for
     down) quantised by one per_token_group_quant_fp8 launch, the same rounding as the stage's programs'
     own, so the output is bit-identical."""
@@ -65,11 +66,27 @@ def test_fp8_decode_path_prequantised_activations_give_the_same_bits(tokens, sta
     x = randn(tokens, 80, gen=gen, device=device)
     outs = []
     for prequant in (False, True):
-        config = {"path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2), "down": dict(BLOCK_N=8, num_warps=2)}
+        config = {"path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2),
+                  "down": dict(BLOCK_N=8, NB=down_nb, num_warps=2)}
         config[stage]["prequant"] = prequant
         outs.append(tk.fused_moe_fp8(x, topk_weights=topk_weights, topk_ids=topk_ids, block=32, config=config,
                                      **weights))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_fp8_down_stage_whole_k_agrees_with_block_by_block(device):
+    """The down stage loading all of K at once (NB = I / b) sums the blocks in another order: fp32 rounding apart."""
+    gen = generator(13, device)
+    weights = experts(6, 80, 64, 32, gen, device)
+    topk_weights, topk_ids = routing(2, 5, 3, gen, device)
+    x = randn(2, 80, gen=gen, device=device)
+    outs = [tk.fused_moe_fp8(x, topk_weights=topk_weights, topk_ids=topk_ids, block=32, **weights, config={
+        "path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2), "down": dict(BLOCK_N=8, NB=nb, num_warps=2)})
+        for nb in (1, 2)]
+    assert_rel_close(outs[1], outs[0], 1e-5, "whole-K down")
+    with pytest.raises(ValueError, match="must divide"):
+        tk.fused_moe_fp8(x, topk_weights=topk_weights, topk_ids=topk_ids, block=32, **weights, config={
+            "path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2), "down": dict(BLOCK_N=8, NB=4)})
 
 
 @pytest.mark.parametrize("path", ["pairs", "grouped"])

@@ -8,7 +8,8 @@ block-scaled e4m3 experts, in two launches.
    a narrow tile repeats the quantisation otherwise, on the path to its first product), multiplies them
    with the expert's e4m3 rows, sums each block in fp32 and scales it by the group's and the
    weight block's scales. SwiGLU -> inter [T*S, I] in fp32, unrounded;
-2. down: one program per (token, BN rows) quantises each slot's intermediate row per group of b
+2. down: one program per (token, BN rows, NB blocks of K at a time: all of them with NB = I / b, so
+   that every weight it reads is loaded before it waits) quantises each slot's intermediate row per group of b
    (what the grouped kernel's gate_up epilogue does; with `"prequant"` in its config one
    per_token_group_quant_fp8 launch does it once for all programs), multiplies with the [S, BN, b] e4m3 rows of
    all slots' experts at once, scales, weighs by the routing weights and sums the slots in one
@@ -74,8 +75,9 @@ def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, strid
 def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_ids, N, stride_i_p, stride_aq_p,
                             stride_as_p, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_o_t,
                             K: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
-                            BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
+                            BN: tl.constexpr, NB: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
                             PREQUANT: tl.constexpr, PDL: tl.constexpr):
+    """NB blocks of K per step; with NB = K / BLOCK every weight the program reads is loaded before it waits."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < N
@@ -83,28 +85,32 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
     smask = s < S
     pair = t * S + s
     expert = tl.load(topk_ids + pair, mask=smask, other=0).to(tl.int64)  # written before gate_up ran
-    kk = tl.arange(0, BLOCK)
-    w_ptr = (w2 + expert[:, None, None] * stride_w_e + n[None, :, None].to(tl.int64) * stride_w_n
-             + kk[None, None, :])
-    wmask = smask[:, None, None] & nmask[None, :, None]
+    nb = tl.arange(0, NB)
+    k2 = nb[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [NB, BLOCK]
+    w_ptr = (w2 + expert[:, None, None, None] * stride_w_e + n[None, :, None, None].to(tl.int64) * stride_w_n
+             + k2[None, None, :, :])
+    wmask = smask[:, None, None, None] & nmask[None, :, None, None]
     ws_ptr = w2_s + expert[:, None] * stride_ws_e + (n // BLOCK)[None, :].to(tl.int64) * stride_ws_n  # [BS, BN]
-    w = tl.load(w_ptr, mask=wmask, other=0.0)
+    w = tl.load(w_ptr, mask=wmask, other=0.0)  # [BS, BN, NB, BLOCK]
     pdl_enter(PDL)  # gate_up's inter is complete and visible from here on
     acc = tl.zeros([BS, BN], dtype=tl.float32)
-    for kb in range(K // BLOCK):
+    for k0 in range(0, K, NB * BLOCK):
+        kb = k0 // BLOCK + nb
+        a_rows = pair[:, None, None] * stride_i_p + k0 + k2[None, :, :]  # [BS, NB, BLOCK]
         if PREQUANT:  # quantised once by per_token_group_quant_fp8 (the same rounding)
-            aq = tl.load(a_q + pair[:, None] * stride_aq_p + kb * BLOCK + kk[None, :], mask=smask[:, None],
+            aq = tl.load(a_q + pair[:, None, None] * stride_aq_p + k0 + k2[None, :, :], mask=smask[:, None, None],
                          other=0.0).to(tl.float32)
-            a_scale = tl.load(a_s + pair * stride_as_p + kb, mask=smask, other=0.0)
+            a_scale = tl.load(a_s + pair[:, None] * stride_as_p + kb[None, :], mask=smask[:, None], other=0.0)
         else:
-            a = tl.load(inter + pair[:, None] * stride_i_p + kb * BLOCK + kk[None, :], mask=smask[:, None],
-                        other=0.0)
-            aq, a_scale = _quantize_groups(a, FP8_MAX_, MIN_AMAX_)  # [BS, BLOCK], [BS]
-        products = tl.sum(w.to(tl.float32) * aq[:, None, :], 2)  # [BS, BN]
-        w_scale = tl.load(ws_ptr + kb, mask=smask[:, None] & nmask[None, :], other=0.0)
-        acc += products * a_scale[:, None] * w_scale
-        if kb + 1 < K // BLOCK:
-            w = tl.load(w_ptr + (kb + 1) * BLOCK, mask=wmask, other=0.0)
+            a = tl.load(inter + a_rows, mask=smask[:, None, None], other=0.0)
+            aq, a_scale = _quantize_groups(tl.reshape(a, (BS * NB, BLOCK)), FP8_MAX_, MIN_AMAX_)
+            aq, a_scale = tl.reshape(aq, (BS, NB, BLOCK)), tl.reshape(a_scale, (BS, NB))
+        products = tl.sum(w.to(tl.float32) * aq[:, None, :, :], 3)  # [BS, BN, NB]
+        w_scale = tl.load(ws_ptr[:, :, None] + kb[None, None, :], mask=smask[:, None, None] & nmask[None, :, None],
+                          other=0.0)
+        acc += tl.sum(products * a_scale[:, None, :] * w_scale, 2)
+        if k0 + NB * BLOCK < K:
+            w = tl.load(w_ptr + k0 + NB * BLOCK, mask=wmask, other=0.0)
     slot_out = acc * tl.load(topk_weights + pair, mask=smask, other=0.0)[:, None]
     tl.store(out + t * stride_o_t + n, tl.sum(slot_out, 0).to(out.dtype.element_ty), mask=nmask)
 
@@ -127,10 +133,13 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
         w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),
         K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PREQUANT=prequant,
         PDL=pdl, DOWN_PDL=down_pdl, num_warps=up["num_warps"], launch_pdl=pdl)
+    down_nb = down.get("NB", 1)
+    if (I // block) % down_nb:
+        raise ValueError(f"the down stage's NB {down_nb} must divide the {I // block} blocks of the intermediate size")
     down_prequant = bool(down.get("prequant"))
     a_q, a_s = per_token_group_quant_fp8(inter, block) if down_prequant else (inter, inter)
     _down_fp8_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, a_q, a_s, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), a_q.stride(0), a_s.stride(0),
         w2.stride(0), w2.stride(1), w2_s.stride(0), w2_s.stride(1), out.stride(0),
-        K=I, S=S, BS=triton.next_power_of_2(S), BLOCK=block, BN=down["BLOCK_N"], FP8_MAX_=FP8_MAX,
+        K=I, S=S, BS=triton.next_power_of_2(S), BLOCK=block, BN=down["BLOCK_N"], NB=down_nb, FP8_MAX_=FP8_MAX,
         MIN_AMAX_=MIN_AMAX, PREQUANT=down_prequant, PDL=down_pdl, num_warps=down["num_warps"], launch_pdl=down_pdl)
