@@ -1,6 +1,7 @@
 """Which kernels a decode step runs and how long each takes on the GPU, printed as JSON.
 
-    python benchmarks/profile_decode_step.py [--batch 1] [--k 0] [--layers 4] [--quantize fp8] [--out FILE]
+    python benchmarks/profile_decode_step.py [--batch 1] [--k 0] [--layers 4] [--quantize fp8] [--draft-vocab N]
+        [--out FILE]
 
 Qwen3-Next-80B's per-layer shapes with random weights made on the device (`load_format="dummy"`).
 After a few steps, one decode step's graph is replayed under torch.profiler (CUDA activity), and
@@ -10,6 +11,7 @@ of the step is what `bench_engine_vs_hf.py` reports; this says where the rest go
 """
 
 import argparse
+import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -36,12 +38,19 @@ def main():
     parser.add_argument("--replays", type=int, default=10, help="graph replays under the profiler")
     parser.add_argument("--timed-replays", type=int, default=200, help="graph replays timed back to back")
     parser.add_argument("--quantize", choices=["fp8"], default=None, help="the published FP8 layout")
+    parser.add_argument("--draft-vocab", type=int, default=None,
+                        help="k > 0: the MTP head drafts over the first N token ids (speculative_token_map)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model_dir = write_shape_config(Path(tempfile.mkdtemp()), num_layers=args.layers, quantize=args.quantize)
+    map_args = {}
+    if args.draft_vocab:
+        map_path = model_dir / "draft_vocab.json"
+        map_path.write_text(json.dumps(list(range(args.draft_vocab))))
+        map_args = dict(speculative_token_map=str(map_path))
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", load_format="dummy",
                                     speculative_tokens=args.k, max_num_seqs=max(8, args.batch), max_model_len=1024,
-                                    gpu_memory_utilization=0.8))
+                                    gpu_memory_utilization=0.8, **map_args))
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for i in range(args.batch):
@@ -68,7 +77,7 @@ def main():
                     "share": round(us / args.replays / total, 4)} for name, (calls, us) in kernels.items()),
                   key=lambda r: -r["us_per_step"])
     emit(dict(benchmark="profile_decode_step", card=card(), commit=git_commit(), batch=args.batch, k=args.k,
-              layers=args.layers, quantize=args.quantize, pdl=use_pdl(torch.device("cuda")),
+              layers=args.layers, quantize=args.quantize, draft_vocab=args.draft_vocab, pdl=use_pdl(torch.device("cuda")),
               graph_replay_us=round(replay_us, 1), lone_replay=lone, kernel_us_per_step=round(total, 1),
               kernels_per_step=sum(r["calls_per_step"] for r in rows), rows=rows), args.out)
     engine.shutdown()
