@@ -112,7 +112,6 @@ def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
     """[T, ...] -> the [T, K] view of the same features, with the groups attached to x (which cover each
     token's K features)."""
     flat = x.reshape(x.shape[0], -1)
-    groups = getattr(x, _TOKEN_GROUPS, None)
-    if groups is not None:
-        setattr(flat, _TOKEN_GROUPS, groups)
+    if hasattr(x, _TOKEN_GROUPS):
+        setattr(flat, _TOKEN_GROUPS, getattr(x, _TOKEN_GROUPS))
     return flat

@@ -161,6 +161,14 @@ def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, N, stride_xm, strid
     tl.store(c + m * stride_cm + offs_n, acc.to(c.dtype.element_ty), mask=nmask)
 
 
+def gemv_features(x: torch.Tensor, block: int, prequant: bool, x_groups=None):
+    """-> (PREQUANT, x_q, x_s) for a GEMV-style kernel over x's tokens: the groups given (a norm's), else
+    one per_token_group_quant_fp8 launch when the tile asks for it, else x twice (each program quantises)."""
+    if x_groups is not None:
+        return True, *x_groups
+    return (True, *per_token_group_quant_fp8(x, block)) if prequant else (False, x, x)
+
+
 GEMV_MAX_TOKENS = 4  # the GEMV's default up to here
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -225,8 +233,7 @@ def w8a8_block_fp8_linear(
     tile = tile or get_tile(m, n, k, block, x.device)
     if tile.get("gemv"):
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        prequant = x_groups is not None or bool(tile.get("prequant"))
-        x_q, x_s = x_groups or (per_token_group_quant_fp8(x2, block) if prequant else (x2, x2))
+        prequant, x_q, x_s = gemv_features(x2, block, bool(tile.get("prequant")), x_groups)
         _block_fp8_gemv_kernel[(triton.cdiv(n, tile["BN"]), m)](
             x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
             x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),

@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from worker.kernels.fp8.quant import FP8_MAX, MIN_AMAX
-from worker.kernels.fp8.triton import _quantize_groups, per_token_group_quant_fp8
+from worker.kernels.fp8.triton import _quantize_groups, gemv_features, per_token_group_quant_fp8
 from worker.kernels.pdl import pdl_enter, use_pdl
 
 
@@ -126,8 +126,7 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
     pdl = use_pdl(x.device)
     down_pdl = cfg.get("pdl", True) and pdl
     up_bn = min(up["BLOCK_N"], block)
-    prequant = x_groups is not None or bool(up.get("prequant"))
-    x_q, x_s = x_groups or (per_token_group_quant_fp8(x, block) if prequant else (x, x))
+    prequant, x_q, x_s = gemv_features(x, block, bool(up.get("prequant")), x_groups)
     _gate_up_fp8_pairs_kernel[(T * S, I // up_bn)](
         x, x_q, x_s, w13, w13_s, inter, topk_ids, I, x.stride(0), x_q.stride(0), x_s.stride(0), w13.stride(0),
         w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),
