@@ -47,8 +47,8 @@ class MTPProposer:
 
     Pass 1 runs the MTP's attention over every row the target ran (so its KV cache stays complete),
     reading for row i the token after position i; rows past a rejection read garbage but only write KV
-    at positions the next step overwrites. Only the anchor rows go on through its MLP. Further drafts
-    chain the MTP on its own post-norm output.
+    at positions the next step overwrites. Only the anchor rows' queries attend, and only they go on
+    through its MLP. Further drafts chain the MTP on its own post-norm output.
     """
 
     drafts_in_graph = True
@@ -78,14 +78,16 @@ class MTPProposer:
         next_ids = torch.roll(input_ids, -1)
         next_ids[anchor_rows] = anchor_next_ids
         rows = anchor_rows if sampled is None else anchor_rows[sampled]
-        with forward_context(StepContext(attn)):  # the MLP and the norm after it only for the anchor rows
+        block_tables = attn.block_tables if sampled is None else attn.block_tables[sampled]
+        cu_seqlens = self._cu_seqlens(rows.shape[0], rows.device)
+        # The anchor rows alone attend (every row writes its KV), then go on through the MLP and the norm after it.
+        ctx = StepContext(attn, output_attn=self._anchor_metadata(attn, rows, sampled, block_tables, cu_seqlens))
+        with forward_context(ctx):
             hidden = self.model.forward_mtp(next_ids, positions, hidden_states, output_rows=rows)
         drafts = [self._best_token(hidden)]
         if self.num_spec_tokens == 1:
             return drafts[0][:, None]
         positions = positions[rows]
-        block_tables = attn.block_tables if sampled is None else attn.block_tables[sampled]
-        cu_seqlens = self._cu_seqlens(positions.shape[0], positions.device)
         for step in range(1, self.num_spec_tokens):
             positions = positions + 1
             ctx = StepContext(self._single_row_metadata(positions, block_tables, cu_seqlens,
@@ -109,6 +111,23 @@ class MTPProposer:
             bounds = torch.arange(num_seqs + 1, dtype=torch.int32, device=device)
             self._row_bounds[device] = bounds
         return bounds[: num_seqs + 1]
+
+    @staticmethod
+    def _anchor_metadata(attn: AttentionMetadata, rows: torch.Tensor, sampled: torch.Tensor | None,
+                         block_tables: torch.Tensor, cu_seqlens: torch.Tensor) -> AttentionMetadata:
+        """The first pass's attention of the anchor rows alone: row r of sequence s sees the keys up to its
+        position, the step's context length of s less the rows of s after r."""
+        ends, context_lens = attn.cu_seqlens_q[1:], attn.context_lens
+        if sampled is not None:
+            ends, context_lens = ends[sampled], context_lens[sampled]
+        return AttentionMetadata(
+            cu_seqlens_q=cu_seqlens,
+            context_lens=(context_lens - (ends - 1 - rows)).to(torch.int32),
+            slot_mapping=attn.slot_mapping,  # unread: the KV of every row is written with the step's metadata
+            block_tables=block_tables,
+            max_seqlen_q=1,
+            max_context_len=attn.max_context_len,
+        )
 
     def _single_row_metadata(self, positions: torch.Tensor, block_tables: torch.Tensor, cu_seqlens: torch.Tensor,
                              max_context_len: int, row_valid: torch.Tensor | None) -> AttentionMetadata:

@@ -46,8 +46,12 @@ class GatedAttention(nn.Module):
         if self.qkv is None:
             self.qkv = MergedColumnLinear.of([self.q_proj, self.k_proj, self.v_proj])
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        meta = get_context().attn
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [T, H], or with `output_rows` [R] the rows [R, H]: every row's K and V still go into the cache;
+        with the step context's `output_attn` only those rows' queries attend (else all do, then are picked)."""
+        ctx = get_context()
+        meta = ctx.attn
         tokens = hidden_states.shape[0]
         query_gate, key, value = project_columns(self.qkv, [self.q_proj, self.k_proj, self.v_proj], hidden_states)
         query, gate = query_gate.view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
@@ -57,8 +61,12 @@ class GatedAttention(nn.Module):
             query, key, value, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary.cos_sin, positions,
             self.k_cache, self.v_cache, meta.slot_mapping,
         )
+        if output_rows is not None and ctx.output_attn is not None:
+            query, gate, meta, tokens = query[output_rows], gate[output_rows], ctx.output_attn, output_rows.shape[0]
+            output_rows = None
         out = kernels.paged_attention(
             query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
             meta.max_context_len, output_gate=gate,  # gate read in place: no copy of the strided half
         )
-        return self.o_proj(out.reshape(tokens, -1))
+        out = out.reshape(tokens, -1)
+        return self.o_proj(out if output_rows is None else out[output_rows])

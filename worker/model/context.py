@@ -51,6 +51,10 @@ class GDNMetadata:
 class StepContext:
     attn: AttentionMetadata
     gdn: GDNMetadata | None = None
+    # The attention of a pass whose layers output some rows only (DecoderLayer's `output_rows`, the MTP's
+    # first pass): one query row per sequence, those rows' context lengths. Every row still writes its KV
+    # (`attn.slot_mapping`); None: every row attends and the rows are picked after.
+    output_attn: AttentionMetadata | None = None
 
 
 _CONTEXT: StepContext | None = None

@@ -50,14 +50,18 @@ class DecoderLayer(nn.Module):
                 output_rows: torch.Tensor | None = None):
         """-> (this layer's MLP output, a per-rank partial sum; the residual stream before it): the next
         norm reduces the first and adds the two. With `output_rows` [R], only those rows come out: the token
-        mixer still runs on every row (it writes their caches), the MLP on those rows alone."""
+        mixer still runs on every row (it writes their caches; attention attends those rows only where the
+        step context has their `output_attn`), the MLP on those rows alone."""
         if residual is None:
             residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        mixed = self.token_mixer(positions, hidden_states)
-        if output_rows is not None:
-            mixed, residual = mixed[output_rows], residual[output_rows]
+        if output_rows is None:
+            mixed = self.token_mixer(positions, hidden_states)
+        elif self.layer_type == "linear_attention":
+            mixed, residual = self.linear_attn(positions, hidden_states)[output_rows], residual[output_rows]
+        else:
+            mixed, residual = self.self_attn(positions, hidden_states, output_rows), residual[output_rows]
         hidden_states, residual = self.post_attention_layernorm(mixed, residual)
         return self.mlp(hidden_states), residual
 
