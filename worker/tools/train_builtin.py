@@ -2,12 +2,16 @@
 
     python -m worker.tools.train_builtin --out DIR [--time-budget-s 480] [--device cuda]
     python -m worker.tools.train_builtin --out DIR --smoke      # a few CPU steps on a tiny subset (CI)
+    python -m worker.tools.train_builtin --out DIR --mtp-from TRAINED [--time-budget-s 240]
+                                          # the MTP head alone, distilled from TRAINED's frozen main model
 
 Writes DIR in the published HF layout (config.json, generation_config.json, tokenizer files with the
 ChatML template, bf16 model.safetensors with mtp.*) plus DIR/train_report.json: the data used, the
 held-out figures, the checks run and the time each phase took. Training runs transformers'
 Qwen3NextForCausalLM on its torch paths (worker/tools/builtin/model.py) with the MTP loss on t+2 and
 on the chained draft step's t+3; it stops at --max-steps or when --time-budget-s of training is spent.
+With --mtp-from, the main model and tokenizer are TRAINED's, frozen, and only the head trains, on the main
+model's own distributions (worker/tools/builtin/distill.py); the report keeps TRAINED's training record.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     parser.add_argument("--val-every-s", type=float, default=30.0, help="seconds between validation passes")
+    parser.add_argument("--mtp-from", type=Path, default=None,
+                        help="a trained folder: keep its main model and tokenizer, distill its MTP head anew")
     args = parser.parse_args(argv)
     recipe = RECIPES["smoke" if args.smoke else "builtin"]
     overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
@@ -102,7 +108,10 @@ def main(argv=None) -> int:
     import torch
 
     from worker.tools.builtin import corpus as data
-    from worker.tools.builtin.export import reload_loss, round_to_bf16_, round_trip_difference, save_folder
+    from tokenizers import Tokenizer
+
+    from worker.tools.builtin.distill import distill_mtp
+    from worker.tools.builtin.export import load_folder, reload_loss, round_to_bf16_, round_trip_difference, save_folder
     from worker.tools.builtin.metrics import evaluate, windows
     from worker.tools.builtin.model import BuiltinModel, check_causal, check_dense_experts
     from worker.tools.builtin.training import log, train
@@ -124,12 +133,19 @@ def main(argv=None) -> int:
     if recipe.corpus_subset:
         corpus = data.smoke_subset(corpus, recipe.corpus_subset)
     phase("read_corpus")
-    tokenizer = data.build_tokenizer(corpus, recipe.architecture["vocab_size"])
+    if args.mtp_from is None:
+        tokenizer = data.build_tokenizer(corpus, recipe.architecture["vocab_size"])
+    else:
+        tokenizer = Tokenizer.from_file(str(args.mtp_from / "tokenizer.json"))
     streams = {name: data.token_stream(tokenizer, corpus.split(name)) for name in data.SPLITS}
     phase("tokenizer")
-    token_ids = {t: tokenizer.token_to_id(t) for t in (ENDOFTEXT, IM_END)}
-    config_json = published_config(recipe.architecture, "bfloat16", token_ids)
-    model = BuiltinModel(config_json, dropout=args.dropout).to(device)
+    if args.mtp_from is None:
+        token_ids = {t: tokenizer.token_to_id(t) for t in (ENDOFTEXT, IM_END)}
+        config_json = published_config(recipe.architecture, "bfloat16", token_ids)
+        model = BuiltinModel(config_json, dropout=args.dropout).to(device)
+    else:
+        model = load_folder(args.mtp_from, dropout=args.dropout).to(device)
+        config_json = model.config_json
     checks = {"dense_experts_max_diff": check_dense_experts(model), "causal_at_init": check_causal(model)}
     phase("build_and_check")
     log(f"Python {platform.python_version()}: {len(corpus.files)} stdlib files, tokens "
@@ -140,13 +156,15 @@ def main(argv=None) -> int:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     val = windows(streams["val"], recipe.seq_len, recipe.val_windows)
-    progress, trained_s = train(model, args, recipe, streams["train"].to(device), val, device, autocast)
+    fit = train if args.mtp_from is None else distill_mtp
+    progress, trained_s = fit(model, args, recipe, streams["train"].to(device), val, device, autocast)
     phase("train")
 
     kept = "final"
     if progress.best_state is not None and progress.best_step != progress.step:
         model.load_state_dict(progress.best_state)
-        kept = f"best validation (top1 + mtp_agreement) / 2, step {progress.best_step}"
+        score = "(top1 + mtp_agreement) / 2" if args.mtp_from is None else "mean accepted length at k = 2"
+        kept = f"best validation {score}, step {progress.best_step}"
     progress.best_state = None
     round_to_bf16_(model)
     files = save_folder(out_dir, model, tokenizer, config_json)
@@ -180,6 +198,9 @@ def main(argv=None) -> int:
 
     report = build_report(args, recipe, corpus, streams, tokenizer, model, device, precision, progress, trained_s,
                           kept, results, checks, files, sample, timings, time.monotonic() - started)
+    if args.mtp_from is not None:
+        report["training"]["stage"] = "mtp_distillation: the main model frozen, the head on its distributions"
+        report["base"] = base_record(args.mtp_from)
     report["errors"] = errors
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log(json.dumps({k: report[k] for k in ("heldout", "targets", "training", "errors")}, indent=2))
@@ -249,6 +270,17 @@ def build_report(args, recipe, corpus, streams, tokenizer, model, device, precis
         "timings_s": timings,
         "recipe": asdict(recipe),
     }
+
+
+def base_record(trained: Path) -> dict:
+    """Where the frozen main model came from: its folder's own training record, as far as it has one."""
+    path = trained / "train_report.json"
+    source = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    record = {"from": str(trained)}
+    for key in ("base", "training", "val_curve", "heldout"):
+        if key in source:
+            record[key] = source[key]
+    return record
 
 
 def _device_name(device) -> str:

@@ -53,11 +53,12 @@ def _unstack(name: str, tensor: torch.Tensor):
             yield f"{prefix}.{expert}.up_proj.weight", up
 
 
-def load_folder(model_dir: Path):
-    """The saved folder back as a float32 BuiltinModel (the inverse of `published_tensors`)."""
+def load_folder(model_dir: Path, dropout: float = 0.0):
+    """The saved folder back as a float32 BuiltinModel (the inverse of `published_tensors`), in eval mode;
+    dropout as BuiltinModel takes it, for training on."""
     from worker.tools.builtin.model import BuiltinModel
 
-    model = BuiltinModel(json.loads((Path(model_dir) / "config.json").read_text()))
+    model = BuiltinModel(json.loads((Path(model_dir) / "config.json").read_text()), dropout=dropout)
     tensors = {name: t.float() for name, t in load_file(Path(model_dir) / "model.safetensors").items()}
     for prefix, module in (("", model.lm), ("mtp.", model.mtp)):
         state = {}
