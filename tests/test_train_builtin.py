@@ -110,3 +110,65 @@ def test_engine_computes_what_was_trained(smoke_run):
     assert max_diff(ours.compute_logits(drafted), expected.mtp[0]) < ATOL, "first draft step"
     chained = _run_mtp(driver, seq, [tokens[num_rows + 1]], num_rows, drafted[-1:], step=1)
     assert max_diff(ours.compute_logits(chained), expected.chain[0, -1:]) < ATOL, "chained draft step"
+
+
+@pytest.fixture(scope="module")
+def distilled_run(smoke_run, tmp_path_factory):
+    """--mtp-from on the smoke folder, 4 steps with validation only at the start and the end."""
+    trained, _ = smoke_run
+    out = tmp_path_factory.mktemp("distill-builtin") / "builtin-smoke-distilled"
+    path = os.pathsep.join([str(REPO), str(REPO / "proto"), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-m", "worker.tools.train_builtin", "--out", str(out), "--smoke",
+                          "--max-steps", "4", "--mtp-from", str(trained)],
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return trained, out, run.stdout
+
+
+def test_distilled_folder_keeps_the_main_model_and_tokenizer(distilled_run):
+    trained, out, stdout = distilled_run
+    assert "step 1 kl" in stdout and "accepted_len_k2" in stdout
+    with safe_open(str(trained / "model.safetensors"), framework="pt") as base, \
+            safe_open(str(out / "model.safetensors"), framework="pt") as new:
+        assert set(base.keys()) == set(new.keys())
+        for name in base.keys():
+            if not name.startswith("mtp."):
+                assert torch.equal(base.get_tensor(name), new.get_tensor(name)), name
+    assert (trained / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["errors"] == {}
+    assert report["training"]["stage"].startswith("mtp_distillation") and report["training"]["steps"] == 4
+    assert report["base"]["from"] == str(trained) and report["base"]["training"]["steps"] == 3
+    assert "mean accepted length at k = 2" in report["training"]["weights_kept"] or \
+        report["training"]["weights_kept"] == "final"
+
+
+def test_distillation_trains_the_head_alone():
+    """A few steps move every head tensor and no main-model tensor; the loss is zero where the head already
+    predicts the teacher's shifted distributions."""
+    import contextlib
+    from argparse import Namespace
+
+    from worker.tools.builtin.distill import distill_mtp, distillation_losses
+    from worker.tools.builtin.model import BuiltinModel
+    from worker.tools.train_builtin import RECIPES
+    from worker.tools.tiny_checkpoint import published_config
+
+    recipe = RECIPES["smoke"]
+    torch.manual_seed(0)
+    model = BuiltinModel(published_config(recipe.architecture, "bfloat16", {"<|endoftext|>": 0, "<|im_end|>": 1}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stream = torch.arange(4000) * 7919 % recipe.architecture["vocab_size"]
+    args = Namespace(weight_decay=0.0, lr=1e-2, warmup_steps=1, min_lr_ratio=1.0, seed=0, mtp_chain_weight=0.5,
+                     time_budget_s=600.0, log_every=100, val_every_s=1e9)
+    val = stream[: 2 * (recipe.seq_len + 3)].view(2, -1)
+    progress, _ = distill_mtp(model, args, recipe, stream, val, torch.device("cpu"), contextlib.nullcontext())
+    assert progress.step == recipe.max_steps and len(progress.val_curve) == 2
+    after = model.state_dict()
+    for name, tensor in before.items():
+        moved = not torch.equal(tensor, after[name])
+        assert moved == name.startswith("mtp."), name
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(1))
+    first, second = distillation_losses(logits, torch.roll(logits, -1, 1), torch.roll(logits, -2, 1))
+    assert first.abs() < 1e-6 and second.abs() < 1e-6
