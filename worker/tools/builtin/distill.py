@@ -9,14 +9,11 @@ soft targets from a fixed teacher let the head train longer without learning the
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 import torch.nn.functional as F
 
-from worker.tools.builtin.metrics import evaluate, random_windows
-from worker.tools.builtin.training import Progress, learning_rate, log
+from worker.tools.builtin.metrics import evaluate
+from worker.tools.builtin.training import Objective, Progress, fit, record_validation
 
 
 def distillation_losses(main: torch.Tensor, mtp: torch.Tensor, chain: torch.Tensor | None):
@@ -36,61 +33,18 @@ def distill_mtp(model, args, recipe, train_stream, val, device, autocast):
     """Train model.mtp alone; -> (Progress with the best validation state, seconds trained)."""
     for p in model.lm.parameters():
         p.requires_grad_(False)
-    params = list(model.mtp.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    chain = args.mtp_chain_weight > 0
-    progress = Progress()
-    running = torch.zeros(2, device=device)
-    start = last_val = time.monotonic()
-    logged_step = 0
-    _train_head_only(model)
-    validate_head(model, val, recipe, autocast, progress, 0.0)
-    while True:
-        elapsed = time.monotonic() - start
-        if recipe.max_steps and progress.step >= recipe.max_steps:
-            progress.stopped_by = "max_steps"
-            break
-        if elapsed >= args.time_budget_s:
-            progress.stopped_by = "time_budget"
-            break
-        fraction = max(elapsed / args.time_budget_s, progress.step / recipe.max_steps if recipe.max_steps else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, progress.step, fraction)
-        batch = random_windows(train_stream, recipe.seq_len, recipe.batch_size, generator)
+
+    def loss(batch):
         with autocast:
-            out = model(batch, chain=chain)
+            out = model(batch, chain=args.mtp_chain_weight > 0)
             first, second = distillation_losses(out.main, out.mtp, out.chain)
-        loss = first + args.mtp_chain_weight * second
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        running += torch.stack([first.detach(), second.detach()])
-        progress.step += 1
-        progress.tokens += batch.shape[0] * recipe.seq_len
-        if progress.step % args.log_every == 0 or progress.step == 1:
-            means = (running / (progress.step - logged_step)).tolist()
-            running.zero_()
-            if not all(math.isfinite(x) for x in means):
-                progress.stopped_by = f"non-finite loss by step {progress.step}: {means}"
-                log(progress.stopped_by)
-                break
-            log(f"step {progress.step} kl {means[0]:.4f} chain kl {means[1]:.4f} "
-                f"elapsed {time.monotonic() - start:.0f} s")
-            logged_step = progress.step
-        if time.monotonic() - last_val >= args.val_every_s:
-            validate_head(model, val, recipe, autocast, progress, time.monotonic() - start)
-            last_val = time.monotonic()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    trained_s = time.monotonic() - start
-    validate_head(model, val, recipe, autocast, progress, trained_s)
-    return progress, trained_s
+        return first + args.mtp_chain_weight * second, torch.stack([first.detach(), second.detach()])
+
+    _train_head_only(model)
+    objective = Objective(list(model.mtp.parameters()), loss, lambda m: f"kl {m[0]:.4f} chain kl {m[1]:.4f}",
+                          lambda progress, at_s: validate_head(model, val, recipe, autocast, progress, at_s),
+                          num_parts=2, validate_first=True)
+    return fit(objective, args, recipe, train_stream, device)
 
 
 def _train_head_only(model) -> None:
@@ -104,10 +58,6 @@ def validate_head(model, val, recipe, autocast, progress: Progress, at_s: float)
     result = evaluate(model, val, recipe.batch_size, autocast, chain=True)
     _train_head_only(model)
     point = {"step": progress.step, "time_s": round(at_s, 1), "mtp_agreement": result["mtp_agreement"],
-             "chain_agreement": result["chain_agreement"], "score": result["mean_accepted_len_k2"]}
-    progress.val_curve.append(point)
-    log(f"val step {progress.step}: mtp_agreement {point['mtp_agreement']:.4f} "
-        f"chain_agreement {point['chain_agreement']:.4f} accepted_len_k2 {point['score']:.4f}")
-    if math.isfinite(point["score"]) and point["score"] > progress.best_score:
-        progress.best_score, progress.best_step = point["score"], progress.step
-        progress.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+             "chain_agreement": result["chain_agreement"], "accepted_len_k2": result["mean_accepted_len_k2"],
+             "score": result["mean_accepted_len_k2"]}
+    record_validation(model, progress, point, ("mtp_agreement", "chain_agreement", "accepted_len_k2"))
