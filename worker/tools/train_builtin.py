@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     use_torch_paths()
     import torch
 
-    from worker.tools.builtin import corpus as data
     from tokenizers import Tokenizer
 
+    from worker.tools.builtin import corpus as data
     from worker.tools.builtin.distill import distill_mtp
     from worker.tools.builtin.export import load_folder, reload_loss, round_to_bf16_, round_trip_difference, save_folder
     from worker.tools.builtin.metrics import evaluate, windows
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     val = windows(streams["val"], recipe.seq_len, recipe.val_windows)
-    fit = train if args.mtp_from is None else distill_mtp
-    progress, trained_s = fit(model, args, recipe, streams["train"].to(device), val, device, autocast)
+    run_training = train if args.mtp_from is None else distill_mtp
+    progress, trained_s = run_training(model, args, recipe, streams["train"].to(device), val, device, autocast)
     phase("train")
 
     kept = "final"
