@@ -1,6 +1,7 @@
 """MTP speculative decoding on the CPU with the built-in model: tokens/s at k = 1, 2, 3 against k = 0 in one run.
 
     python benchmarks/bench_builtin_cpu.py [--batches 1 8] [--ks 0 1 2 3] [--max-tokens 128] [--repeats 3] [--out FILE]
+                                           [--model DIR]   # a candidate folder instead of the built-in model
 
 Greedy continuations of the held-out code prompts (worker/tools/builtin/heldout.py), batch b taking the
 first b of them. Each (batch, k) is timed --repeats times after a warm-up. The ks take turns within each
@@ -96,12 +97,13 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--model", default=None, help="a model folder (default: the built-in model)")
     args = parser.parse_args()
     if max(args.batches) > len(HELD_OUT_PROMPTS):
         parser.error(f"at most {len(HELD_OUT_PROMPTS)} prompts (the held-out set)")
     if 0 not in args.ks:
         parser.error("k = 0 is the baseline: keep it in --ks")
-    llms = {k: LLM(speculative_tokens=k, max_num_seqs=max(args.batches)) for k in args.ks}
+    llms = {k: LLM(model=args.model, speculative_tokens=k, max_num_seqs=max(args.batches)) for k in args.ks}
     baseline = llms[0]
     prompts, model = [baseline.tokenizer.encode(p) for p in HELD_OUT_PROMPTS], str(baseline.model_dir)
     warm_up = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

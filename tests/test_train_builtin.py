@@ -114,12 +114,13 @@ def test_engine_computes_what_was_trained(smoke_run):
 
 @pytest.fixture(scope="module")
 def distilled_run(smoke_run, tmp_path_factory):
-    """--mtp-from on the smoke folder, 4 steps with validation only at the start and the end."""
+    """--mtp-from on the smoke folder, 4 steps (2 of them on its main model's own text) with validation only at
+    the start and the end."""
     trained, _ = smoke_run
     out = tmp_path_factory.mktemp("distill-builtin") / "builtin-smoke-distilled"
     path = os.pathsep.join([str(REPO), str(REPO / "proto"), os.environ.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-m", "worker.tools.train_builtin", "--out", str(out), "--smoke",
-                          "--max-steps", "4", "--mtp-from", str(trained)],
+                          "--max-steps", "4", "--mtp-from", str(trained), "--generated-seqs", "6"],
                          cwd=REPO, env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True,
                          timeout=120, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -142,6 +143,32 @@ def test_distilled_folder_keeps_the_main_model_and_tokenizer(distilled_run):
     assert report["base"]["from"] == str(trained) and report["base"]["training"]["steps"] == 3
     assert "mean accepted length at k = 2" in report["training"]["weights_kept"] or \
         report["training"]["weights_kept"] == "final"
+    own = report["own_text"]
+    assert own["sequences"] == {"train": 6, "val": 4, "heldout": 8} and own["prompt_tokens"] == 8
+    assert own["heldout_start"]["tokens"] == own["heldout_trained"]["tokens"] == 8 * 21
+    assert all("own_accepted_len_k2" in point for point in report["val_curve"])
+    # 2 corpus steps of 4 x 64 rows, 2 of 4 * 67 // 24 = 11 continuations of 21 rows
+    assert report["training"]["tokens_seen"] == 2 * 4 * 64 + 2 * 11 * 21
+
+
+def test_greedy_continuations_are_the_models_argmax():
+    """The cached continuation's every token is the argmax of the model run afresh on all before it (within
+    rounding: a near-tie may go either way)."""
+    from worker.tools.builtin.generated import greedy_continuations
+    from worker.tools.builtin.model import BuiltinModel
+    from worker.tools.train_builtin import RECIPES
+    from worker.tools.tiny_checkpoint import published_config
+
+    recipe = RECIPES["smoke"]
+    torch.manual_seed(0)
+    model = BuiltinModel(published_config(recipe.architecture, "bfloat16", {"<|endoftext|>": 0, "<|im_end|>": 1}))
+    prompts = (torch.arange(3 * 7).view(3, 7) * 7919) % recipe.architecture["vocab_size"]
+    tokens = greedy_continuations(model.lm, prompts, 12, batch_size=2)
+    assert tokens.shape == (3, 19) and torch.equal(tokens[:, :7], prompts)
+    with torch.no_grad():
+        logits = model.lm(input_ids=tokens[:, :-1], use_cache=False).logits[:, 6:]
+    chosen = logits.gather(-1, tokens[:, 7:, None]).squeeze(-1)
+    assert (logits.amax(-1) - chosen).max() < 1e-4
 
 
 def test_distillation_trains_the_head_alone():

@@ -2,7 +2,7 @@
 
     python -m worker.tools.train_builtin --out DIR [--time-budget-s 480] [--device cuda]
     python -m worker.tools.train_builtin --out DIR --smoke      # a few CPU steps on a tiny subset (CI)
-    python -m worker.tools.train_builtin --out DIR --mtp-from TRAINED [--time-budget-s 240]
+    python -m worker.tools.train_builtin --out DIR --mtp-from TRAINED [--time-budget-s 240] [--generated-seqs N]
                                           # the MTP head alone, distilled from TRAINED's frozen main model
 
 Writes DIR in the published HF layout (config.json, generation_config.json, tokenizer files with the
@@ -11,7 +11,9 @@ held-out figures, the checks run and the time each phase took. Training runs tra
 Qwen3NextForCausalLM on its torch paths (worker/tools/builtin/model.py) with the MTP loss on t+2 and
 on the chained draft step's t+3; it stops at --max-steps or when --time-budget-s of training is spent.
 With --mtp-from, the main model and tokenizer are TRAINED's, frozen, and only the head trains, on the main
-model's own distributions (worker/tools/builtin/distill.py); the report keeps TRAINED's training record.
+model's own distributions (worker/tools/builtin/distill.py), on the corpus and on N of the main model's own
+greedy continuations; the report keeps TRAINED's training record and compares the starting and the trained
+head on the main model's continuations of held-out windows (`own_text`).
 """
 
 from __future__ import annotations
@@ -55,13 +57,15 @@ class Recipe:
     max_eval_windows: int | None = None
     val_windows: int = 64  # of the val split, for the curve and the choice of the weights kept
     sample_tokens: int = 64
+    generated_prompt_tokens: int = 32  # --mtp-from: the real text before each of the main model's continuations
+    generated_new_tokens: int = 160
 
 
 RECIPES = {
     "builtin": Recipe(BUILTIN_ARCHITECTURE),
     "smoke": Recipe(SMOKE_ARCHITECTURE, seq_len=64, batch_size=4, max_steps=3,
                     corpus_subset={"train": 24, "val": 2, "eval": 3}, max_eval_windows=8, val_windows=4,
-                    sample_tokens=8),
+                    sample_tokens=8, generated_prompt_tokens=8, generated_new_tokens=16),
 }
 
 
@@ -92,6 +96,11 @@ def parse_args(argv):
     parser.add_argument("--val-every-s", type=float, default=30.0, help="seconds between validation passes")
     parser.add_argument("--mtp-from", type=Path, default=None,
                         help="a trained folder: keep its main model and tokenizer, distill its MTP head anew")
+    parser.add_argument("--generated-seqs", type=int, default=0,
+                        help="--mtp-from: train also on this many of the main model's greedy continuations")
+    parser.add_argument("--generated-fraction", type=float, default=0.5,
+                        help="the share of steps whose batch is taken from those continuations")
+    parser.add_argument("--generation-batch", type=int, default=256, help="sequences generated at once")
     args = parser.parse_args(argv)
     recipe = RECIPES["smoke" if args.smoke else "builtin"]
     overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
     from tokenizers import Tokenizer
 
     from worker.tools.builtin import corpus as data
-    from worker.tools.builtin.distill import distill_mtp
+    from worker.tools.builtin.distill import distill_mtp, own_text
     from worker.tools.builtin.export import load_folder, reload_loss, round_to_bf16_, round_trip_difference, save_folder
     from worker.tools.builtin.metrics import evaluate, windows
     from worker.tools.builtin.model import BuiltinModel, check_causal, check_dense_experts
@@ -156,8 +165,17 @@ def main(argv=None) -> int:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     val = windows(streams["val"], recipe.seq_len, recipe.val_windows)
-    run_training = train if args.mtp_from is None else distill_mtp
-    progress, trained_s = run_training(model, args, recipe, streams["train"].to(device), val, device, autocast)
+    eval_windows = windows(streams["eval"], recipe.seq_len, recipe.max_eval_windows)
+    own, start_figures = None, None
+    if args.mtp_from is None:
+        progress, trained_s = train(model, args, recipe, streams["train"].to(device), val, device, autocast)
+    else:
+        own = own_text(model, streams["train"], val, eval_windows[: 2 * recipe.val_windows], recipe, args, device)
+        log(f"the main model's own text: {own.summary()}")
+        start_figures = evaluate(model, own.heldout, recipe.batch_size, autocast)
+        phase("generate")
+        progress, trained_s = distill_mtp(model, args, recipe, streams["train"].to(device), val, device, autocast,
+                                          own)
     phase("train")
 
     kept = "final"
@@ -174,10 +192,12 @@ def main(argv=None) -> int:
     errors = {}
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    eval_windows = windows(streams["eval"], recipe.seq_len, recipe.max_eval_windows)
     train_windows = windows(streams["train"], recipe.seq_len, len(eval_windows))
     results = {name: attempt(errors, name, evaluate, model, batches, recipe.batch_size)
                for name, batches in (("heldout", eval_windows), ("val", val), ("train_sample", train_windows))}
+    if own is not None:
+        results["heldout_own_text"] = attempt(errors, "heldout_own_text", evaluate, model, own.heldout,
+                                              recipe.batch_size)
     checks["causal_trained"] = attempt(errors, "causal_trained", check_causal, model)
     phase("evaluate")
     reloaded = attempt(errors, "transformers_reload", reload_loss, out_dir, eval_windows, recipe.batch_size, device)
@@ -201,6 +221,8 @@ def main(argv=None) -> int:
     if args.mtp_from is not None:
         report["training"]["stage"] = "mtp_distillation: the main model frozen, the head on its distributions"
         report["base"] = base_record(args.mtp_from)
+        report["own_text"] = {**own.summary(), "heldout_start": start_figures,
+                              "heldout_trained": results["heldout_own_text"]}
     report["errors"] = errors
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log(json.dumps({k: report[k] for k in ("heldout", "targets", "training", "errors")}, indent=2))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from worker.tools.builtin.metrics import evaluate, random_windows
+from worker.tools.builtin.metrics import WINDOW_EXTRA, evaluate, random_windows
 from worker.tools.builtin.model import router_aux_loss
 
 
@@ -65,11 +65,12 @@ def train(model, args, recipe, train_stream, val, device, autocast):
                           lambda progress, at_s: validate(model, val, recipe, autocast, progress, at_s),
                           num_parts=4, max_tokens=args.max_epochs * train_stream.numel())
     model.train()
-    return fit(objective, args, recipe, train_stream, device)
+    return fit(objective, args, recipe, lambda g: random_windows(train_stream, T, recipe.batch_size, g), device)
 
 
-def fit(objective: Objective, args, recipe, train_stream, device):
-    """AdamW over the objective's parameters until a budget is spent; the model's modes are the caller's."""
+def fit(objective: Objective, args, recipe, draw_batch: Callable[[torch.Generator], torch.Tensor], device):
+    """AdamW over the objective's parameters until a budget is spent; the model's modes are the caller's.
+    draw_batch(generator) -> [B, T + 3] tokens on the device."""
     decay = [p for p in objective.params if p.dim() >= 2]
     no_decay = [p for p in objective.params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -94,7 +95,7 @@ def fit(objective: Objective, args, recipe, train_stream, device):
         lr = learning_rate(args, progress.step, fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = random_windows(train_stream, recipe.seq_len, recipe.batch_size, generator)
+        batch = draw_batch(generator)
         loss, parts = objective.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,7 +103,7 @@ def fit(objective: Objective, args, recipe, train_stream, device):
         optimizer.step()
         running += parts
         progress.step += 1
-        progress.tokens += batch.shape[0] * recipe.seq_len
+        progress.tokens += batch.shape[0] * (batch.shape[1] - WINDOW_EXTRA)
         if progress.step % args.log_every == 0 or progress.step == 1:
             means = (running / (progress.step - logged_step)).tolist()
             running.zero_()
