@@ -1,4 +1,4 @@
-"""The built-in model (worker/assets/builtin-code-v1): shipped as trained, served when no model is given,
+"""The built-in model (worker/assets/builtin-code-v2): shipped as trained, served when no model is given,
 equal to transformers where its greedy choices are decided, and with an MTP head that really drafts.
 
 The prompts open functions of standard-library modules held out of training (worker/tools/builtin/heldout.py)."""

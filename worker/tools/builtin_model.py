@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 # The name changes whenever the weights do; a cache holding another version is left alone, never served.
-BUILTIN_MODEL_NAME = "builtin-code-v1"
+BUILTIN_MODEL_NAME = "builtin-code-v2"
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / BUILTIN_MODEL_NAME
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "train_report.json")
