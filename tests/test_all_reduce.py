@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.rank_process import leave_group_and_exit
 from worker.distributed import tensor_parallel_as
 from worker.kernels import add_rms_norm as ref
 from worker.model.layers.checkpoint_tensor import CheckpointTensor
@@ -95,8 +96,7 @@ def _rank(rank: int, port: int, results) -> None:
                    ref.fused_add_rms_norm(reduced, residual, weight, EPS))
     out["choices"] = [choice_when(rank, fail, disable) for fail, disable in CHOICES]
     results.put((rank, pickle.dumps(out)))  # plain bytes: tensors in a queue would live in this process's memory
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group_and_exit(results)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from tests.engine_helpers import make_prompts
 from tests.fp8_helpers import plain_fp8_references, write_dequantized
+from tests.rank_process import leave_group_and_exit
 
 PROMPTS = [[t % 500 for t in p] for p in make_prompts([3, 29, 70], seed=11)]  # every preset's vocabulary has 512+
 # rms(fp8 - dequantised) / rms(dequantised) of these prompts' logits, measured on this tree (x86-64, torch 2.13).
@@ -60,10 +61,7 @@ def _rank_main(rank, size, port, model_dir, result):
     logits = {plain: prefill_logits(model_dir, plain) for plain in (True, False)}
     if rank == 0:
         result.put({plain: t.numpy().tolist() for plain, t in logits.items()})
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group_and_exit(result)
 
 
 def logits_at_tp(model_dir, size) -> dict[bool, torch.Tensor]:

@@ -5,13 +5,13 @@ replicates them), 8 experts split along the intermediate size, a vocabulary spli
 """
 
 import json
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from tests.engine_helpers import make_prompts
+from tests.rank_process import leave_group_and_exit
 from worker import LLM, SamplingParams
 from worker.config import ConfigError
 
@@ -75,17 +75,8 @@ def _rank_logits(rank, size, port, model_dir, result):
         logits = model.compute_logits(model(input_ids, positions))
     if rank == 0:
         result.put(logits.numpy().tolist())
-        result.close()
-        result.join_thread()  # the logits are out before the process ends
     if size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        # Leave without the interpreter's teardown: gloo's threads can still be joinable when C++ statics are
-        # destroyed, which aborted a finished rank once in CI (tp 4 on 2 cores, "terminate called without an
-        # active exception"). The exit code then says whether the work itself succeeded.
-        os._exit(0)
+        leave_group_and_exit(result)
 
 
 def _logits_with(model_dir, size):
