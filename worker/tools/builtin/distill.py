@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.tools.builtin.generated import continuation_prompts, greedy_continuations
+from worker.tools.builtin.generated import greedy_continuations
 from worker.tools.builtin.metrics import WINDOW_EXTRA, evaluate, random_windows
 from worker.tools.builtin.training import Objective, Progress, fit, record_validation
 
@@ -37,7 +37,7 @@ def _kl(teacher_log_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.
 
 def distill_mtp(model, args, recipe, train_stream, val, device, autocast, own: OwnText | None = None):
     """Train model.mtp alone; -> (Progress with the best validation state, seconds trained). With `own` (the main
-    model's own text), --generated-fraction of each batch is its continuations of training windows, and the
+    model's own text), --generated-fraction of the steps train on its continuations of training windows, and the
     weights kept are those with the best accepted length on its continuations of validation windows."""
     for p in model.lm.parameters():
         p.requires_grad_(False)
@@ -96,20 +96,18 @@ def own_text(model, train_stream, val, heldout, recipe, args, device) -> OwnText
     engine's benchmark runs: far into a continuation the model repeats itself, and drafts are easy)."""
     started = time.monotonic()
     prompt, new = recipe.generated_prompt_tokens, recipe.generated_new_tokens
-    lm = model.lm.to(device)
 
     def continue_(windows: torch.Tensor) -> torch.Tensor:
-        return greedy_continuations(lm, windows[:, :prompt], new, args.generation_batch).cpu()
+        return greedy_continuations(model.lm, windows[:, :prompt], new, args.generation_batch).cpu()
 
     train = None
     if args.generated_seqs:
+        # Drawn on the CPU, so the prompts are the same whatever device generates.
         generator = torch.Generator().manual_seed(args.seed)
-        train = continue_(continuation_prompts(train_stream, args.generated_seqs, prompt, generator))
-    result = OwnText(train, continue_(val), continue_(heldout), 0.0, prompt)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    result.seconds = time.monotonic() - started
-    return result
+        prompts = random_windows(train_stream.cpu(), prompt - WINDOW_EXTRA, args.generated_seqs, generator)
+        train = continue_(prompts)
+    val_text, heldout_text = continue_(val), continue_(heldout)  # .cpu() waits for the device
+    return OwnText(train, val_text, heldout_text, time.monotonic() - started, prompt)
 
 
 def _train_head_only(model) -> None:

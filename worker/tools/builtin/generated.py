@@ -34,8 +34,3 @@ def greedy_continuations(lm, prompts: torch.Tensor, num_new: int, batch_size: in
     lm.train(was_training)
     return torch.cat(rows)
 
-
-def continuation_prompts(stream: torch.Tensor, count: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """[count, length] windows of `stream` at offsets drawn with `generator` (a CPU one: the same everywhere)."""
-    starts = torch.randint(0, stream.numel() - length + 1, (count,), generator=generator)
-    return stream.cpu()[starts[:, None] + torch.arange(length)]
