@@ -27,7 +27,6 @@ from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels.fp8.quant import attached_token_groups, kernel_block
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
-from worker.kernels import l2_prefetch as _prefetch_ref
 from worker.kernels import linear as _linear_ref
 from worker.kernels import paged_attention as _attn_ref
 from worker.kernels import qk_norm_rope as _qk_ref
@@ -172,12 +171,6 @@ def fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weig
                                       block)
 
 
-def prefetch_l2(*tensors):
-    if tensors and _use_triton(tensors[0]):
-        return _triton_module("l2_prefetch").prefetch_l2(*tensors)
-    return _prefetch_ref.prefetch_l2(*tensors)
-
-
 def _attention_impl(x):
     return _triton_module("paged_attention") if _use_triton(x) else _attn_ref
 
@@ -222,5 +215,4 @@ __all__ = [
     "argmax",
     "continue_decode_inputs",
     "gated_rms_norm",
-    "prefetch_l2",
 ]

@@ -9,7 +9,6 @@ from worker.distributed import get_tp
 from worker.model.context import get_context
 from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, project_columns
 from worker.model.layers.norm import RMSNorm
-from worker.model.layers.prefetch import prefetch
 from worker.model.layers.rotary import PartialRotaryEmbedding
 
 
@@ -42,15 +41,10 @@ class GatedAttention(nn.Module):
         self.fp8_input_block = self.q_proj.block  # norm.RMSNorm
         self.v_cache: torch.Tensor | None = None
         self.qkv: MergedColumnLinear | None = None  # q, k and v as one GEMM, once loaded
-        self.prefetch_after_projection: list[nn.Module] = []  # set by the decoder layer (layers.prefetch)
 
     def after_loading(self) -> None:
         if self.qkv is None:
             self.qkv = MergedColumnLinear.of([self.q_proj, self.k_proj, self.v_proj])
-
-    def input_projections_read(self) -> list[nn.Module]:
-        """The linear modules the input projection multiplies by (merged once loaded)."""
-        return [self.qkv] if self.qkv is not None else [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 output_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +54,6 @@ class GatedAttention(nn.Module):
         meta = ctx.attn
         tokens = hidden_states.shape[0]
         query_gate, key, value = project_columns(self.qkv, [self.q_proj, self.k_proj, self.v_proj], hidden_states)
-        prefetch(self.prefetch_after_projection)
         query, gate = query_gate.view(tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         key = key.view(tokens, self.num_kv_heads, self.head_dim)
         value = value.view(tokens, self.num_kv_heads, self.head_dim)

@@ -19,7 +19,6 @@ from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
 from worker.model.layers.linear import (ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, _check_shape,
                                         project_columns)
 from worker.model.layers.norm import GatedRMSNorm
-from worker.model.layers.prefetch import prefetch
 
 
 class DepthwiseConvWeight(nn.Module):
@@ -72,7 +71,6 @@ class GatedDeltaNet(nn.Module):
                                  persistent=False)
             self.qkvz_planar = self.ba_planar = False  # rows reordered by after_loading
         self.projections: MergedColumnLinear | None = None  # the input projections as one GEMM, once loaded
-        self.prefetch_after_projection: list[nn.Module] = []  # set by the decoder layer (layers.prefetch)
 
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
@@ -139,10 +137,6 @@ class GatedDeltaNet(nn.Module):
             return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
         return [self.in_proj_qkvz, self.in_proj_ba]
 
-    def input_projections_read(self) -> list[nn.Module]:
-        """The linear modules the input projection multiplies by (merged once loaded)."""
-        return [self.projections] if self.projections is not None else self._input_projections()
-
     def _project(self, hidden_states: torch.Tensor):
         """-> mixed_qkv [T, conv_dim] (conv input order), z [T, HV, V], b [T, HV], a [T, HV]."""
         tokens = hidden_states.shape[0]
@@ -163,7 +157,6 @@ class GatedDeltaNet(nn.Module):
         meta = get_context().gdn
         tokens = hidden_states.shape[0]
         mixed_qkv, z, b, a = self._project(hidden_states)
-        prefetch(self.prefetch_after_projection)
         n_dec, q_len, n_tok = meta.num_decodes, meta.decode_query_len, meta.num_decode_tokens
         if n_dec and n_tok == tokens:  # decode / verify only (every CUDA-graph step): no copy into a joint buffer
             core = self._recurrent(mixed_qkv, a, b, meta, n_dec, q_len)

@@ -25,7 +25,6 @@ from worker.model.layers.fp8 import (
     uniform_fp8_block,
 )
 from worker.model.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, _check_shape
-from worker.model.layers.prefetch import prefetch
 
 SHARED = "shared"  # shard id of the fused shared expert and of its gate row
 
@@ -162,8 +161,6 @@ class SparseMoeBlock(nn.Module):
                                           prefix=f"{prefix}.shared_expert")
             self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, quant_config=quant,
                                                        prefix=f"{prefix}.shared_expert_gate")
-        # The token mixer of the layer after, in a list so as not to register it here (layers.prefetch, level 2).
-        self.prefetch_after_router: list[nn.Module] = []
 
     @property
     def fp8_input_block(self) -> int | None:
@@ -171,10 +168,7 @@ class SparseMoeBlock(nn.Module):
         return self.experts.block or (self.shared_expert.fp8_input_block if self.shared_expert is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        router_logits = self.gate(x)
-        for mixer in self.prefetch_after_router:
-            prefetch(mixer.input_projections_read())
-        topk_weights, topk_ids = kernels.select_experts(router_logits, self.top_k, self.renormalize,
+        topk_weights, topk_ids = kernels.select_experts(self.gate(x), self.top_k, self.renormalize,
                                                         shared_gate=self.fuse_shared)
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:

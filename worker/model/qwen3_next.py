@@ -17,7 +17,6 @@ from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.model.layers.fp8 import require_unquantized
 from worker.model.layers.linear import ReplicatedLinear
 from worker.model.layers.norm import AllReduceRMSNorm, RMSNorm
-from worker.model.layers.prefetch import prefetch_level
 from worker.model.moe import DenseMLP, SparseMoeBlock
 
 
@@ -42,10 +41,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.input_layernorm.quant_block = self.token_mixer.fp8_input_block
         self.post_attention_layernorm.quant_block = self.mlp.fp8_input_block
-        if prefetch_level() >= 1:
-            mixer = self.token_mixer
-            output_projection = mixer.out_proj if layer_type == "linear_attention" else mixer.o_proj
-            mixer.prefetch_after_projection = [output_projection] + ([self.mlp.gate] if use_moe else [])
 
     @property
     def token_mixer(self) -> nn.Module:
@@ -81,10 +76,6 @@ class Qwen3NextModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
-        if prefetch_level() >= 2:
-            for layer, after in zip(self.layers, self.layers[1:]):
-                if isinstance(layer.mlp, SparseMoeBlock):
-                    layer.mlp.prefetch_after_router = [after.token_mixer]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None

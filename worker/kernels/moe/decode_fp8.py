@@ -18,8 +18,6 @@ block-scaled e4m3 experts, in two launches.
 Equal to the grouped FP8 kernels (triton_fp8.py) up to fp32 summation order.
 """
 
-import os
-
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -29,16 +27,12 @@ from worker.kernels.fp8.triton import _quantize_groups, gemv_features, per_token
 from worker.kernels.pdl import pdl_enter, use_pdl
 
 
-_EVICT = "evict_first" if os.environ.get("NEXTSERVE_L2_PREFETCH") == "2" else ""  # EXPERIMENT
-
-
 @triton.jit
 def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, stride_x_t, stride_xq_t, stride_xs_t,
                               stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_i_p,
                               K: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
                               BN: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
-                              PREQUANT: tl.constexpr, PDL: tl.constexpr, DOWN_PDL: tl.constexpr,
-                              EVICT: tl.constexpr):
+                              PREQUANT: tl.constexpr, PDL: tl.constexpr, DOWN_PDL: tl.constexpr):
     if PDL:
         gdc_wait()  # only: its dependent (down) is let in at its end, when DOWN_PDL
     pair = tl.program_id(0).to(tl.int64)
@@ -64,8 +58,8 @@ def _gate_up_fp8_pairs_kernel(x, x_q, x_s, w13, w13_s, inter, topk_ids, N, strid
         else:
             xk = tl.load(x + (pair // S) * stride_x_t + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
             xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
-        g = tl.load(g_rows + k0, mask=kmask[None, :, :], other=0.0, eviction_policy=EVICT).to(tl.float32)
-        u = tl.load(u_rows + k0, mask=kmask[None, :, :], other=0.0, eviction_policy=EVICT).to(tl.float32)
+        g = tl.load(g_rows + k0, mask=kmask[None, :, :], other=0.0).to(tl.float32)
+        u = tl.load(u_rows + k0, mask=kmask[None, :, :], other=0.0).to(tl.float32)
         g_blocks = tl.sum(g * xq[None, :, :], 2)  # [BN, NB]
         u_blocks = tl.sum(u * xq[None, :, :], 2)
         scale_g = xs * tl.load(sg + kb, mask=bmask, other=0.0)
@@ -82,7 +76,7 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
                             stride_as_p, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_o_t,
                             K: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
                             BN: tl.constexpr, NB: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
-                            PREQUANT: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr):
+                            PREQUANT: tl.constexpr, PDL: tl.constexpr):
     """NB blocks of K per step; with NB = K / BLOCK every weight the program reads is loaded before it waits."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -97,7 +91,7 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
              + k2[None, None, :, :])
     wmask = smask[:, None, None, None] & nmask[None, :, None, None]
     ws_ptr = w2_s + expert[:, None] * stride_ws_e + (n // BLOCK)[None, :].to(tl.int64) * stride_ws_n  # [BS, BN]
-    w = tl.load(w_ptr, mask=wmask, other=0.0, eviction_policy=EVICT)  # [BS, BN, NB, BLOCK]
+    w = tl.load(w_ptr, mask=wmask, other=0.0)  # [BS, BN, NB, BLOCK]
     pdl_enter(PDL)  # gate_up's inter is complete and visible from here on
     acc = tl.zeros([BS, BN], dtype=tl.float32)
     for k0 in range(0, K, NB * BLOCK):
@@ -116,7 +110,7 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
                           other=0.0)
         acc += tl.sum(products * a_scale[:, None, :] * w_scale, 2)
         if k0 + NB * BLOCK < K:
-            w = tl.load(w_ptr + k0 + NB * BLOCK, mask=wmask, other=0.0, eviction_policy=EVICT)
+            w = tl.load(w_ptr + k0 + NB * BLOCK, mask=wmask, other=0.0)
     slot_out = acc * tl.load(topk_weights + pair, mask=smask, other=0.0)[:, None]
     tl.store(out + t * stride_o_t + n, tl.sum(slot_out, 0).to(out.dtype.element_ty), mask=nmask)
 
@@ -137,7 +131,7 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
         x, x_q, x_s, w13, w13_s, inter, topk_ids, I, x.stride(0), x_q.stride(0), x_s.stride(0), w13.stride(0),
         w13.stride(1), w13_s.stride(0), w13_s.stride(1), inter.stride(0),
         K=H, S=S, BLOCK=block, NB=up["NB"], BN=up_bn, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, PREQUANT=prequant,
-        PDL=pdl, DOWN_PDL=down_pdl, EVICT=_EVICT, num_warps=up["num_warps"], launch_pdl=pdl)
+        PDL=pdl, DOWN_PDL=down_pdl, num_warps=up["num_warps"], launch_pdl=pdl)
     down_nb = down.get("NB", 1)
     if (I // block) % down_nb:
         raise ValueError(f"the down stage's NB {down_nb} must divide the {I // block} blocks of the intermediate size")
@@ -147,5 +141,4 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
         inter, a_q, a_s, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), a_q.stride(0), a_s.stride(0),
         w2.stride(0), w2.stride(1), w2_s.stride(0), w2_s.stride(1), out.stride(0),
         K=I, S=S, BS=triton.next_power_of_2(S), BLOCK=block, BN=down["BLOCK_N"], NB=down_nb, FP8_MAX_=FP8_MAX,
-        MIN_AMAX_=MIN_AMAX, PREQUANT=down_prequant, PDL=down_pdl, EVICT=_EVICT, num_warps=down["num_warps"],
-        launch_pdl=down_pdl)
+        MIN_AMAX_=MIN_AMAX, PREQUANT=down_prequant, PDL=down_pdl, num_warps=down["num_warps"], launch_pdl=down_pdl)
