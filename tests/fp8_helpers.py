@@ -17,6 +17,7 @@ from tests.helpers import read_checkpoint
 from worker import kernels
 from worker.kernels.fp8.quant import FP8_DTYPE, dequantize_block_fp8
 from worker.kernels.fp8.reference import dequant_block_fp8_linear
+from worker.kernels.linear import linear as dense_linear
 from worker.kernels.moe.fp8_reference import fused_moe_fp8_dequant
 
 
@@ -41,12 +42,20 @@ def write_dequantized(fp8_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def dequant_block_fp8_linear_with_dense(x, weight, weight_scale_inv, block, dense_weight):
+    return dequant_block_fp8_linear(x, weight, weight_scale_inv, block), dense_linear(x, dense_weight)
+
+
 @contextlib.contextmanager
 def plain_fp8_references():
     """The FP8 ops as the unquantised model on the dequantised weights (no activation quantisation)."""
-    saved = kernels.fp8_block_linear, kernels.fused_moe_fp8
-    kernels.fp8_block_linear, kernels.fused_moe_fp8 = dequant_block_fp8_linear, fused_moe_fp8_dequant
+    names = ("fp8_block_linear", "fp8_block_linear_with_dense", "fused_moe_fp8")
+    saved = [getattr(kernels, name) for name in names]
+    for name, plain in zip(names, (dequant_block_fp8_linear, dequant_block_fp8_linear_with_dense,
+                                   fused_moe_fp8_dequant)):
+        setattr(kernels, name, plain)
     try:
         yield
     finally:
-        kernels.fp8_block_linear, kernels.fused_moe_fp8 = saved
+        for name, op in zip(names, saved):
+            setattr(kernels, name, op)

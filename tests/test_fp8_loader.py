@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tests.helpers import read_checkpoint
 from worker.config import ConfigError, ModelConfig
 from worker.kernels.fp8.quant import FP8_DTYPE, scale_shape
+from worker.model.layers.linear import Fp8AndDenseColumns
 from worker.model.loader import CheckpointError, load_model
 from worker.tools.tiny_fp8 import published_modules_to_not_convert
 
@@ -85,8 +86,8 @@ def test_bf16_kept_modules_are_bf16_and_the_rest_fp8(fp8_checkpoint):
     mtp_layer = model.mtp.layers[0]
     assert mtp_layer.self_attn.q_proj.weight.dtype == mtp_layer.mlp.experts.w13.dtype == FP8_DTYPE
     assert model.mtp.fc.weight.dtype == torch.bfloat16
-    # in_proj_ba stays bf16 while in_proj_qkvz is FP8: they cannot be one GEMM.
-    assert all(layer.projections is None for layer in model.gdn_layers())
+    # in_proj_ba stays bf16 while in_proj_qkvz is FP8: not one GEMM, one launch of two kinds.
+    assert all(isinstance(layer.projections, Fp8AndDenseColumns) for layer in model.gdn_layers())
 
 
 def test_fp8_weights_and_scales_load_as_stored(fp8_checkpoint):

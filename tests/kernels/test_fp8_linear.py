@@ -110,6 +110,37 @@ def test_groups_quantised_already_give_the_same_bits(tile, device):
     assert torch.equal(tk.w8a8_block_fp8_linear(**args), tk.w8a8_block_fp8_linear(**args, x_groups=groups))
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("prequant", [False, True])
+def test_gemv_with_dense_rows_is_both_layers_in_one_launch(tokens, prequant, device, monkeypatch):
+    """An FP8 weight's GEMV with a dense weight's rows in programs of their own (the GDN's FP8 in_proj_qkvz
+    and bf16 in_proj_ba): the FP8 rows' bits are the GEMV's alone, the dense rows match x @ w.T; partial
+    tiles in both (13 dense rows in tiles of 4, K 200 in steps of 64)."""
+    gen = generator(11 + tokens, device)
+    weight, scale, _ = layer(136, 200, 64, gen, device, torch.float32)
+    dense = randn(13, 200, gen=gen, device=device, scale=200 ** -0.5)
+    x = randn(tokens, 200, gen=gen, device=device, scale=2.0)
+    tile = dict(gemv=True, BN=8, NB=2, num_warps=2, prequant=prequant)
+    monkeypatch.setattr(tk.triton_linear, "linear", lambda *a, **kw: pytest.fail("a second launch"))
+    out, dense_out = tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 64, dense, tile=tile,
+                                                         dense_tile=dict(BN=4, BK=64))
+    assert torch.equal(out, tk.w8a8_block_fp8_linear(x, weight, scale, 64, tile=tile))
+    assert_rel_close(dense_out, x.double().matmul(dense.double().t()).float(), 1e-6, "dense rows")
+
+
+def test_with_dense_takes_two_calls_where_the_fp8_layer_takes_the_gemm(device):
+    gen = generator(12, device)
+    weight, scale, _ = layer(136, 200, 64, gen, device, torch.float32)
+    dense = randn(13, 200, gen=gen, device=device)
+    x = randn(5, 200, gen=gen, device=device)
+    tile = dict(BM=16, BN=32, GROUP_M=1, num_warps=4, num_stages=2)
+    out, dense_out = tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 64, dense, tile=tile)
+    assert torch.equal(out, tk.w8a8_block_fp8_linear(x, weight, scale, 64, tile=tile))
+    assert torch.equal(dense_out, tk.triton_linear.linear(x, dense))
+    with pytest.raises(ValueError, match="dense_weight must be"):
+        tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 64, dense.double(), tile=tile)
+
+
 def test_bad_shapes_are_refused(device):
     weight, scale, _ = layer(64, 64, 32, generator(0, device), device, torch.float32)
     with pytest.raises(ValueError, match="weight_scale_inv must be"):
@@ -123,9 +154,25 @@ def test_bad_shapes_are_refused(device):
 @pytest.mark.parametrize("tokens", [1, 3, 16, 100, 2048])
 @pytest.mark.parametrize("n,k", [(12288, 2048), (2048, 4096), (2048, 512)], ids=["qkvz", "out_proj", "expert-down"])
 def test_block_fp8_linear_real_shapes(tokens, n, k, device):
+    """(The GDN's FP8 in_proj_qkvz with its bf16 in_proj_ba: test_gdn_input_projections_real_shapes.)"""
     gen = generator(tokens, device)
     weight, scale, _ = layer(n, k, 128, gen, device, torch.bfloat16)
     x = randn(tokens, k, gen=gen, device=device, dtype=torch.bfloat16)
     out = tk.w8a8_block_fp8_linear(x, weight, scale, 128)
     expected = ref.w8a8_block_fp8_linear(x, weight, scale, 128)
     assert_rel_close(out, expected, 1e-2, "bf16 output")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+def test_gdn_input_projections_real_shapes(tokens, device):
+    """Qwen3-Next-80B's FP8 in_proj_qkvz [12288, 2048] and bf16 in_proj_ba [64, 2048] with the tuned tiles: one
+    launch where the FP8 layer takes its GEMV, two otherwise; both against the references."""
+    gen = generator(tokens, device)
+    weight, scale, _ = layer(12288, 2048, 128, gen, device, torch.bfloat16)
+    dense = randn(64, 2048, gen=gen, device=device, scale=2048 ** -0.5).to(torch.bfloat16)
+    x = randn(tokens, 2048, gen=gen, device=device, dtype=torch.bfloat16)
+    out, dense_out = tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 128, dense)
+    assert_rel_close(out, ref.w8a8_block_fp8_linear(x, weight, scale, 128), 1e-2, "FP8 rows")
+    assert_rel_close(dense_out, torch.nn.functional.linear(x.float(), dense.float()), 1e-2, "dense rows")

@@ -8,6 +8,7 @@ import torch
 
 from tests.kernels.conftest import HAS_CUDA
 from tests.kernels.helpers import generator, randn
+from worker.kernels.moe.tile_configs import device_name
 
 ref = importlib.import_module("worker.kernels.linear")
 tk = pytest.importorskip("worker.kernels.triton_linear", reason="triton is not installed")
@@ -62,7 +63,7 @@ def test_dispatch_follows_the_tuned_table(tmp_path, monkeypatch, device):
     """A shape with a tuned GEMV tile takes it up to GEMV_MAX_TOKENS; 'cublas' entries, untuned shapes
     and more tokens go to F.linear."""
     n, k = 24, 48
-    name = tk.config_file_name(n, k, torch.float32, tk.device_name(torch.device(device)))
+    name = tk.config_file_name(n, k, torch.float32, device_name(torch.device(device)))
     (tmp_path / name).write_text(json.dumps({"1": dict(BN=4, BK=16, num_warps=1), "4": {"cublas": True}}))
     monkeypatch.setattr(tk, "CONFIG_DIR", tmp_path)
     tk.get_tile.cache_clear()

@@ -162,6 +162,14 @@ def fp8_block_linear(x, weight, weight_scale_inv, block, bias=None):
     return _fp8_ref.w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, bias)
 
 
+def fp8_block_linear_with_dense(x, weight, weight_scale_inv, block, dense_weight):
+    """(fp8_block_linear(x, weight, ...), linear(x, dense_weight)): on the Triton path one launch where it can."""
+    if _use_triton(x) and kernel_block(block):
+        return importlib.import_module("worker.kernels.fp8.triton").w8a8_block_fp8_linear_with_dense(
+            x, weight, weight_scale_inv, block, dense_weight, x_groups=attached_token_groups(x, block))
+    return _fp8_ref.w8a8_block_fp8_linear_with_dense(x, weight, weight_scale_inv, block, dense_weight)
+
+
 def fused_moe_fp8(hidden_states, w13, w2, w13_scale_inv, w2_scale_inv, topk_weights, topk_ids, block):
     if _use_triton(hidden_states) and kernel_block(block) and w2.shape[-1] % block == 0:
         return importlib.import_module("worker.kernels.moe.triton_fp8").fused_moe_fp8(
@@ -205,6 +213,7 @@ __all__ = [
     "fused_moe",
     "fused_moe_fp8",
     "fp8_block_linear",
+    "fp8_block_linear_with_dense",
     "select_experts",
     "paged_attention",
     "reshape_and_cache",

@@ -8,8 +8,9 @@ in fp32; a row's result does not depend on the other rows or tokens of the call.
 
 Which shapes take it is data: `benchmarks/tune_linear.py` times the GEMV's tiles against F.linear per
 (N, K, dtype, device) and token count and writes `linear_configs/N=..,K=..,dtype=..,device=...json`,
-a token count mapping to a tile or to {"cublas": true}. Shapes and devices with no file, and more
-than GEMV_MAX_TOKENS tokens, go to F.linear (the reference), so an untuned GPU never runs slower.
+a token count mapping to a tile or to {"cublas": true}. Shapes with no file (for the card or its tuned
+sibling, moe.tile_configs.TUNED_SIBLING), and more than GEMV_MAX_TOKENS tokens, go to F.linear (the
+reference).
 """
 
 import functools
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from worker.kernels.moe.tile_configs import device_name, tuned_entry
+from worker.kernels.moe.tile_configs import tuned_entry_for
 from worker.kernels.pdl import pdl_enter, pdl_launch
 
 GEMV_MAX_TOKENS = 8
@@ -62,6 +63,26 @@ def _gemv_kernel(x, w, bias, y, T, N, stride_xt, stride_wn, stride_yt,
     tl.store(out, acc.to(y.dtype.element_ty), mask=nmask[:, None] & tmask[None, :])
 
 
+@triton.jit
+def _one_token_rows(x_row, w, y_row, N, stride_wn, tile, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    PDL: tl.constexpr):
+    """y_row[n] = sum_k x_row[k] w[n, k] for tile's BN rows n of one token: the GEMV's arithmetic, for a
+    kernel that hands a few programs to a dense weight (fp8.triton's GEMV with dense rows)."""
+    n = tile * BN + tl.arange(0, BN)
+    nmask = n < N
+    kk = tl.arange(0, BK)
+    w_rows = w + n.to(tl.int64)[:, None] * stride_wn
+    wv = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
+    pdl_enter(PDL)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + kk
+        xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+        wv = tl.load(w_rows + (k + BK)[None, :], mask=nmask[:, None] & (k + BK < K)[None, :], other=0.0)
+    tl.store(y_row + n, acc.to(y_row.dtype.element_ty), mask=nmask)
+
+
 def config_file_name(n: int, k: int, dtype: torch.dtype, device: str) -> str:
     return f"N={n},K={k},dtype={str(dtype).removeprefix('torch.')},device={device}.json"
 
@@ -69,7 +90,7 @@ def config_file_name(n: int, k: int, dtype: torch.dtype, device: str) -> str:
 @functools.lru_cache(maxsize=4096)  # per layer per step: off the hot path
 def get_tile(tokens: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict | None:
     """The GEMV tile tuned for this shape at this token count (the nearest tuned one), None for F.linear."""
-    tile = tuned_entry(CONFIG_DIR / config_file_name(n, k, dtype, device_name(device)), tokens)
+    tile = tuned_entry_for(device, lambda name: CONFIG_DIR / config_file_name(n, k, dtype, name), tokens)
     return None if tile is None or tile.get("cublas") else tile
 
 

@@ -16,8 +16,8 @@ from worker.distributed import get_tp
 from worker.kernels.fp8.quant import flatten_tokens
 from worker.model.context import get_context
 from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
-from worker.model.layers.linear import (ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, _check_shape,
-                                        project_columns)
+from worker.model.layers.linear import (ColumnParallelLinear, Fp8AndDenseColumns, MergedColumnLinear,
+                                        RowParallelLinear, _check_shape, project_columns)
 from worker.model.layers.norm import GatedRMSNorm
 
 
@@ -70,7 +70,8 @@ class GatedDeltaNet(nn.Module):
             self.register_buffer("ba_order", _grouped_to_planar(self.num_k_heads, [self.ratio, self.ratio]),
                                  persistent=False)
             self.qkvz_planar = self.ba_planar = False  # rows reordered by after_loading
-        self.projections: MergedColumnLinear | None = None  # the input projections as one GEMM, once loaded
+        # The input projections as one GEMM once loaded, or as one launch of an FP8 and a bf16 weight.
+        self.projections: MergedColumnLinear | Fp8AndDenseColumns | None = None
 
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = DepthwiseConvWeight(conv_dim, self.conv_kernel, self._load_conv_channels)
@@ -123,14 +124,16 @@ class GatedDeltaNet(nn.Module):
         """Reorder the packed projections' rows once into [q | k | v | z] and [b | a], so that the forward
         reads them without a column gather (an FP8 weight only where its runs are whole blocks, as at
         Qwen3-Next's sizes). The parameters then hold the rows in that order, no longer the checkpoint's.
-        The input projections then multiply as one GEMM where they are of one kind."""
+        The input projections then multiply as one GEMM where they are of one kind, and where the FP8
+        releases keep in_proj_ba bf16, in one launch of two kinds at decode sizes."""
         if not self.split_projections:
             if not self.qkvz_planar:
                 self.qkvz_planar = self.in_proj_qkvz.reorder_output_rows(self.qkvz_order)
             if not self.ba_planar:
                 self.ba_planar = self.in_proj_ba.reorder_output_rows(self.ba_order)
-        if self.projections is None:  # None also where they differ in kind: FP8 releases keep in_proj_ba bf16
-            self.projections = MergedColumnLinear.of(self._input_projections())
+        if self.projections is None:
+            parts = self._input_projections()
+            self.projections = MergedColumnLinear.of(parts) or Fp8AndDenseColumns.of(parts)
 
     def _input_projections(self) -> list[ColumnParallelLinear]:
         if self.split_projections:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.kernels.fp8.quant import dequantize_block_fp8, dequantize_token_groups, per_token_group_quant_fp8
+from worker.kernels.linear import linear as dense_linear
 
 
 def w8a8_block_fp8_linear(
@@ -34,6 +35,17 @@ def w8a8_block_fp8_linear(
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+def w8a8_block_fp8_linear_with_dense(
+    x: torch.Tensor,  # [T, K] activation dtype
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
+    block: int,
+    dense_weight: torch.Tensor,  # [DN, K] in x's dtype
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, N], [T, DN])
+    """An FP8 and a dense linear layer over the same input: w8a8_block_fp8_linear and x @ dense_weight.T."""
+    return w8a8_block_fp8_linear(x, weight, weight_scale_inv, block), dense_linear(x, dense_weight)
 
 
 def exact_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

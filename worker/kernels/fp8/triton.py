@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels import triton_linear
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, cdiv, kernel_block, scale_shape
-from worker.kernels.moe.tile_configs import device_name, tuned_entry
+from worker.kernels.moe.tile_configs import tuned_entry_for
 from worker.kernels.pdl import pdl_enter, pdl_launch
+from worker.kernels.triton_linear import _one_token_rows
 
 
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -124,15 +126,22 @@ def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
 
 
 @triton.jit
-def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, N, stride_xm, stride_xqm, stride_xsm, stride_bn,
-                           stride_bs, stride_cm,
+def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, dense_w, dense_y, N, DENSE_N, FP8_PROGRAMS,
+                           stride_xm, stride_xqm, stride_xsm, stride_bn, stride_bs, stride_cm, stride_dwn, stride_dym,
                            K: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
-                           PREQUANT: tl.constexpr, PDL: tl.constexpr):
+                           PREQUANT: tl.constexpr, DENSE: tl.constexpr, DENSE_BN: tl.constexpr,
+                           DENSE_BK: tl.constexpr, PDL: tl.constexpr):
     """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb].
     With PREQUANT, q(x) and its scales come from per_token_group_quant_fp8 (x_q, x_s) instead of each
-    program quantising x again."""
+    program quantising x again. With DENSE, the programs from FP8_PROGRAMS on multiply x instead by
+    DENSE_BN rows each of a weight in x's dtype, into dense_y [M, DENSE_N]."""
     m = tl.program_id(1).to(tl.int64)
+    if DENSE:
+        if tl.program_id(0) >= FP8_PROGRAMS:
+            _one_token_rows(x + m * stride_xm, dense_w, dense_y + m * stride_dym, DENSE_N, stride_dwn,
+                            tl.program_id(0) - FP8_PROGRAMS, K, DENSE_BN, DENSE_BK, PDL)
+            return
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
     nb = tl.arange(0, NB)
@@ -186,7 +195,7 @@ def config_file_name(n: int, k: int, block: int, device: str) -> str:
 def get_tile(m: int, n: int, k: int, block: int, device: torch.device) -> dict:
     """The tile tuned for this weight shape on this device (benchmarks/tune_fp8.py) at the nearest token
     count, else the defaults: the GEMV up to GEMV_MAX_TOKENS, the GEMM beyond."""
-    tuned = tuned_entry(CONFIG_DIR / config_file_name(n, k, block, device_name(device)), m)
+    tuned = tuned_entry_for(device, lambda name: CONFIG_DIR / config_file_name(n, k, block, name), m)
     if tuned is not None:
         return tuned
     return default_gemv_tile(n) if m <= GEMV_MAX_TOKENS else default_tile(m, n)
@@ -201,16 +210,7 @@ def default_tile(M: int, N: int) -> dict:
     return dict(BM=64, BN=128, GROUP_M=8, num_warps=4, num_stages=3)
 
 
-def w8a8_block_fp8_linear(
-    x: torch.Tensor,  # [T, K] activation dtype
-    weight: torch.Tensor,  # [N, K] float8_e4m3fn
-    weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
-    block: int,
-    bias: torch.Tensor | None = None,  # [N]
-    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant]}
-    x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_token_group_quant_fp8(x as [T, K], block)
-) -> torch.Tensor:  # [T, N] activation dtype
-    """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
+def _check_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, block: int) -> None:
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
@@ -224,6 +224,38 @@ def w8a8_block_fp8_linear(
         raise ValueError("weight and weight_scale_inv must be contiguous in their last dimension")
     if not kernel_block(block):
         raise ValueError(f"the FP8 kernel needs a power-of-two block of at least 16, got {block}")
+
+
+def _gemv(x2, weight, weight_scale_inv, block, bias, out, tile, x_groups, dense=None) -> None:
+    """The GEMV launch into out [M, N]; dense = (weight [DN, K] in x's dtype, its output [M, DN], its tile)
+    gives that weight's rows programs of their own in the same launch."""
+    n, k = weight.shape
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    prequant, x_q, x_s = gemv_features(x2, block, bool(tile.get("prequant")), x_groups)
+    fp8_programs = triton.cdiv(n, tile["BN"])
+    dense_w, dense_y, dense_tile = dense if dense is not None else (out, out, dict(BN=1, BK=16))
+    dense_n = dense_w.shape[0] if dense is not None else 0
+    _block_fp8_gemv_kernel[(fp8_programs + triton.cdiv(dense_n, dense_tile["BN"]), x2.shape[0])](
+        x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, dense_w, dense_y, n,
+        dense_n, fp8_programs, x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0),
+        weight_scale_inv.stride(0), out.stride(0), dense_w.stride(0), dense_y.stride(0),
+        K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
+        MIN_AMAX_=MIN_AMAX, PREQUANT=prequant, DENSE=dense is not None, DENSE_BN=dense_tile["BN"],
+        DENSE_BK=dense_tile["BK"], num_warps=tile["num_warps"], **pdl_launch(x2.device))
+
+
+def w8a8_block_fp8_linear(
+    x: torch.Tensor,  # [T, K] activation dtype
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
+    block: int,
+    bias: torch.Tensor | None = None,  # [N]
+    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant]}
+    x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_token_group_quant_fp8(x as [T, K], block)
+) -> torch.Tensor:  # [T, N] activation dtype
+    """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
+    _check_fp8_linear(x, weight, weight_scale_inv, block)
+    n, k = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -232,13 +264,7 @@ def w8a8_block_fp8_linear(
         return out.reshape(*lead, n)
     tile = tile or get_tile(m, n, k, block, x.device)
     if tile.get("gemv"):
-        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        prequant, x_q, x_s = gemv_features(x2, block, bool(tile.get("prequant")), x_groups)
-        _block_fp8_gemv_kernel[(triton.cdiv(n, tile["BN"]), m)](
-            x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, n,
-            x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
-            K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
-            MIN_AMAX_=MIN_AMAX, PREQUANT=prequant, num_warps=tile["num_warps"], **pdl_launch(x.device))
+        _gemv(x2, weight, weight_scale_inv, block, bias, out, tile, x_groups)
         return out.reshape(*lead, n)
     x_q, x_scale = x_groups or per_token_group_quant_fp8(x2, block)
     grid = (triton.cdiv(m, tile["BM"]) * triton.cdiv(n, tile["BN"]),)
@@ -249,3 +275,38 @@ def w8a8_block_fp8_linear(
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_launch(x.device)
     )
     return out.reshape(*lead, n)
+
+
+DEFAULT_DENSE_TILE = dict(BN=4, BK=1024)  # the dense rows' tile where linear_configs has none for the shape
+
+
+def w8a8_block_fp8_linear_with_dense(
+    x: torch.Tensor,  # [T, K] activation dtype
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
+    block: int,
+    dense_weight: torch.Tensor,  # [DN, K] in x's dtype
+    tile: dict | None = None,  # the FP8 layer's tile, as w8a8_block_fp8_linear takes it
+    dense_tile: dict | None = None,  # {BN, BK} of the dense rows
+    x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, N], [T, DN])
+    """(w8a8_block_fp8_linear(x, weight, ...), x @ dense_weight.T) in one launch where the FP8 layer takes
+    its GEMV at this token count (the dense weight's rows get programs of their own); else two calls."""
+    _check_fp8_linear(x, weight, weight_scale_inv, block)
+    if dense_weight.dtype != x.dtype or dense_weight.dim() != 2 or dense_weight.shape[1] != weight.shape[1]:
+        raise ValueError(f"dense_weight must be [DN, {weight.shape[1]}] in {x.dtype}, got "
+                         f"{tuple(dense_weight.shape)} in {dense_weight.dtype}")
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    tile = tile or (get_tile(m, n, k, block, x.device) if m else None)
+    if not m or not tile.get("gemv") or dense_weight.stride(1) != 1:
+        return (w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, tile=tile, x_groups=x_groups),
+                triton_linear.linear(x, dense_weight))
+    dense_n = dense_weight.shape[0]
+    dense_tile = dense_tile or triton_linear.get_tile(m, dense_n, k, x.dtype, x.device) or DEFAULT_DENSE_TILE
+    out = _empty_output(x, (m, n))
+    dense_out = _empty_output(x, (m, dense_n))
+    _gemv(x2, weight, weight_scale_inv, block, None, out, tile, x_groups, (dense_weight, dense_out, dense_tile))
+    lead = x.shape[:-1]
+    return out.reshape(*lead, n), dense_out.reshape(*lead, dense_n)

@@ -7,10 +7,15 @@ into blocks of that size once). `"path": "pairs"` (no BLOCK_M) selects the decod
 intermediate size, so tp 1, 2 and 4 of one model have a file each; dtype=float8_e4m3fn files hold
 the FP8 kernels' configs (triton_fp8.get_fp8_config). `benchmarks/tune_moe.py` writes them; the
 token count nearest the asked one wins.
+
+A card with no file of its own reads the files of the card its architecture was tuned on, where one is
+named in TUNED_SIBLING (an H100 reads the H200's: the same multiprocessors and caches, slower memory).
+The dense GEMV (triton_linear) and the FP8 linear (fp8.triton) look up their files the same way.
 """
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +28,28 @@ def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+TUNED_SIBLING = {(9, 0): "NVIDIA_H200"}  # compute capability -> the card whose tiles the others borrow
+
+
+@functools.cache
+def config_device_names(device: torch.device) -> tuple[str, ...]:
+    """The device names whose tuned files serve this device, in order: its own, then its tuned sibling's."""
+    own = device_name(device)
+    if device.type != "cuda":
+        return (own,)
+    sibling = TUNED_SIBLING.get(torch.cuda.get_device_capability(device))
+    return (own,) if sibling in (None, own) else (own, sibling)
+
+
+def tuned_entry_for(device: torch.device, path_for: Callable[[str], Path], num_tokens: int) -> dict | None:
+    """tuned_entry of the first existing file among path_for(name) for config_device_names(device)."""
+    for name in config_device_names(device):
+        entry = tuned_entry(path_for(name), num_tokens)
+        if entry is not None:
+            return entry
+    return None
 
 
 def config_file_name(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: str) -> str:
@@ -70,8 +97,8 @@ def default_config(num_tokens: int, dtype: torch.dtype) -> dict:
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                device: torch.device, fallback: bool = True) -> dict | None:
     """The tuned config nearest num_tokens; without a file: default_config, or None without fallback."""
-    name = config_file_name(num_experts, hidden, inter, dtype, device_name(device))
-    tuned = tuned_entry(CONFIG_DIR / name, num_tokens)
+    tuned = tuned_entry_for(
+        device, lambda name: CONFIG_DIR / config_file_name(num_experts, hidden, inter, dtype, name), num_tokens)
     if tuned is None:
         return default_config(num_tokens, dtype) if fallback else None
     return tuned

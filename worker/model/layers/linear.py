@@ -194,6 +194,32 @@ class MergedColumnLinear(nn.Module):
         return _linear(x, self.weight, self.weight_scale_inv, self.block, self.bias).split(self.sizes, dim=-1)
 
 
+class Fp8AndDenseColumns(nn.Module):
+    """An FP8 and a dense column-parallel linear that read the same input, as the published FP8 checkpoints
+    keep a GDN's in_proj_ba in bf16 beside its FP8 in_proj_qkvz: at decode sizes one launch multiplies
+    both (kernels.fp8_block_linear_with_dense), else two. The parts keep their parameters; they are held
+    here in a tuple, so they are not registered twice."""
+
+    def __init__(self, fp8_part: _Linear, dense_part: _Linear):
+        super().__init__()
+        self.parts = (fp8_part, dense_part)
+
+    @classmethod
+    def of(cls, parts: list[_Linear]) -> "Fp8AndDenseColumns | None":
+        """None unless the parts are an FP8 and then a dense layer over the same inputs, neither with a bias."""
+        if len(parts) != 2:
+            return None
+        fp8_part, dense_part = parts
+        fits = (fp8_part.block is not None and dense_part.block is None and fp8_part.bias is None
+                and dense_part.bias is None and fp8_part.weight.shape[1] == dense_part.weight.shape[1])
+        return cls(fp8_part, dense_part) if fits else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fp8_part, dense_part = self.parts
+        return kernels.fp8_block_linear_with_dense(x, fp8_part.weight, fp8_part.weight_scale_inv, fp8_part.block,
+                                                   dense_part.weight)
+
+
 def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     dtype = tensors[0].dtype
     if dtype.itemsize == 1 and dtype.is_floating_point:  # no float8 cat on every device: move the bytes
