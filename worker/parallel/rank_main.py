@@ -88,6 +88,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{args.rank} %(name)s: %(message)s")
     run_rank(EngineConfig(**args.config), args.rank, args.store_port,
              fault_hook(args.rank, os.environ.get("NEXTSERVE_TEST_RANK_FAULT")))
+    # Out without the interpreter's teardown: gloo's threads can still be joinable when C++ statics are
+    # destroyed, which aborts a rank that finished its work ("terminate called without an active
+    # exception", exit -6; seen in the test ranks, tests/rank_process.py).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
