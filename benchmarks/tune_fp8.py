@@ -2,11 +2,13 @@
 (worker/kernels/fp8/configs, GEMV or GEMM per token count) and the FP8 fused MoE
 (worker/kernels/moe/configs, dtype=float8_e4m3fn: the decode path or the grouped kernels).
 
-    python benchmarks/tune_fp8.py [--tokens 1 2 4 ...] [--only linear|moe] [--report FILE]
+    python benchmarks/tune_fp8.py [--tokens 1 2 4 ...] [--only linear|moe] [--tp N] [--report FILE]
 
-Shapes are Qwen3-Next-80B's FP8 layers at tp 1 (128 x 128 blocks): GDN in_proj_qkvz and out_proj,
-attention q (with its gate), k/v, q+k+v (the one GEMM the layer runs once loaded) and o projections;
-the MoE with 512 routed experts + the shared one, hidden 2048, intermediate 512. Every candidate is
+Shapes are Qwen3-Next-80B's FP8 layers (128 x 128 blocks) as one rank of tensor parallel size --tp holds
+them (1 by default; read off the model built on the meta device, so they are the shards the model
+makes): GDN in_proj_qkvz and out_proj, attention q (with its gate), k/v, q+k+v (the one GEMM the layer
+runs once loaded) and o projections; the MoE with 512 routed experts + the shared one, hidden 2048,
+intermediate 512 / tp. One GPU tunes any tp: a rank's kernels see only its shard. Every candidate is
 timed as CUDA-graph replays over ROTATE weight or routing sets (so L2 does not hold them); the
 fastest wins. Inputs that come from a norm in the model come with their e4m3 groups, as the norm writes
 them (NORM_FED, and the MoE's), so the GEMV's own quantisation and its "prequant" are not timed there. Candidates that do not compile
@@ -16,6 +18,7 @@ are skipped. Existing files keep the token counts not swept.
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,11 +31,11 @@ from worker.kernels.fp8.quant import FP8_DTYPE, quantize_block_fp8  # noqa: E402
 from worker.kernels.moe import tile_configs  # noqa: E402
 from worker.kernels.moe import triton as moe_triton  # noqa: E402
 from worker.kernels.moe import triton_fp8  # noqa: E402
+from worker.tools.model_shapes import write_shape_config  # noqa: E402
 
 BLOCK = 128
-LINEAR_SHAPES = {"gdn.in_proj_qkvz": (12288, 2048), "gdn.out_proj": (2048, 4096), "attn.q_proj": (8192, 2048),
-                 "attn.k_proj": (512, 2048), "attn.qkv_proj": (9216, 2048), "attn.o_proj": (2048, 4096)}
-E, H, I, TOP_K = 513, 2048, 512, 10
+LINEAR_LAYERS = ["gdn.in_proj_qkvz", "gdn.out_proj", "attn.q_proj", "attn.k_proj", "attn.qkv_proj", "attn.o_proj"]
+E, H, TOP_K = 513, 2048, 10
 TOKENS = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256]
 ROTATE = 4
 GEMV_MAX = 16  # GEMV candidates are tried up to here
@@ -62,10 +65,35 @@ MOE_GROUPED = [{"BLOCK_M": bm, "gate_up": dict(GROUP_M=g, num_warps=w, num_stage
 MOE_PAIRS_MAX = 8
 
 
-def tune_linear(tokens: list[int], gen, layers: list[str]) -> list[dict]:
+def rank_shapes(tp: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """(layer -> its [N, K] on one rank, the MoE's intermediate size on one rank) of the FP8 80B model at
+    tensor parallel size tp: the model built on the meta device with that size (its shard checks refuse
+    a tp that would split an FP8 block, naming the layer)."""
+    from worker.config import ModelConfig
+    from worker.distributed import set_tp
+    from worker.model.qwen3_next import Qwen3NextForCausalLM
+
+    config = ModelConfig.from_pretrained(write_shape_config(Path(tempfile.mkdtemp()), num_layers=4, quantize="fp8"))
+    set_tp(0, tp)
+    try:
+        with torch.device("meta"):
+            model = Qwen3NextForCausalLM(config)
+    finally:
+        set_tp(0, 1)
+    layers = model.model.layers
+    gdn = next(layer.linear_attn for layer in layers if layer.layer_type == "linear_attention")
+    attn = next(layer.self_attn for layer in layers if layer.layer_type == "full_attention")
+    shape = lambda linear: tuple(linear.weight.shape)  # noqa: E731
+    q, k, v = shape(attn.q_proj), shape(attn.k_proj), shape(attn.v_proj)
+    shapes = {"gdn.in_proj_qkvz": shape(gdn.in_proj_qkvz), "gdn.out_proj": shape(gdn.out_proj), "attn.q_proj": q,
+              "attn.k_proj": k, "attn.qkv_proj": (q[0] + k[0] + v[0], q[1]), "attn.o_proj": shape(attn.o_proj)}
+    return shapes, layers[0].mlp.experts.inter
+
+
+def tune_linear(tokens: list[int], gen, layers: list[str], shapes: dict[str, tuple[int, int]]) -> list[dict]:
     points = []
     for name in layers:
-        n, k = LINEAR_SHAPES[name]
+        n, k = shapes[name]
         layers = [quantize_block_fp8(torch.randn(n, k, device="cuda", generator=gen) * k**-0.5, BLOCK)
                   for _ in range(ROTATE)]
         for m in tokens:
@@ -83,9 +111,9 @@ def tune_linear(tokens: list[int], gen, layers: list[str]) -> list[dict]:
     return points
 
 
-def tune_moe(tokens: list[int], gen) -> list[dict]:
-    w13, w13_s = quantize_block_fp8(torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H**-0.5, BLOCK)
-    w2, w2_s = quantize_block_fp8(torch.randn(E, H, I, device="cuda", generator=gen) * I**-0.5, BLOCK)
+def tune_moe(tokens: list[int], gen, inter: int) -> list[dict]:
+    w13, w13_s = quantize_block_fp8(torch.randn(E, 2 * inter, H, device="cuda", generator=gen) * H**-0.5, BLOCK)
+    w2, w2_s = quantize_block_fp8(torch.randn(E, H, inter, device="cuda", generator=gen) * inter**-0.5, BLOCK)
     points = []
     for m in tokens:
         x = torch.randn(m, H, device="cuda", generator=gen).to(torch.bfloat16)
@@ -101,38 +129,40 @@ def tune_moe(tokens: list[int], gen) -> list[dict]:
         pairs = [c for c in MOE_PAIRS if c["gate_up"]["prequant"]]  # the groups are given: the same kernels
         candidates = (pairs if m <= MOE_PAIRS_MAX else []) + MOE_GROUPED
         us, cfg = best_of(candidates, run, ROTATE)
-        points.append(dict(tokens=m, us=round(us, 2), config=cfg))
+        points.append(dict(tokens=m, inter=inter, us=round(us, 2), config=cfg))
         print(json.dumps(points[-1]), file=sys.stderr)
     return points
 
 
 def write(report: dict) -> None:
     device = report["card"]["name"].replace(" ", "_")
-    moe_path = tile_configs.CONFIG_DIR / tile_configs.config_file_name(E, H, I, FP8_DTYPE, device)
     write_config_tables(
         [(fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(p["n"], p["k"], BLOCK, device), p["tokens"], p["tile"])
          for p in report.get("linear", [])]
-        + [(moe_path, p["tokens"], p["config"]) for p in report.get("moe", [])])
+        + [(tile_configs.CONFIG_DIR / tile_configs.config_file_name(E, H, p.get("inter", 512), FP8_DTYPE, device),
+            p["tokens"], p["config"]) for p in report.get("moe", [])])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--only", choices=["linear", "moe"], default=None)
-    parser.add_argument("--layers", nargs="*", default=None, choices=sorted(LINEAR_SHAPES),
+    parser.add_argument("--layers", nargs="*", default=None, choices=sorted(LINEAR_LAYERS),
                         help="linear shapes to sweep (default: all)")
+    parser.add_argument("--tp", type=int, default=1, help="tune the shards one rank of this tensor parallel size holds")
     parser.add_argument("--report", default=None, help="also write the sweep's JSON here")
     parser.add_argument("--from-report", type=Path, default=None, help="write the configs from an earlier report")
     args = parser.parse_args()
     if args.from_report:
         write(json.loads(args.from_report.read_text()))
         return
+    shapes, inter = rank_shapes(args.tp)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    report = dict(benchmark="tune_fp8", card=card(), commit=git_commit(), command=" ".join(sys.argv))
+    report = dict(benchmark="tune_fp8", card=card(), commit=git_commit(), command=" ".join(sys.argv), tp=args.tp)
     if args.only in (None, "linear"):
-        report["linear"] = tune_linear(args.tokens, gen, args.layers or list(LINEAR_SHAPES))
+        report["linear"] = tune_linear(args.tokens, gen, args.layers or LINEAR_LAYERS, shapes)
     if args.only in (None, "moe"):
-        report["moe"] = tune_moe(args.tokens, gen)
+        report["moe"] = tune_moe(args.tokens, gen, inter)
     write(report)
     emit(report, args.report)
 
