@@ -277,7 +277,16 @@ def w8a8_block_fp8_linear(
     return out.reshape(*lead, n)
 
 
-DEFAULT_DENSE_TILE = dict(BN=4, BK=1024)  # the dense rows' tile where linear_configs has none for the shape
+# The dense rows' programs hold at most this many weight elements (a whole row of 2048 at one token), so
+# that the launch needs no more registers than the FP8 GEMV's own tiles (ptxas: 48 a thread at the H200's
+# qkvz tile, 72 with [4, 1024] dense tiles; benchmarks/kernel_registers.py).
+DENSE_TILE_ELEMENTS = 2048
+
+
+def dense_rows_tile(k: int) -> dict:
+    """{BN, BK} of the dense rows: the whole K in one step where it fits, one row per program."""
+    bk = min(triton.next_power_of_2(k), DENSE_TILE_ELEMENTS)
+    return dict(BN=max(1, DENSE_TILE_ELEMENTS // bk), BK=bk)
 
 
 def w8a8_block_fp8_linear_with_dense(
@@ -304,7 +313,7 @@ def w8a8_block_fp8_linear_with_dense(
         return (w8a8_block_fp8_linear(x, weight, weight_scale_inv, block, tile=tile, x_groups=x_groups),
                 triton_linear.linear(x, dense_weight))
     dense_n = dense_weight.shape[0]
-    dense_tile = dense_tile or triton_linear.get_tile(m, dense_n, k, x.dtype, x.device) or DEFAULT_DENSE_TILE
+    dense_tile = dense_tile or dense_rows_tile(k)
     out = _empty_output(x, (m, n))
     dense_out = _empty_output(x, (m, dense_n))
     _gemv(x2, weight, weight_scale_inv, block, None, out, tile, x_groups, (dense_weight, dense_out, dense_tile))

@@ -1,0 +1,98 @@
+"""Registers and spills of the batch-1 decode kernels at their tuned tiles, for Hopper, without a GPU.
+
+    python benchmarks/kernel_registers.py [--out FILE]
+
+Each kernel is compiled for sm_90 by Triton and its PTX assembled by the ptxas that comes with Triton
+(`-v`); the JSON rows give the registers per thread and the spilled bytes. A program's registers decide
+how many of its programs an SM holds at once (65,536 per SM): for a kernel that loads its weights before
+its programmatic-dependent wait, that is how much of its weight is in flight before the kernel before
+ends. Shapes are Qwen3-Next-80B's FP8 layers at tp 1 and the tiles those the H200 files give one token.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nvidia_compiler
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
+from worker.kernels.moe import decode_fp8, tile_configs  # noqa: E402
+
+PTXAS = Path(nvidia_compiler.__file__).parent / "bin" / "ptxas"
+TARGET = GPUTarget("cuda", 90, 32)
+DEVICE = "NVIDIA_H200"
+BLOCK = 128
+LINEAR_SHAPES = [(12288, 2048), (2048, 4096), (9216, 2048), (512, 2048), (8192, 2048)]
+POINTERS = {"x": "*bf16", "x_q": "*fp8e4nv", "x_s": "*fp32", "b": "*fp8e4nv", "b_scale": "*fp32", "bias": "*bf16",
+            "c": "*bf16", "dense_w": "*bf16", "dense_y": "*bf16", "inter": "*fp32", "a_q": "*fp8e4nv", "a_s": "*fp32",
+            "w13": "*fp8e4nv", "w13_s": "*fp32", "w2": "*fp8e4nv", "w2_s": "*fp32", "out": "*bf16",
+            "topk_weights": "*fp32", "topk_ids": "*i32"}
+
+
+def ptxas_usage(kernel, constants: dict, num_warps: int) -> dict:
+    """{registers, spill_bytes} of the kernel compiled for sm_90 with these constexprs (other args int32)."""
+    signature = {name: "constexpr" if name in constants else POINTERS.get(name, "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=TARGET,
+                              options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return dict(registers=registers, spill_bytes=spills, warps=num_warps,
+                programs_per_sm_by_registers=65536 // (registers * 32 * num_warps))
+
+
+def linear_rows() -> list[dict]:
+    rows = []
+    for n, k in LINEAR_SHAPES:
+        path = fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(n, k, BLOCK, DEVICE)
+        tile = tile_configs.tuned_entry(path, 1)
+        if tile is None or not tile.get("gemv"):
+            continue
+        constants = dict(K=k, BLOCK=BLOCK, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=False, FP8_MAX_=448.0,
+                         MIN_AMAX_=1e-12, PREQUANT=True, DENSE=False, DENSE_BN=1, DENSE_BK=16, PDL=True)
+        rows.append(dict(kernel="fp8 GEMV", n=n, k=k, tile=tile,
+                         **ptxas_usage(fp8_triton._block_fp8_gemv_kernel, constants, tile["num_warps"])))
+    return rows
+
+
+def moe_rows() -> list[dict]:
+    path = tile_configs.CONFIG_DIR / tile_configs.config_file_name(513, 2048, 512, fp8_triton.FP8_DTYPE, DEVICE)
+    cfg = tile_configs.tuned_entry(path, 1)
+    up, down = cfg["gate_up"], cfg["down"]
+    gate_up = dict(K=2048, S=11, BLOCK=BLOCK, NB=up["NB"], BN=min(up["BLOCK_N"], BLOCK), FP8_MAX_=448.0,
+                   MIN_AMAX_=1e-12, PREQUANT=True, PDL=True, DOWN_PDL=True)
+    down_constants = dict(K=512, S=11, BS=16, BLOCK=BLOCK, BN=down["BLOCK_N"], NB=down["NB"], FP8_MAX_=448.0,
+                          MIN_AMAX_=1e-12, PREQUANT=True, PDL=True)
+    return [dict(kernel="fp8 MoE gate_up (pairs)", tile=up,
+                 **ptxas_usage(decode_fp8._gate_up_fp8_pairs_kernel, gate_up, up["num_warps"])),
+            dict(kernel="fp8 MoE down (pairs)", tile=down,
+                 **ptxas_usage(decode_fp8._down_fp8_tokens_kernel, down_constants, down["num_warps"]))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    report = dict(benchmark="kernel_registers", target="sm_90a", tiles_of=DEVICE, rows=linear_rows() + moe_rows())
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
