@@ -77,10 +77,15 @@ def moe_rows() -> list[dict]:
                    MIN_AMAX_=1e-12, PREQUANT=True, PDL=True, DOWN_PDL=True)
     down_constants = dict(K=512, S=11, BS=16, BLOCK=BLOCK, BN=down["BLOCK_N"], NB=down["NB"], FP8_MAX_=448.0,
                           MIN_AMAX_=1e-12, PREQUANT=True, PDL=True)
-    return [dict(kernel="fp8 MoE gate_up (pairs)", tile=up,
+    rows = [dict(kernel="fp8 MoE gate_up (pairs)", tile=up,
                  **ptxas_usage(decode_fp8._gate_up_fp8_pairs_kernel, gate_up, up["num_warps"])),
             dict(kernel="fp8 MoE down (pairs)", tile=down,
                  **ptxas_usage(decode_fp8._down_fp8_tokens_kernel, down_constants, down["num_warps"]))]
+    for bn in (4, 8):  # the packed down stage, a candidate of tune_fp8
+        packed = dict(K=512, S=11, BLOCK=BLOCK, BN=bn, PDL=True)
+        rows.append(dict(kernel="fp8 MoE down (packed)", tile=dict(BLOCK_N=bn, num_warps=4, packed=True),
+                         **ptxas_usage(decode_fp8._down_fp8_packed_kernel, packed, 4)))
+    return rows
 
 
 def main():

@@ -59,6 +59,10 @@ MOE_PAIRS = [{"path": "pairs", "gate_up": dict(BLOCK_N=up_n, NB=nb, num_warps=uw
              # NB 4: the whole intermediate size (512) in the first tile, loaded before the PDL wait
              for dn, dw, dnb in [(4, 4, 1), (8, 8, 1), (16, 8, 1), (2, 2, 1), (2, 4, 4), (4, 4, 4), (4, 8, 4), (8, 8, 4)]
              for dpq in (False, True) if pq or not dpq]  # the same for down's inputs (only beside gate_up's)
+# The packed down stage (weights held as 32-bit words, slots summed one by one; reads prequantised rows).
+MOE_PAIRS += [{"path": "pairs", "gate_up": dict(BLOCK_N=up_n, NB=nb, num_warps=uw, prequant=True),
+               "down": dict(BLOCK_N=dn, NB=4, num_warps=dw, prequant=True, packed=True)}
+              for up_n, nb, uw in [(2, 16, 4), (1, 16, 4), (2, 8, 2)] for dn, dw in [(2, 4), (4, 4), (8, 4), (8, 8)]]
 MOE_GROUPED = [{"BLOCK_M": bm, "gate_up": dict(GROUP_M=g, num_warps=w, num_stages=s),
                 "down": dict(BLOCK_N=dn, GROUP_M=g, num_warps=w, num_stages=s)}
                for bm, g in [(16, 1), (32, 4), (64, 8)] for dn in (64, 128) for w, s in [(4, 3), (4, 4), (8, 3)]]

@@ -89,6 +89,33 @@ def test_fp8_down_stage_whole_k_agrees_with_block_by_block(device):
             "path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2), "down": dict(BLOCK_N=8, NB=4)})
 
 
+@pytest.mark.parametrize("down_n", [4, 8])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_packed_down_stage_matches_the_reference(tokens, down_n, device, monkeypatch):
+    """`"packed"`: the down stage's e4m3 weights and intermediate rows read as 32-bit words, four values each,
+    the slots summed one by one (84 rows: a partial last tile of 8)."""
+    decode_fp8 = importlib.import_module("worker.kernels.moe.decode_fp8")
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    kernel = decode_fp8._down_fp8_packed_kernel
+    monkeypatch.setattr(decode_fp8, "_down_fp8_packed_kernel", Spy())
+    config = {"path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2, prequant=True),
+              "down": dict(BLOCK_N=down_n, num_warps=2, prequant=True, packed=True)}
+    check(tokens, 5, 3, hidden=84, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3, config=config)
+    assert launches == [(tokens, -(-84 // down_n))]
+
+
+def test_packed_down_stage_needs_prequantised_rows(device):
+    config = {"path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2), "down": dict(BLOCK_N=8, packed=True)}
+    with pytest.raises(ValueError, match="prequant"):
+        check(1, 5, 3, hidden=64, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3, config=config)
+
+
 @pytest.mark.parametrize("path", ["pairs", "grouped"])
 def test_fp8_moe_reads_groups_quantised_already(path, device):
     """x_groups (a norm's e4m3 groups of the tokens) stand in for the MoE's own quantisation of them."""
@@ -119,3 +146,12 @@ def test_fused_moe_fp8_real_shapes(tokens, inter, device):
     """Qwen3-Next-80B's shape per tensor-parallel rank, 64 of its 512 routed experts (the kernel reads only
     the experts it is sent to), top-10 + the shared expert."""
     check(tokens, 64, 10, hidden=2048, inter=inter, block=128, dtype=torch.bfloat16, device=device, tol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("down_n", [4, 8])
+def test_packed_down_stage_real_shapes(down_n, device):
+    config = {"path": "pairs", "gate_up": dict(BLOCK_N=2, NB=16, num_warps=4, prequant=True),
+              "down": dict(BLOCK_N=down_n, NB=4, num_warps=4, prequant=True, packed=True)}
+    check(1, 64, 10, hidden=2048, inter=512, block=128, dtype=torch.bfloat16, device=device, tol=1e-2, config=config)

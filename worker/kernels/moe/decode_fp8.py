@@ -14,7 +14,8 @@ block-scaled e4m3 experts, in two launches.
    per_token_group_quant_fp8 launch does it once for all programs), multiplies with the [S, BN, b] e4m3 rows of
    all slots' experts at once, scales, weighs by the routing weights and sums the slots in one
    fixed order into out [T, H]. On Hopper and later it is a programmatic dependent launch that
-   loads its first weights before it waits for gate_up.
+   loads its first weights before it waits for gate_up. With `"packed"` (and "prequant") in its config,
+   _down_fp8_packed_kernel instead: the same sums slot by slot, from weights held as 32-bit words.
 Equal to the grouped FP8 kernels (triton_fp8.py) up to fp32 summation order.
 """
 
@@ -115,6 +116,52 @@ def _down_fp8_tokens_kernel(inter, a_q, a_s, w2, w2_s, out, topk_weights, topk_i
     tl.store(out + t * stride_o_t + n, tl.sum(slot_out, 0).to(out.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _unpack_e4m3(words, i: tl.constexpr):
+    """Byte i of each 32-bit word as the e4m3 value it holds, in fp32."""
+    return ((words >> (8 * i)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _down_fp8_packed_kernel(a_q, a_s, w2, w2_s, out, topk_weights, topk_ids, N, stride_aq_p, stride_as_p,
+                            stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, stride_o_t,
+                            K: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+                            PDL: tl.constexpr):
+    """The down stage with `"packed"`: the S slots' [BN, K] e4m3 rows are loaded before the wait as 32-bit
+    words, four values each (held that way they take a quarter of the registers: the [S padded to a power
+    of two, BN, K] tile of _down_fp8_tokens_kernel needs 255 a thread at BN 4), then summed slot by slot,
+    in slot order. The intermediate rows come quantised (prequant), read as words too."""
+    NB: tl.constexpr = K // BLOCK
+    WORDS: tl.constexpr = BLOCK // 4
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < N
+    nb = tl.arange(0, NB)
+    words = nb[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [NB, WORDS]: word j holds k = 4j .. 4j + 3
+    w2_words = w2.to(tl.pointer_type(tl.int32))
+    rows = n.to(tl.int64)[:, None, None] * (stride_w_n // 4) + words[None, :, :]
+    packed = ()
+    experts = ()
+    for s in tl.static_range(S):
+        expert = tl.load(topk_ids + t * S + s).to(tl.int64)  # written before gate_up ran
+        packed = packed + (tl.load(w2_words + expert * (stride_w_e // 4) + rows, mask=nmask[:, None, None], other=0),)
+        experts = experts + (expert,)
+    pdl_enter(PDL)  # gate_up's intermediate rows, quantised, are complete and visible from here on
+    a_words = a_q.to(tl.pointer_type(tl.int32))
+    total = tl.zeros([BN], dtype=tl.float32)
+    for s in tl.static_range(S):
+        pair = t * S + s
+        a_packed = tl.load(a_words + pair * (stride_aq_p // 4) + words)  # [NB, WORDS]
+        products = tl.zeros([BN, NB], dtype=tl.float32)
+        for i in tl.static_range(4):
+            products += tl.sum(_unpack_e4m3(packed[s], i) * _unpack_e4m3(a_packed, i)[None, :, :], 2)
+        a_scale = tl.load(a_s + pair * stride_as_p + nb)
+        w_scale = tl.load(w2_s + experts[s] * stride_ws_e + (n // BLOCK).to(tl.int64)[:, None] * stride_ws_n
+                          + nb[None, :], mask=nmask[:, None], other=0.0)
+        total += tl.sum(products * a_scale[None, :] * w_scale, 1) * tl.load(topk_weights + pair)
+    tl.store(out + t * stride_o_t + n, total.to(out.dtype.element_ty), mask=nmask)
+
+
 def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, block: int, cfg: dict,
                         x_groups=None) -> None:
     """x [T, H]; w13 [E, 2I, H], w2 [E, H, I] e4m3 with their block scales; weights [T*S] fp32;
@@ -137,6 +184,14 @@ def fused_moe_fp8_pairs(x, w13, w2, w13_s, w2_s, weights, topk_ids, out, inter, 
         raise ValueError(f"the down stage's NB {down_nb} must divide the {I // block} blocks of the intermediate size")
     down_prequant = bool(down.get("prequant"))
     a_q, a_s = per_token_group_quant_fp8(inter, block) if down_prequant else (inter, inter)
+    if down.get("packed"):
+        if not down_prequant:
+            raise ValueError('the packed down stage reads the intermediate rows quantised: its config needs "prequant"')
+        _down_fp8_packed_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
+            a_q, a_s, w2, w2_s, out, weights, topk_ids, H, a_q.stride(0), a_s.stride(0), w2.stride(0), w2.stride(1),
+            w2_s.stride(0), w2_s.stride(1), out.stride(0), K=I, S=S, BLOCK=block, BN=down["BLOCK_N"], PDL=down_pdl,
+            num_warps=down["num_warps"], launch_pdl=down_pdl)
+        return
     _down_fp8_tokens_kernel[(T, triton.cdiv(H, down["BLOCK_N"]))](
         inter, a_q, a_s, w2, w2_s, out, weights, topk_ids, H, inter.stride(0), a_q.stride(0), a_s.stride(0),
         w2.stride(0), w2.stride(1), w2_s.stride(0), w2_s.stride(1), out.stride(0),
