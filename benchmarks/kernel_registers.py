@@ -55,18 +55,24 @@ def ptxas_usage(kernel, constants: dict, num_warps: int) -> dict:
                 programs_per_sm_by_registers=65536 // (registers * 32 * num_warps))
 
 
+def tuned_gemv_tile(n: int, k: int) -> dict | None:
+    """The FP8 GEMV tile the H200's files give [n, k] at one token, None where that is a GEMM."""
+    tile = tile_configs.tuned_entry(fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(n, k, BLOCK, DEVICE), 1)
+    return tile if tile is not None and tile.get("gemv") else None
+
+
+def fp8_gemv_usage(k: int, tile: dict, dense_tile: dict | None = None) -> dict:
+    """ptxas_usage of the FP8 GEMV at this tile (norm-fed: prequantised features), with dense rows of
+    dense_tile in the launch if given (fp8.triton's merged GDN input projections)."""
+    dense = dense_tile or dict(BN=1, BK=16)
+    constants = dict(K=k, BLOCK=BLOCK, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=False, FP8_MAX_=448.0, MIN_AMAX_=1e-12,
+                     PREQUANT=True, DENSE=dense_tile is not None, DENSE_BN=dense["BN"], DENSE_BK=dense["BK"], PDL=True)
+    return ptxas_usage(fp8_triton._block_fp8_gemv_kernel, constants, tile["num_warps"])
+
+
 def linear_rows() -> list[dict]:
-    rows = []
-    for n, k in LINEAR_SHAPES:
-        path = fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(n, k, BLOCK, DEVICE)
-        tile = tile_configs.tuned_entry(path, 1)
-        if tile is None or not tile.get("gemv"):
-            continue
-        constants = dict(K=k, BLOCK=BLOCK, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=False, FP8_MAX_=448.0,
-                         MIN_AMAX_=1e-12, PREQUANT=True, DENSE=False, DENSE_BN=1, DENSE_BK=16, PDL=True)
-        rows.append(dict(kernel="fp8 GEMV", n=n, k=k, tile=tile,
-                         **ptxas_usage(fp8_triton._block_fp8_gemv_kernel, constants, tile["num_warps"])))
-    return rows
+    return [dict(kernel="fp8 GEMV", n=n, k=k, tile=tile, **fp8_gemv_usage(k, tile))
+            for n, k in LINEAR_SHAPES if (tile := tuned_gemv_tile(n, k)) is not None]
 
 
 def moe_rows() -> list[dict]:

@@ -18,16 +18,10 @@ USAGE_WITH_AND_WITHOUT_DENSE_ROWS = """
 import json
 from benchmarks import kernel_registers as registers
 from worker.kernels.fp8 import triton as fp8_triton
-from worker.kernels.moe import tile_configs
 
-path = fp8_triton.CONFIG_DIR / fp8_triton.config_file_name(12288, 2048, 128, registers.DEVICE)
-tile = tile_configs.tuned_entry(path, 1)
-dense = fp8_triton.dense_rows_tile(2048)
-usage = {}
-for with_dense in (False, True):
-    constants = dict(K=2048, BLOCK=128, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=False, FP8_MAX_=448.0, MIN_AMAX_=1e-12,
-                     PREQUANT=True, DENSE=with_dense, DENSE_BN=dense["BN"], DENSE_BK=dense["BK"], PDL=True)
-    usage[str(with_dense)] = registers.ptxas_usage(fp8_triton._block_fp8_gemv_kernel, constants, tile["num_warps"])
+tile = registers.tuned_gemv_tile(12288, 2048)
+usage = {str(dense): registers.fp8_gemv_usage(2048, tile, fp8_triton.dense_rows_tile(2048) if dense else None)
+         for dense in (False, True)}
 print(json.dumps(usage))
 """
 
