@@ -27,6 +27,7 @@ from worker.kernels.fp8 import reference as _fp8_ref
 from worker.kernels.fp8.quant import attached_token_groups, kernel_block
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
+from worker.kernels import gdn_decode as _gdn_decode_ref
 from worker.kernels import linear as _linear_ref
 from worker.kernels import paged_attention as _attn_ref
 from worker.kernels import qk_norm_rope as _qk_ref
@@ -108,6 +109,16 @@ def gated_rms_norm(x, z, weight, eps, quant_block=None):
         block = _kernel_quant_block(quant_block)
         return impl.gated_rms_norm(x, z, weight, eps, block if impl.quantisable(x.shape[-1], block) else None)
     return _gated_norm_ref.gated_rms_norm(x, z, weight, eps)
+
+
+def gdn_decode(mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
+               state_indices, num_accepted, quant_block=None):
+    """The GDN's decode / verify step after its input projections: conv, gating, recurrence, gated norm."""
+    args = (mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
+            state_indices, num_accepted)
+    if _use_triton(mixed_qkv):
+        return _triton_module("gdn_decode").gdn_decode(*args, _kernel_quant_block(quant_block))
+    return _gdn_decode_ref.gdn_decode(*args)
 
 
 def fused_add_rms_norm(x, residual, weight, eps, quant_block=None):

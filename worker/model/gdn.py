@@ -161,16 +161,15 @@ class GatedDeltaNet(nn.Module):
         tokens = hidden_states.shape[0]
         mixed_qkv, z, b, a = self._project(hidden_states)
         n_dec, q_len, n_tok = meta.num_decodes, meta.decode_query_len, meta.num_decode_tokens
-        if n_dec and n_tok == tokens:  # decode / verify only (every CUDA-graph step): no copy into a joint buffer
-            core = self._recurrent(mixed_qkv, a, b, meta, n_dec, q_len)
-        else:
-            core = torch.empty(tokens, self.num_v_heads, self.head_v_dim, dtype=hidden_states.dtype,
-                               device=hidden_states.device)
-            if n_dec:
-                core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], a[:n_tok], b[:n_tok], meta, n_dec, q_len)
-            if n_tok < tokens:
-                g, beta = kernels.gdn_gating(a[n_tok:], b[n_tok:], self.A_log, self.dt_bias)
-                core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g, beta, meta, n_dec)
+        if n_dec and n_tok == tokens:  # decode / verify only (every CUDA-graph step): one op after the projections
+            return self.out_proj(flatten_tokens(self._decode(mixed_qkv, z, a, b, meta, n_dec, q_len)))
+        core = torch.empty(tokens, self.num_v_heads, self.head_v_dim, dtype=hidden_states.dtype,
+                           device=hidden_states.device)
+        if n_dec:
+            core[:n_tok] = self._recurrent(mixed_qkv[:n_tok], a[:n_tok], b[:n_tok], meta, n_dec, q_len)
+        if n_tok < tokens:
+            g, beta = kernels.gdn_gating(a[n_tok:], b[n_tok:], self.A_log, self.dt_bias)
+            core[n_tok:] = self._chunked(mixed_qkv[n_tok:], g, beta, meta, n_dec)
         out = self.norm(core, z)  # [T, HV, V]; z may be rows of the projection's output
         return self.out_proj(flatten_tokens(out))
 
@@ -180,6 +179,16 @@ class GatedDeltaNet(nn.Module):
         return (q.reshape(*lead, self.num_k_heads, self.head_k_dim),
                 k.reshape(*lead, self.num_k_heads, self.head_k_dim),
                 v.reshape(*lead, self.num_v_heads, self.head_v_dim))
+
+    def _decode(self, mixed_qkv, z, a, b, meta, n_dec, q_len):
+        """Conv, gating, recurrence and the gated norm of a decode / verify batch -> [T, HV, V], with the out
+        projection's e4m3 groups where it reads them (one launch on the Triton path)."""
+        lead = (n_dec, q_len)
+        return kernels.gdn_decode(
+            mixed_qkv.view(*lead, -1), z.view(*lead, self.num_v_heads, self.head_v_dim),
+            a.view(*lead, -1), b.view(*lead, -1), self.conv1d.weight, self.conv_states, self.A_log, self.dt_bias,
+            self.ssm_states, self.norm.weight, self.norm.eps, meta.state_indices[:n_dec], meta.num_accepted[:n_dec],
+            self.norm.quant_block)
 
     def _recurrent(self, mixed_qkv, a, b, meta, n_dec, q_len):
         slots, accepted = meta.state_indices[:n_dec], meta.num_accepted[:n_dec]

@@ -1,0 +1,161 @@
+"""The GDN decode step in one launch (conv, gating, recurrence, gated norm): the Triton kernel against the
+torch reference, which runs the four references one after another (outputs NaN-poisoned)."""
+
+import importlib
+
+import pytest
+import torch
+
+from tests.kernels.conftest import HAS_CUDA
+from tests.kernels.helpers import PAD, assert_rel_close, assert_unchanged, generator, randn, tolerance
+
+ref = importlib.import_module("worker.kernels.gdn_decode")
+tk = pytest.importorskip("worker.kernels.triton_gdn_decode", reason="triton is not installed")
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def nan_decode_outputs(monkeypatch):
+    def empty_nan(like, shape=None, dtype=None):
+        return torch.full(like.shape if shape is None else shape, float("nan"), dtype=dtype or like.dtype,
+                          device=like.device)
+
+    monkeypatch.setattr(tk, "_empty_output", empty_nan)
+
+
+def decode_inputs(k_spec, nk, nv, dk, dv, kw, dtype, device, seed, extra_rows=0):
+    """A batch with every num_accepted in 1..1+k (plus extra_rows random ones) and a PAD row, the projections
+    as strided views of one [T, D + HV V] output (as the layer passes them), states with unread slots NaN."""
+    q_len = 1 + k_spec
+    gen = generator(seed, device)
+    accepted = list(range(1, q_len + 1)) + torch.randint(1, q_len + 1, (extra_rows,), generator=gen,
+                                                         device=device).tolist()
+    rows = len(accepted)
+    groups = torch.randperm(rows + 1, generator=gen, device=device)[:rows].tolist()
+    pad_row = rows // 2
+    indices = groups[:pad_row] + [PAD] + groups[pad_row:]
+    accepted = accepted[:pad_row] + [1] + accepted[pad_row:]
+    n = rows + 1
+    conv_dim = 2 * nk * dk + nv * dv
+    proj = randn(n * q_len, conv_dim + nv * dv, gen=gen, device=device, dtype=dtype)
+    ba = randn(n * q_len, 2 * nv, gen=gen, device=device, dtype=dtype, scale=2.0)
+    ssm = randn(rows + 1, q_len, nv, dk, dv, gen=gen, device=device, scale=0.5)
+    written = torch.zeros(ssm.shape[:2], dtype=torch.bool)
+    for group, a in zip(indices, accepted):
+        if group == PAD:
+            continue
+        read = ssm[group, a - 1].clone()
+        ssm[group] = float("nan")  # every slot is written; only slot a-1 is read first
+        ssm[group, a - 1] = read
+        written[group] = True
+    args = dict(
+        mixed_qkv=proj[:, :conv_dim].view(n, q_len, conv_dim),
+        z=proj[:, conv_dim:].view(n, q_len, nv, dv),
+        a=ba[:, :nv].view(n, q_len, nv), b=ba[:, nv:].view(n, q_len, nv),
+        conv_weight=randn(conv_dim, kw, gen=gen, device=device, dtype=dtype, scale=0.5),
+        conv_states=randn(rows + 1, conv_dim, kw - 1 + k_spec, gen=gen, device=device, dtype=dtype),
+        A_log=randn(nv, gen=gen, device=device), dt_bias=randn(nv, gen=gen, device=device),
+        ssm_states=ssm,
+        norm_weight=(1 + randn(dv, gen=gen, device=device, scale=0.1)).to(dtype), eps=1e-6,
+        state_indices=torch.tensor(indices, device=device), num_accepted=torch.tensor(accepted, device=device))
+    return args, written.to(device), groups
+
+
+def run_both(args):
+    """(kernel's output, its states), (reference's output, its states), each on its own copy of the states."""
+    mine = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
+    theirs = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
+    return (tk.gdn_decode(**mine), mine), (ref.gdn_decode(**theirs), theirs)
+
+
+def check_decode(k_spec, nk, nv, dk, dv, kw=4, dtype=torch.float32, device="cpu", seed=0, extra_rows=0):
+    args, written, groups = decode_inputs(k_spec, nk, nv, dk, dv, kw, dtype, device, seed, extra_rows)
+    (out, mine), (expected, theirs) = run_both(args)
+    tol = tolerance(dtype)
+    assert_rel_close(out, expected, tol, "output")
+    assert_rel_close(mine["ssm_states"][written], theirs["ssm_states"][written], tol, "states after each position")
+    assert_unchanged(mine["ssm_states"][~written], args["ssm_states"][~written], "slots the kernel must not write")
+    used = torch.tensor(groups, device=device)
+    assert_rel_close(mine["conv_states"][used], theirs["conv_states"][used], 1e-6, "conv states")
+    unused = torch.ones(args["conv_states"].shape[0], dtype=torch.bool, device=device)
+    unused[used] = False
+    assert_unchanged(mine["conv_states"][unused], args["conv_states"][unused], "the free group's conv state")
+    return out
+
+
+@pytest.mark.parametrize("k_spec", range(4), ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("heads", [(2, 4), (2, 2), (1, 3)], ids=lambda h: f"{h[0]}x{h[1]}")
+def test_gdn_decode(k_spec, heads, device):
+    check_decode(k_spec, *heads, dk=16, dv=16, device=device, seed=k_spec)
+
+
+def test_gdn_decode_dk_ne_dv_not_powers_of_two(device):
+    check_decode(2, 2, 4, dk=24, dv=40, kw=3, device=device, seed=5, extra_rows=2)
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_gdn_decode_writes_the_out_projections_e4m3_groups(group, device):
+    """With quant_block the output is unchanged and carries the groups the quantisation kernel makes of each
+    token's HV * V features (here two groups a head, or one)."""
+    from tests.kernels.test_add_rms_norm import assert_groups_of
+
+    args, _, _ = decode_inputs(1, 2, 4, 16, 32, 4, torch.float32, device, seed=7)
+    plain = tk.gdn_decode(**dict(args, ssm_states=args["ssm_states"].clone(),
+                                 conv_states=args["conv_states"].clone()))
+    quantised = tk.gdn_decode(**dict(args, ssm_states=args["ssm_states"].clone(),
+                                     conv_states=args["conv_states"].clone(), quant_block=group))
+    assert torch.equal(quantised, plain)
+    assert_groups_of(quantised, group)
+
+
+def test_pad_rows_are_zero_and_touch_no_state(device):
+    args, _, _ = decode_inputs(0, 2, 4, 16, 16, 4, torch.float32, device, seed=3, extra_rows=1)
+    out = tk.gdn_decode(**dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone()))
+    pad = args["state_indices"].tolist().index(PAD)
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+
+
+def test_shape_errors_name_the_argument(device):
+    args, _, _ = decode_inputs(0, 2, 4, 16, 16, 4, torch.float32, device, seed=1)
+    with pytest.raises(ValueError, match="z must be"):
+        tk.gdn_decode(**dict(args, z=args["z"][:, :, :2]))
+    with pytest.raises(ValueError, match="mixed_qkv's"):
+        tk.gdn_decode(**dict(args, mixed_qkv=args["mixed_qkv"][:, :, 1:]))
+
+
+# ---------------------------------------------------------------- GPU, Qwen3-Next-80B per-rank shapes
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("k_spec", range(4), ids=lambda k: f"k{k}")
+def test_gdn_decode_gpu(k_spec, tp):
+    check_decode(k_spec, 16 // tp, 32 // tp, dk=128, dv=128, dtype=torch.bfloat16, device="cuda", seed=k_spec,
+                 extra_rows=40)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("k_spec", [0, 2])
+def test_gdn_decode_gpu_matches_the_three_launches(k_spec):
+    """Against the conv, recurrence and norm kernels run one after another (the path it replaces)."""
+    from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule, triton_gated_rms_norm
+
+    args, written, _ = decode_inputs(k_spec, 16, 32, 128, 128, 4, torch.bfloat16, "cuda", seed=11, extra_rows=8)
+    mine = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
+    out = tk.gdn_decode(**mine, quant_block=128)
+    ssm, conv = args["ssm_states"].clone(), args["conv_states"].clone()
+    x = triton_causal_conv1d.causal_conv1d_update(args["mixed_qkv"], args["conv_weight"], conv,
+                                                  args["state_indices"], args["num_accepted"])
+    q, k, v = ref.split_qkv(x, 32, 128, 128)
+    core = triton_gated_delta_rule.fused_gating_recurrent_gated_delta_rule(
+        q, k, v, args["a"], args["b"], args["A_log"], args["dt_bias"], ssm, args["state_indices"],
+        args["num_accepted"])
+    n_q = core.shape[0] * core.shape[1]
+    expected = triton_gated_rms_norm.gated_rms_norm(core.reshape(n_q, 32, 128), args["z"].reshape(n_q, 32, 128),
+                                                    args["norm_weight"], 1e-6)
+    assert torch.equal(mine["conv_states"], conv)
+    assert_rel_close(out, expected, 1e-2, "output")
+    assert_rel_close(mine["ssm_states"][written], ssm[written], 1e-5, "states")
