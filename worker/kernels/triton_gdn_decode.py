@@ -125,6 +125,8 @@ def _gdn_decode_kernel(
     slot = tl.load(num_accepted + n).to(tl.int64) - 1
     for r in tl.static_range(RATIO):
         hv = hk * RATIO + r
+        s_base = ssm_states + group * stride_s_g + hv * stride_s_h + cols_k[:, None] * V + cols_v[None, :]
+        h = tl.load(s_base + slot * stride_s_slot, mask=hmask, other=0.0).to(tl.float32)  # in flight during the conv
         # 2. this value head's v channels (owned by this program alone), then its recurrence.
         dv = 2 * H * K + hv * V + cols_v
         v_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dv, vmask, stride_x_t,
@@ -133,8 +135,6 @@ def _gdn_decode_kernel(
                               stride_c_d, Q, W, BW)
         tl.debug_barrier()
         _store_window(conv_states, v_next, group, valid, dv, vmask, stride_c_g, stride_c_d, W, BW)
-        s_base = ssm_states + group * stride_s_g + hv * stride_s_h + cols_k[:, None] * V + cols_v[None, :]
-        h = tl.load(s_base + slot * stride_s_slot, mask=hmask, other=0.0).to(tl.float32)
         A = tl.load(A_log + hv).to(tl.float32)
         dt = tl.load(dt_bias + hv).to(tl.float32)
         for j in tl.static_range(Q):
