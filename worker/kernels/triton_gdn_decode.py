@@ -9,7 +9,8 @@ triton_gated_delta_rule's recurrence with the gating, triton_gated_rms_norm), wi
 3. each token's output row of the head through the gated RMS norm (and its e4m3 groups).
 A program owns every channel of its key head's conv state: the conv state of q and k is read by all the
 value heads of a key head, so a finer grid would race its reads against its writes. The norm wants a
-value head's whole row, so each program holds whole [K, V] states.
+value head's whole row, so each program holds whole [K, V] states. Under PDL the first value head's state
+is loaded before the wait for the input projection: no kernel of the chain before this one writes it.
 """
 
 import torch
@@ -93,19 +94,25 @@ def _gdn_decode_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
     G: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     hk = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     HV = H * RATIO
     group = tl.load(state_indices + n).to(tl.int64)
     valid = group >= 0
     first_col = tl.load(num_accepted + n).to(tl.int32) - 1 + (KW - 1)
-    xn = x + n * stride_x_n
+    slot = tl.load(num_accepted + n).to(tl.int64) - 1
     cols_k = tl.arange(0, BK)
     kmask = cols_k < K
     cols_v = tl.arange(0, BV)
     vmask = cols_v < V
     hmask = (kmask[:, None] & vmask[None, :]) & valid
+    s_first = ssm_states + group * stride_s_g + (hk * RATIO) * stride_s_h + cols_k[:, None] * V + cols_v[None, :]
+    # Read before the wait: the step's metadata and the first head's state, which the kernels before this one
+    # in the chain do not write (this layer's own launch of an earlier step did, and PDL lets at most one
+    # kernel run ahead, so that one has finished).
+    h_first = tl.load(s_first + slot * stride_s_slot, mask=hmask, other=0.0).to(tl.float32)
+    pdl_enter(PDL)
+    xn = x + n * stride_x_n
 
     # 1. q and k of this key head: conv outputs, then the conv state's next window (after every read).
     dq = hk * K + cols_k
@@ -122,11 +129,13 @@ def _gdn_decode_kernel(
     _store_window(conv_states, q_next, group, valid, dq, kmask, stride_c_g, stride_c_d, W, BW)
     _store_window(conv_states, k_next, group, valid, dk, kmask, stride_c_g, stride_c_d, W, BW)
 
-    slot = tl.load(num_accepted + n).to(tl.int64) - 1
     for r in tl.static_range(RATIO):
         hv = hk * RATIO + r
-        s_base = ssm_states + group * stride_s_g + hv * stride_s_h + cols_k[:, None] * V + cols_v[None, :]
-        h = tl.load(s_base + slot * stride_s_slot, mask=hmask, other=0.0).to(tl.float32)  # in flight during the conv
+        s_base = s_first + r * stride_s_h
+        if r == 0:
+            h = h_first
+        else:
+            h = tl.load(s_base + slot * stride_s_slot, mask=hmask, other=0.0).to(tl.float32)  # during the conv
         # 2. this value head's v channels (owned by this program alone), then its recurrence.
         dv = 2 * H * K + hv * V + cols_v
         v_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dv, vmask, stride_x_t,
