@@ -1,6 +1,7 @@
-"""The Gated DeltaNet's decode step after its input projections: one launch (kernels.gdn_decode) against the
-three it replaces (conv update, gated recurrence, gated norm with the out projection's e4m3 groups), at
-Qwen3-Next-80B's per-rank shapes, in CUDA graphs, with the copy bandwidth of the same run.
+"""The Gated DeltaNet's decode step after its input projections in each form of triton_gdn_decode: one launch,
+two (the conv kernel, then one program per value head), and the three it replaces (conv update, gated
+recurrence, gated norm), all writing the out projection's e4m3 groups, at Qwen3-Next-80B's per-rank shapes,
+in CUDA graphs, with the copy bandwidth of the same run.
 
     python benchmarks/bench_gdn_decode.py [--batches 1 16 64 256] [--ks 0 2] [--tp 1] [--out FILE]
 
@@ -18,18 +19,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_bench import card, copy_bandwidth_GBps, emit, git_commit, graph_time_us  # noqa: E402
-from worker import kernels  # noqa: E402
-from worker.kernels.gdn_decode import split_qkv  # noqa: E402
+from worker.kernels.triton_gdn_decode import FORMS, gdn_decode_as  # noqa: E402
 
 KEY_HEADS, VALUE_HEADS, HEAD_DIM, CONV_KERNEL, BLOCK = 16, 32, 128, 4, 128
 
 
-def layer_inputs(n: int, k: int, tp: int, gen: torch.Generator) -> dict:
+def layer_inputs(n: int, k: int, tp: int, gen: torch.Generator, dev="cuda", act=torch.bfloat16) -> dict:
     h, hv = KEY_HEADS // tp, VALUE_HEADS // tp
     q_len, conv_dim = 1 + k, (2 * h + hv) * HEAD_DIM
-    dev = "cuda"
 
-    def randn(*shape, dtype=torch.bfloat16, scale=1.0):
+    def randn(*shape, dtype=act, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=dev) * scale).to(dtype)
 
     proj = randn(n * q_len, conv_dim + hv * HEAD_DIM)
@@ -46,34 +45,18 @@ def layer_inputs(n: int, k: int, tp: int, gen: torch.Generator) -> dict:
                 num_accepted=torch.randint(1, q_len + 1, (n,), generator=gen, device=dev, dtype=torch.int32))
 
 
-def three_launches(x: dict):
-    conv = kernels.causal_conv1d_update(x["mixed_qkv"], x["conv_weight"], x["conv_states"], x["state_indices"],
-                                        x["num_accepted"])
-    hv = x["ssm_states"].shape[2]
-    q, k, v = split_qkv(conv, hv, HEAD_DIM, HEAD_DIM)
-    core = kernels.fused_gating_recurrent_gated_delta_rule(q, k, v, x["a"], x["b"], x["A_log"], x["dt_bias"],
-                                                           x["ssm_states"], x["state_indices"], x["num_accepted"])
-    rows = core.shape[0] * core.shape[1]
-    return kernels.gated_rms_norm(core.reshape(rows, hv, HEAD_DIM), x["z"].reshape(rows, hv, HEAD_DIM),
-                                  x["norm_weight"], x["eps"], BLOCK)
-
-
-def one_launch(x: dict):
-    return kernels.gdn_decode(**x, quant_block=BLOCK)
-
-
 def measure(n: int, k: int, tp: int, layers: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(n * 10 + k)
     stack = [layer_inputs(n, k, tp, gen) for _ in range(layers)]
     row = dict(batch=n, k=k, tp=tp)
-    for name, step in (("three_launches_us", three_launches), ("one_launch_us", one_launch)):
-        row[name] = round(graph_time_us(lambda: [step(x) for x in stack], replays=20, inner=layers), 2)
     ssm = stack[0]["ssm_states"]
     state_bytes = n * (1 + ssm.shape[1]) * ssm[0, 0].numel() * ssm.element_size()  # one slot read, 1+k written
-    row["speedup"] = round(row["three_launches_us"] / row["one_launch_us"], 3)
-    row["state_GBps_one_launch"] = round(state_bytes / row["one_launch_us"] / 1e3, 1)
-    row["state_GBps_three_launches"] = round(state_bytes / row["three_launches_us"] / 1e3, 1)
-    del stack
+    for form in FORMS:
+        us = graph_time_us(lambda: [gdn_decode_as(form, **x, quant_block=BLOCK) for x in stack], replays=20,
+                           inner=layers)
+        row[f"{form}_us"] = round(us, 2)
+        row[f"{form}_state_GBps"] = round(state_bytes / us / 1e3, 1)
+    stack.clear()
     torch.cuda.empty_cache()
     return row
 

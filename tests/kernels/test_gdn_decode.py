@@ -62,16 +62,19 @@ def decode_inputs(k_spec, nk, nv, dk, dv, kw, dtype, device, seed, extra_rows=0)
     return args, written.to(device), groups
 
 
-def run_both(args):
+FORMS = ["one", "two"]
+
+
+def run_both(args, form="one"):
     """(kernel's output, its states), (reference's output, its states), each on its own copy of the states."""
     mine = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
     theirs = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
-    return (tk.gdn_decode(**mine), mine), (ref.gdn_decode(**theirs), theirs)
+    return (tk.gdn_decode_as(form, **mine), mine), (ref.gdn_decode(**theirs), theirs)
 
 
-def check_decode(k_spec, nk, nv, dk, dv, kw=4, dtype=torch.float32, device="cpu", seed=0, extra_rows=0):
+def check_decode(k_spec, nk, nv, dk, dv, kw=4, dtype=torch.float32, device="cpu", seed=0, extra_rows=0, form="one"):
     args, written, groups = decode_inputs(k_spec, nk, nv, dk, dv, kw, dtype, device, seed, extra_rows)
-    (out, mine), (expected, theirs) = run_both(args)
+    (out, mine), (expected, theirs) = run_both(args, form)
     tol = tolerance(dtype)
     assert_rel_close(out, expected, tol, "output")
     assert_rel_close(mine["ssm_states"][written], theirs["ssm_states"][written], tol, "states after each position")
@@ -84,27 +87,56 @@ def check_decode(k_spec, nk, nv, dk, dv, kw=4, dtype=torch.float32, device="cpu"
     return out
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("k_spec", range(4), ids=lambda k: f"k{k}")
 @pytest.mark.parametrize("heads", [(2, 4), (2, 2), (1, 3)], ids=lambda h: f"{h[0]}x{h[1]}")
-def test_gdn_decode(k_spec, heads, device):
-    check_decode(k_spec, *heads, dk=16, dv=16, device=device, seed=k_spec)
+def test_gdn_decode(k_spec, heads, form, device):
+    check_decode(k_spec, *heads, dk=16, dv=16, device=device, seed=k_spec, form=form)
 
 
-def test_gdn_decode_dk_ne_dv_not_powers_of_two(device):
-    check_decode(2, 2, 4, dk=24, dv=40, kw=3, device=device, seed=5, extra_rows=2)
+@pytest.mark.parametrize("form", FORMS)
+def test_gdn_decode_dk_ne_dv_not_powers_of_two(form, device):
+    check_decode(2, 2, 4, dk=24, dv=40, kw=3, device=device, seed=5, extra_rows=2, form=form)
 
 
+def test_the_three_launches_form_is_the_old_path(device):
+    check_decode(1, 2, 4, dk=16, dv=16, device=device, seed=6, form="three")
+
+
+def test_the_form_comes_from_the_environment(monkeypatch):
+    for value, expected in ((None, "one"), ("two", "two"), ("three", "three")):
+        if value is None:
+            monkeypatch.delenv("NEXTSERVE_GDN_DECODE", raising=False)
+        else:
+            monkeypatch.setenv("NEXTSERVE_GDN_DECODE", value)
+        tk.decode_form.cache_clear()
+        assert tk.decode_form() == expected
+    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", "fused")
+    tk.decode_form.cache_clear()
+    with pytest.raises(ValueError, match="NEXTSERVE_GDN_DECODE must be one of one, two, three, got 'fused'"):
+        tk.decode_form()
+    monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
+    tk.decode_form.cache_clear()
+
+
+def test_an_unknown_form_is_refused(device):
+    args, _, _ = decode_inputs(0, 2, 4, 16, 16, 4, torch.float32, device, seed=1)
+    with pytest.raises(ValueError, match="form must be one of one, two, three"):
+        tk.gdn_decode_as("four", **args)
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("group", [16, 32])
-def test_gdn_decode_writes_the_out_projections_e4m3_groups(group, device):
+def test_gdn_decode_writes_the_out_projections_e4m3_groups(group, form, device):
     """With quant_block the output is unchanged and carries the groups the quantisation kernel makes of each
     token's HV * V features (here two groups a head, or one)."""
     from tests.kernels.test_add_rms_norm import assert_groups_of
 
     args, _, _ = decode_inputs(1, 2, 4, 16, 32, 4, torch.float32, device, seed=7)
-    plain = tk.gdn_decode(**dict(args, ssm_states=args["ssm_states"].clone(),
-                                 conv_states=args["conv_states"].clone()))
-    quantised = tk.gdn_decode(**dict(args, ssm_states=args["ssm_states"].clone(),
-                                     conv_states=args["conv_states"].clone(), quant_block=group))
+    plain = tk.gdn_decode_as(form, **dict(args, ssm_states=args["ssm_states"].clone(),
+                                          conv_states=args["conv_states"].clone()))
+    quantised = tk.gdn_decode_as(form, **dict(args, ssm_states=args["ssm_states"].clone(),
+                                              conv_states=args["conv_states"].clone(), quant_block=group))
     assert torch.equal(quantised, plain)
     assert_groups_of(quantised, group)
 
@@ -129,23 +161,25 @@ def test_shape_errors_name_the_argument(device):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("k_spec", range(4), ids=lambda k: f"k{k}")
-def test_gdn_decode_gpu(k_spec, tp):
+def test_gdn_decode_gpu(k_spec, tp, form):
     check_decode(k_spec, 16 // tp, 32 // tp, dk=128, dv=128, dtype=torch.bfloat16, device="cuda", seed=k_spec,
-                 extra_rows=40)
+                 extra_rows=40, form=form)
 
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("k_spec", [0, 2])
-def test_gdn_decode_gpu_matches_the_three_launches(k_spec):
+def test_gdn_decode_gpu_matches_the_three_launches(k_spec, form):
     """Against the conv, recurrence and norm kernels run one after another (the path it replaces)."""
     from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule, triton_gated_rms_norm
 
     args, written, _ = decode_inputs(k_spec, 16, 32, 128, 128, 4, torch.bfloat16, "cuda", seed=11, extra_rows=8)
     mine = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
-    out = tk.gdn_decode(**mine, quant_block=128)
+    out = tk.gdn_decode_as(form, **mine, quant_block=128)
     ssm, conv = args["ssm_states"].clone(), args["conv_states"].clone()
     x = triton_causal_conv1d.causal_conv1d_update(args["mixed_qkv"], args["conv_weight"], conv,
                                                   args["state_indices"], args["num_accepted"])

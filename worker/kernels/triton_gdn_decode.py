@@ -11,14 +11,23 @@ A program owns every channel of its key head's conv state: the conv state of q a
 value heads of a key head, so a finer grid would race its reads against its writes. The norm wants a
 value head's whole row, so each program holds whole [K, V] states. Under PDL the first value head's state
 is loaded before the wait for the input projection: no kernel of the chain before this one writes it.
+
+Two other forms stay for comparison (NEXTSERVE_GDN_DECODE, bench_gdn_decode): "two" runs the conv kernel
+first and this kernel per (value head, sequence) on its output (twice the programs, no conv inside);
+"three" the three kernels it replaces.
 """
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule, triton_gated_rms_norm
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups
 from worker.kernels.fp8.triton import _quantize_groups
+from worker.kernels.gdn_decode import split_qkv
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_causal_conv1d import _check_conv, _window_value
 from worker.kernels.triton_gated_delta_rule import _check, _check_states, _gating
@@ -65,6 +74,14 @@ def _store_window(conv_states, vals, group, valid, d, dmask, stride_c_g, stride_
 
 
 @triton.jit
+def _conv_output(xn, valid, d, dmask, stride_x_t, Q: tl.constexpr, BQ: tl.constexpr):
+    """Channels d of the Q rows of the conv kernel's output, [BQ, BD] in fp32; zeros for a PAD sequence."""
+    j = tl.arange(0, BQ)
+    vals = tl.load(xn + j[:, None] * stride_x_t + d[None, :], mask=(j < Q)[:, None] & dmask[None, :], other=0.0)
+    return tl.where(valid, vals.to(tl.float32), 0.0)
+
+
+@triton.jit
 def _row(tile, j, BQ: tl.constexpr):
     """Row j of a [BQ, B] tile."""
     return tl.sum(tl.where((tl.arange(0, BQ) == j)[:, None], tile, 0.0), 0)
@@ -91,10 +108,13 @@ def _gdn_decode_kernel(
     stride_c_g, stride_c_d, stride_s_g, stride_s_slot, stride_s_h,
     H,
     Q: tl.constexpr, K: tl.constexpr, V: tl.constexpr, RATIO: tl.constexpr, KW: tl.constexpr, W: tl.constexpr,
-    BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, CONV: tl.constexpr, HEADS: tl.constexpr,
     G: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PDL: tl.constexpr,
 ):
-    hk = tl.program_id(0)
+    """With CONV, one program per (key head, sequence), HEADS = RATIO; else x is the conv kernel's output and
+    one program per (value head, sequence), HEADS = 1."""
+    hv_first = tl.program_id(0) * HEADS
+    hk = hv_first // RATIO
     n = tl.program_id(1).to(tl.int64)
     HV = H * RATIO
     group = tl.load(state_indices + n).to(tl.int64)
@@ -106,7 +126,7 @@ def _gdn_decode_kernel(
     cols_v = tl.arange(0, BV)
     vmask = cols_v < V
     hmask = (kmask[:, None] & vmask[None, :]) & valid
-    s_first = ssm_states + group * stride_s_g + (hk * RATIO) * stride_s_h + cols_k[:, None] * V + cols_v[None, :]
+    s_first = ssm_states + group * stride_s_g + hv_first * stride_s_h + cols_k[:, None] * V + cols_v[None, :]
     # Read before the wait: the step's metadata and the first head's state, which the kernels before this one
     # in the chain do not write (this layer's own launch of an earlier step did, and PDL lets at most one
     # kernel run ahead, so that one has finished).
@@ -117,20 +137,24 @@ def _gdn_decode_kernel(
     # 1. q and k of this key head: conv outputs, then the conv state's next window (after every read).
     dq = hk * K + cols_k
     dk = H * K + dq
-    q_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dq, kmask, stride_x_t, stride_c_g,
-                            stride_c_d, Q, KW, BQ, BK)
-    k_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dk, kmask, stride_x_t, stride_c_g,
-                            stride_c_d, Q, KW, BQ, BK)
-    q_next = _conv_window(xn, conv_states, group, first_col, valid, dq, kmask, stride_x_t, stride_c_g, stride_c_d,
-                          Q, W, BW)
-    k_next = _conv_window(xn, conv_states, group, first_col, valid, dk, kmask, stride_x_t, stride_c_g, stride_c_d,
-                          Q, W, BW)
-    tl.debug_barrier()
-    _store_window(conv_states, q_next, group, valid, dq, kmask, stride_c_g, stride_c_d, W, BW)
-    _store_window(conv_states, k_next, group, valid, dk, kmask, stride_c_g, stride_c_d, W, BW)
+    if CONV:
+        q_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dq, kmask, stride_x_t, stride_c_g,
+                                stride_c_d, Q, KW, BQ, BK)
+        k_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dk, kmask, stride_x_t, stride_c_g,
+                                stride_c_d, Q, KW, BQ, BK)
+        q_next = _conv_window(xn, conv_states, group, first_col, valid, dq, kmask, stride_x_t, stride_c_g,
+                              stride_c_d, Q, W, BW)
+        k_next = _conv_window(xn, conv_states, group, first_col, valid, dk, kmask, stride_x_t, stride_c_g,
+                              stride_c_d, Q, W, BW)
+        tl.debug_barrier()
+        _store_window(conv_states, q_next, group, valid, dq, kmask, stride_c_g, stride_c_d, W, BW)
+        _store_window(conv_states, k_next, group, valid, dk, kmask, stride_c_g, stride_c_d, W, BW)
+    else:
+        q_tile = _conv_output(xn, valid, dq, kmask, stride_x_t, Q, BQ)
+        k_tile = _conv_output(xn, valid, dk, kmask, stride_x_t, Q, BQ)
 
-    for r in tl.static_range(RATIO):
-        hv = hk * RATIO + r
+    for r in tl.static_range(HEADS):
+        hv = hv_first + r
         s_base = s_first + r * stride_s_h
         if r == 0:
             h = h_first
@@ -138,12 +162,15 @@ def _gdn_decode_kernel(
             h = tl.load(s_base + slot * stride_s_slot, mask=hmask, other=0.0).to(tl.float32)  # during the conv
         # 2. this value head's v channels (owned by this program alone), then its recurrence.
         dv = 2 * H * K + hv * V + cols_v
-        v_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dv, vmask, stride_x_t,
-                                stride_c_g, stride_c_d, Q, KW, BQ, BV)
-        v_next = _conv_window(xn, conv_states, group, first_col, valid, dv, vmask, stride_x_t, stride_c_g,
-                              stride_c_d, Q, W, BW)
-        tl.debug_barrier()
-        _store_window(conv_states, v_next, group, valid, dv, vmask, stride_c_g, stride_c_d, W, BW)
+        if CONV:
+            v_tile = _conv_channels(xn, conv_w, conv_states, group, first_col, valid, dv, vmask, stride_x_t,
+                                    stride_c_g, stride_c_d, Q, KW, BQ, BV)
+            v_next = _conv_window(xn, conv_states, group, first_col, valid, dv, vmask, stride_x_t, stride_c_g,
+                                  stride_c_d, Q, W, BW)
+            tl.debug_barrier()
+            _store_window(conv_states, v_next, group, valid, dv, vmask, stride_c_g, stride_c_d, W, BW)
+        else:
+            v_tile = _conv_output(xn, valid, dv, vmask, stride_x_t, Q, BQ)
         A = tl.load(A_log + hv).to(tl.float32)
         dt = tl.load(dt_bias + hv).to(tl.float32)
         for j in tl.static_range(Q):
@@ -180,7 +207,27 @@ def _num_warps(K: int, V: int) -> int:
     return 16 if K * V >= 128 * 128 else 4
 
 
-def gdn_decode(
+FORMS = ("one", "two", "three")
+
+
+@functools.cache
+def decode_form() -> str:
+    """How gdn_decode runs, from NEXTSERVE_GDN_DECODE (read once): "one" launch (the default), "two" (the conv
+    kernel, then one per value head for the rest), or "three" (the conv, recurrence and norm kernels)."""
+    form = os.environ.get("NEXTSERVE_GDN_DECODE", "one")
+    _check(form in FORMS, f"NEXTSERVE_GDN_DECODE must be one of {', '.join(FORMS)}, got {form!r}")
+    return form
+
+
+def gdn_decode(mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
+               state_indices, num_accepted, quant_block=None):
+    """The reference's op (worker.kernels.gdn_decode), in the form decode_form() names."""
+    return gdn_decode_as(decode_form(), mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states,
+                         norm_weight, eps, state_indices, num_accepted, quant_block)
+
+
+def gdn_decode_as(
+    form: str,  # one of FORMS
     mixed_qkv: torch.Tensor,  # [N, Q, D] the conv channels [q | k | v]
     z: torch.Tensor,  # [N, Q, HV, V]
     a: torch.Tensor,  # [N, Q, HV]
@@ -196,6 +243,7 @@ def gdn_decode(
     num_accepted: torch.Tensor,  # [N]
     quant_block: int | None = None,  # also the output's e4m3 groups, where quantisable(V, quant_block)
 ) -> torch.Tensor:  # [N * Q, HV, V]
+    _check(form in FORMS, f"form must be one of {', '.join(FORMS)}, got {form!r}")
     _check(mixed_qkv.dim() == 3, f"mixed_qkv must be [N, Q, D], got {tuple(mixed_qkv.shape)}")
     N, Q, D = mixed_qkv.shape
     _check(ssm_states.dim() == 5, f"ssm_states must be [G, 1+k, HV, K, V], got {tuple(ssm_states.shape)}")
@@ -216,13 +264,21 @@ def gdn_decode(
     _check(norm_weight.shape == (V,) and A_log.shape == (HV,) and dt_bias.shape == (HV,),
            f"norm_weight must be [{V}], A_log and dt_bias [{HV}]")
     _check(state_indices.shape == (N,) and num_accepted.shape == (N,), f"state_indices and num_accepted must be [{N}]")
-    x = mixed_qkv if mixed_qkv.stride(2) == 1 else mixed_qkv.contiguous()
     quant = quant_block is not None and quantisable(V, quant_block)
+    if form == "three":
+        return _three_launches(mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight,
+                               eps, state_indices, num_accepted, quant_block if quant else None)
+    if form == "two":
+        x = triton_causal_conv1d.causal_conv1d_update(mixed_qkv, conv_weight, conv_states, state_indices,
+                                                      num_accepted)
+    else:
+        x = mixed_qkv if mixed_qkv.stride(2) == 1 else mixed_qkv.contiguous()
     out = _empty_output(x, (N * Q, HV, V))
     x_q = torch.empty(N * Q, HV * V, dtype=FP8_DTYPE, device=x.device) if quant else out
     x_scale = torch.empty(N * Q, HV * V // quant_block, dtype=torch.float32, device=x.device) if quant else out
+    heads = HV // H if form == "one" else 1
     if N:
-        _gdn_decode_kernel[(H, N)](
+        _gdn_decode_kernel[(HV // heads, N)](
             x, z, a, b, conv_weight.contiguous(), conv_states, A_log, dt_bias, ssm_states, norm_weight,
             state_indices, num_accepted, out, x_q, x_scale,
             K ** -0.5, eps,
@@ -230,8 +286,22 @@ def gdn_decode(
             conv_states.stride(0), conv_states.stride(1), *ssm_states.stride()[:3],
             H,
             Q=Q, K=K, V=V, RATIO=HV // H, KW=KW, W=W, BQ=triton.next_power_of_2(Q), BK=triton.next_power_of_2(K),
-            BV=triton.next_power_of_2(V), BW=triton.next_power_of_2(W), G=quant_block if quant else 1, QUANT=quant,
-            FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=_num_warps(K, V), **pdl_launch(x.device))
+            BV=triton.next_power_of_2(V), BW=triton.next_power_of_2(W), CONV=form == "one", HEADS=heads,
+            G=quant_block if quant else 1, QUANT=quant, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX,
+            num_warps=_num_warps(K, V), **pdl_launch(x.device))
     if quant:
         attach_token_groups(out, x_q, x_scale, quant_block)
     return out
+
+
+def _three_launches(mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
+                    state_indices, num_accepted, quant_block):
+    """The path the one launch replaced: the conv, recurrence (with gating) and gated norm kernels."""
+    N, Q, _ = mixed_qkv.shape
+    HV, K, V = ssm_states.shape[2:]
+    x = triton_causal_conv1d.causal_conv1d_update(mixed_qkv, conv_weight, conv_states, state_indices, num_accepted)
+    q, k, v = split_qkv(x, HV, K, V)
+    core = triton_gated_delta_rule.fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_states,
+                                                                            state_indices, num_accepted)
+    return triton_gated_rms_norm.gated_rms_norm(core.reshape(N * Q, HV, V), z.reshape(N * Q, HV, V), norm_weight, eps,
+                                                quant_block)
