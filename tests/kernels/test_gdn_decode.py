@@ -104,7 +104,7 @@ def test_the_three_launches_form_is_the_old_path(device):
 
 
 def test_the_form_comes_from_the_environment(monkeypatch):
-    for value, expected in ((None, "one"), ("two", "two"), ("three", "three")):
+    for value, expected in ((None, "three"), ("one", "one"), ("two", "two")):
         if value is None:
             monkeypatch.delenv("NEXTSERVE_GDN_DECODE", raising=False)
         else:
@@ -237,11 +237,12 @@ class SpyGrid:
         return launch
 
 
+@pytest.mark.parametrize("form", ["one", "two", "three"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-layout", "fp8"])
 @pytest.mark.parametrize("k_spec", [0, 2], ids=lambda k: f"k{k}")
-def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, device, monkeypatch):
-    """GatedDeltaNet.forward on a decode batch (a PAD row among them): the Triton kernels (one gdn_decode
-    launch after the projections, the out projection reading its e4m3 groups) against the references."""
+def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, form, device, monkeypatch):
+    """GatedDeltaNet.forward on a decode batch (a PAD row among them): the Triton kernels in each form of
+    gdn_decode (NEXTSERVE_GDN_DECODE), the out projection reading its e4m3 groups, against the references."""
     from worker import kernels
     from worker.model.context import GDNMetadata, StepContext, forward_context
 
@@ -258,6 +259,8 @@ def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, d
     results, launches = {}, []
     launch = tk._gdn_decode_kernel
     monkeypatch.setattr(tk, "_gdn_decode_kernel", SpyGrid(launch, launches))
+    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
+    tk.decode_form.cache_clear()
     try:
         for backend in ("torch", "triton"):
             kernels.set_kernel_backend(backend)
@@ -267,8 +270,10 @@ def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, d
             results[backend] = out, layer.conv_states, layer.ssm_states
     finally:
         kernels.set_kernel_backend("auto")
+        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
+        tk.decode_form.cache_clear()
     (out, conv_after, ssm_after), (ref_out, ref_conv, ref_ssm) = results["triton"], results["torch"]
-    assert launches == [(n, q_len)]
+    assert launches == ([] if form == "three" else [(n, q_len)])
     # FP8: the out projection quantises outputs that differ from the reference's in the last bits (2e-7 here),
     # so a value on an e4m3 rounding boundary may round the other way: one step (1/8) of one element moves
     # the output by well under 2e-2.

@@ -12,9 +12,10 @@ value heads of a key head, so a finer grid would race its reads against its writ
 value head's whole row, so each program holds whole [K, V] states. Under PDL the first value head's state
 is loaded before the wait for the input projection: no kernel of the chain before this one writes it.
 
-Two other forms stay for comparison (NEXTSERVE_GDN_DECODE, bench_gdn_decode): "two" runs the conv kernel
-first and this kernel per (value head, sequence) on its output (twice the programs, no conv inside);
-"three" the three kernels it replaces.
+NEXTSERVE_GDN_DECODE picks the form (bench_gdn_decode times each): "one" is the above; "two" runs the conv
+kernel first and this kernel per (value head, sequence) on its output (twice the programs, no conv inside);
+"three" the three kernels that "one" replaces. "three" stays the default until the others are measured on
+a GPU (bench_gdn_decode and profile_decode_step with each form); the three agree in the interpreter.
 """
 
 import functools
@@ -212,9 +213,9 @@ FORMS = ("one", "two", "three")
 
 @functools.cache
 def decode_form() -> str:
-    """How gdn_decode runs, from NEXTSERVE_GDN_DECODE (read once): "one" launch (the default), "two" (the conv
-    kernel, then one per value head for the rest), or "three" (the conv, recurrence and norm kernels)."""
-    form = os.environ.get("NEXTSERVE_GDN_DECODE", "one")
+    """How gdn_decode runs, from NEXTSERVE_GDN_DECODE (read once): "one" launch, "two" (the conv kernel, then
+    one per value head for the rest), or "three" (the conv, recurrence and norm kernels: the default)."""
+    form = os.environ.get("NEXTSERVE_GDN_DECODE", "three")
     _check(form in FORMS, f"NEXTSERVE_GDN_DECODE must be one of {', '.join(FORMS)}, got {form!r}")
     return form
 

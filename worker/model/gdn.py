@@ -182,7 +182,7 @@ class GatedDeltaNet(nn.Module):
 
     def _decode(self, mixed_qkv, z, a, b, meta, n_dec, q_len):
         """Conv, gating, recurrence and the gated norm of a decode / verify batch -> [T, HV, V], with the out
-        projection's e4m3 groups where it reads them (one launch on the Triton path)."""
+        projection's e4m3 groups where it reads them (one op: its Triton forms in triton_gdn_decode)."""
         lead = (n_dec, q_len)
         return kernels.gdn_decode(
             mixed_qkv.view(*lead, -1), z.view(*lead, self.num_v_heads, self.head_v_dim),
