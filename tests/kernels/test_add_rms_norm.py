@@ -82,3 +82,51 @@ def test_quantising_norm_writes_the_same_rows_and_their_e4m3_groups(tokens, hidd
     assert_groups_of(alone, group)
     ref_out, _ = ref.fused_add_rms_norm(x, residual, weight, 1e-6, quant_block=group)
     assert_groups_of(ref_out, group, per_token_group_quant_fp8)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("hidden,rows,group", [(64, 9, 16), (200, 13, 32), (48, 3, None)], ids=str)
+def test_norm_then_linear_in_one_launch(tokens, hidden, rows, group, device, monkeypatch):
+    """fused_add_rms_norm_linear: up to 4 tokens one launch whose programs each norm the rows themselves
+    (a layer of 3 rows: fewer programs than the row groups they write; partial groups); 5 tokens the norm and
+    the linear apart. Against the reference: the new residual exactly, the normed rows, the product, and
+    with quant_block the e4m3 groups of the normed rows the kernel wrote."""
+    gen = generator(tokens * hidden + rows, device)
+    x = randn(tokens, hidden, gen=gen, device=device, scale=2.0)
+    residual = randn(tokens, hidden, gen=gen, device=device, scale=4.0)
+    weight = randn(hidden, gen=gen, device=device, scale=0.1)
+    linear_weight = randn(rows, hidden, gen=gen, device=device, scale=hidden ** -0.5)
+    if tokens <= tk.NORM_GEMV_MAX_TOKENS:
+        monkeypatch.setattr(tk, "_launch", lambda *a: pytest.fail("the norm launched on its own"))
+    y, normed, new_residual = tk.fused_add_rms_norm_linear(x, residual, weight, 1e-6, linear_weight, group)
+    expected_y, expected_normed, expected_residual = ref.fused_add_rms_norm_linear(x, residual, weight, 1e-6,
+                                                                                   linear_weight)
+    torch.testing.assert_close(new_residual, expected_residual, atol=0, rtol=0)
+    assert_rel_close(normed, expected_normed, 1e-6, "normed")
+    assert_rel_close(y, expected_y, 1e-5, "router logits")
+    if group is not None:
+        assert_groups_of(normed, group)
+
+
+def test_norm_then_linear_refuses_a_weight_of_another_shape(device):
+    x = torch.ones(1, 64, device=device)
+    with pytest.raises(ValueError, match="linear_weight must be"):
+        tk.fused_add_rms_norm_linear(x, x, torch.ones(64, device=device), 1e-6, torch.ones(8, 32, device=device))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_norm_then_router_real_shapes(tokens, device):
+    """Qwen3-Next-80B's post-attention norm and router [513, 2048] in bf16, with the FP8 MoE's groups."""
+    gen = generator(tokens, device)
+    x = randn(tokens, 2048, gen=gen, device=device, dtype=torch.bfloat16, scale=2.0)
+    residual = randn(tokens, 2048, gen=gen, device=device, dtype=torch.bfloat16, scale=4.0)
+    weight = randn(2048, gen=gen, device=device, scale=0.1).to(torch.bfloat16)
+    router = randn(513, 2048, gen=gen, device=device, scale=2048 ** -0.5).to(torch.bfloat16)
+    y, normed, new_residual = tk.fused_add_rms_norm_linear(x, residual, weight, 1e-6, router, 128)
+    expected_normed, expected_residual = tk.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(new_residual, expected_residual)
+    assert_rel_close(normed, expected_normed, 1e-2, "normed")
+    assert_rel_close(y, torch.nn.functional.linear(normed.float(), router.float()), 1e-2, "router logits")
+    assert_groups_of(normed, 128)

@@ -128,6 +128,13 @@ def fused_add_rms_norm(x, residual, weight, eps, quant_block=None):
     return _norm_ref.fused_add_rms_norm(x, residual, weight, eps)
 
 
+def fused_add_rms_norm_linear(x, residual, weight, eps, linear_weight, quant_block=None):
+    if _use_triton(x):
+        return _triton_module("add_rms_norm").fused_add_rms_norm_linear(x, residual, weight, eps, linear_weight,
+                                                                         _kernel_quant_block(quant_block))
+    return _norm_ref.fused_add_rms_norm_linear(x, residual, weight, eps, linear_weight)
+
+
 def decode_metadata(start, block_tables, valid, query_len, block_size):
     impl = _triton_module("decode_metadata") if _use_triton(start) else _meta_ref
     return impl.decode_metadata(start, block_tables, valid, query_len, block_size)
@@ -230,6 +237,7 @@ __all__ = [
     "reshape_and_cache",
     "qk_norm_rope_and_cache",
     "fused_add_rms_norm",
+    "fused_add_rms_norm_linear",
     "rms_norm",
     "decode_metadata",
     "argmax",

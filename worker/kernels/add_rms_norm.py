@@ -10,6 +10,7 @@ attach_token_groups) for an FP8 consumer.
 import torch
 
 from worker.kernels.fp8.quant import attach_token_groups, per_token_group_quant_fp8
+from worker.kernels.linear import linear
 from worker.kernels.qk_norm_rope import rms_norm_zero_centred
 
 
@@ -29,6 +30,19 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], new residual [T, H])
     new_residual = residual + x
     return with_token_groups(rms_norm_zero_centred(new_residual, weight, eps), quant_block), new_residual
+
+
+def fused_add_rms_norm_linear(
+    x: torch.Tensor,  # [T, H] the sublayer's output
+    residual: torch.Tensor,  # [T, H] the residual stream so far
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    linear_weight: torch.Tensor,  # [N, H] the layer that reads the normed rows (the MoE's router)
+    quant_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (y [T, N], normed [T, H], new residual [T, H])
+    """fused_add_rms_norm, then the normed rows times linear_weight (no bias)."""
+    normed, new_residual = fused_add_rms_norm(x, residual, weight, eps, quant_block)
+    return linear(normed, linear_weight), normed, new_residual
 
 
 def rms_norm(

@@ -8,12 +8,19 @@ dtype before the norm, as the reference's separate add leaves it.
 Given `quant_block`, the same program also quantises the normed row to e4m3 per group of that many
 features for an FP8 consumer, with per_token_group_quant_fp8's rounding (bit for bit): one launch
 fewer per norm on the way into an FP8 projection or MoE.
+
+`fused_add_rms_norm_linear` folds the norm into the small linear layer after it (the MoE's router) at
+decode sizes: every program of the GEMV norms the few rows itself (a row is 2048 features, read from
+L2) before multiplying its BN weight rows, which it loaded before waiting for the kernel before; program
+p also writes groups p, p + P, ... of the normed rows, the new residual and the e4m3 groups. The norm's
+own launch, and its round trip through memory, leave the step's chain.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from worker.kernels import triton_linear
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups, cdiv
 from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.pdl import pdl_enter, pdl_launch
@@ -49,6 +56,92 @@ def _add_rms_norm_kernel(x, residual, weight, out, new_residual, x_q, x_scale, s
         cols = g[:, None] * G + tl.arange(0, G)[None, :]
         tl.store(x_q + t * stride_q + cols, q.to(x_q.dtype.element_ty), mask=cols < H)
         tl.store(x_scale + t * stride_s + g, scale, mask=g * G < H)
+
+
+@triton.jit
+def _add_rms_norm_gemv_kernel(x, residual, weight, w, y, out, new_residual, x_q, x_scale, T, N, H, eps, PROGRAMS,
+                              stride_x, stride_r, stride_w, stride_y, stride_o, stride_n, stride_q, stride_s,
+                              TP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
+                              ROUNDS: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr,
+                              MIN_AMAX_: tl.constexpr, PDL: tl.constexpr):
+    """y[t, n] = normed row t . w[n] for this program's BN rows n; the norm as _add_rms_norm_kernel's."""
+    pid = tl.program_id(0)
+    n = pid * BN + tl.arange(0, BN)
+    nmask = n < N
+    h = tl.arange(0, BH)
+    hmask = h < H
+    wv = tl.load(w + n.to(tl.int64)[:, None] * stride_w + h[None, :], mask=nmask[:, None] & hmask[None, :], other=0.0)
+    nw = tl.load(weight + h, mask=hmask, other=0.0).to(tl.float32)
+    pdl_enter(PDL)
+    t = tl.arange(0, TP).to(tl.int64)
+    tmask = t < T
+    rows = tmask[:, None] & hmask[None, :]
+    r = (tl.load(x + t[:, None] * stride_x + h[None, :], mask=rows, other=0.0)
+         + tl.load(residual + t[:, None] * stride_r + h[None, :], mask=rows, other=0.0))
+    rf = r.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(rf * rf, 1) / H + eps)  # [TP]
+    normed = (rf * rstd[:, None] * (1.0 + nw[None, :])).to(out.dtype.element_ty)
+    acc = tl.sum(wv.to(tl.float32)[:, None, :] * normed.to(tl.float32)[None, :, :], 2)  # [BN, TP]
+    tl.store(y + t[None, :] * stride_y + n[:, None], acc.to(y.dtype.element_ty), mask=nmask[:, None] & tmask[None, :])
+    for i in tl.static_range(ROUNDS):  # this program's share of the rows' groups: pid, pid + PROGRAMS, ...
+        g = pid + i * PROGRAMS
+        cols = g * G + tl.arange(0, G)
+        part = tmask[:, None] & (cols < H)[None, :]
+        rg = (tl.load(x + t[:, None] * stride_x + cols[None, :], mask=part, other=0.0)
+              + tl.load(residual + t[:, None] * stride_r + cols[None, :], mask=part, other=0.0))
+        wg = tl.load(weight + cols, mask=cols < H, other=0.0).to(tl.float32)
+        yg = (rg.to(tl.float32) * rstd[:, None] * (1.0 + wg[None, :])).to(out.dtype.element_ty)
+        tl.store(new_residual + t[:, None] * stride_n + cols[None, :], rg, mask=part)
+        tl.store(out + t[:, None] * stride_o + cols[None, :], yg, mask=part)
+        if QUANT:  # one group per row: the token's group g
+            q, scale = _quantize_groups(yg.to(tl.float32), FP8_MAX_, MIN_AMAX_)
+            tl.store(x_q + t[:, None] * stride_q + cols[None, :], q.to(x_q.dtype.element_ty), mask=part)
+            tl.store(x_scale + t * stride_s + g, scale, mask=tmask & (g * G < H))
+
+
+NORM_GEMV_MAX_TOKENS = 4  # the fused norm + GEMV up to here (its row tile is BN x tokens <= 4 rows of H)
+NORM_GEMV_MAX_FEATURES = 8192  # a program holds every feature of its rows
+
+
+def fused_add_rms_norm_linear(
+    x: torch.Tensor,  # [T, H] the sublayer's output
+    residual: torch.Tensor,  # [T, H] the residual stream so far
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    linear_weight: torch.Tensor,  # [N, H] in x's dtype
+    quant_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (y [T, N], normed [T, H], new residual [T, H])
+    """fused_add_rms_norm, then the normed rows times linear_weight: one launch up to NORM_GEMV_MAX_TOKENS
+    tokens, else the norm and kernels.linear's path."""
+    _check(x.dim() == 2 and residual.shape == x.shape, f"x and residual must be [T, H], got {tuple(x.shape)}, "
+                                                       f"{tuple(residual.shape)}")
+    T, H = x.shape
+    _check(linear_weight.dim() == 2 and linear_weight.shape[1] == H and linear_weight.dtype == x.dtype,
+           f"linear_weight must be [N, {H}] in {x.dtype}, got {tuple(linear_weight.shape)} in {linear_weight.dtype}")
+    if T > NORM_GEMV_MAX_TOKENS or H > NORM_GEMV_MAX_FEATURES or linear_weight.stride(1) != 1 or T == 0:
+        normed, new_residual = fused_add_rms_norm(x, residual, weight, eps, quant_block)
+        return triton_linear.linear(normed, linear_weight), normed, new_residual
+    _check(weight.shape == (H,), f"weight must be [{H}], got {tuple(weight.shape)}")
+    _check(x.dtype == residual.dtype, f"x and residual must share a dtype, got {x.dtype}, {residual.dtype}")
+    _check(x.stride(1) == 1 and residual.stride(1) == 1, "x and residual must be contiguous in their last dim")
+    N = linear_weight.shape[0]
+    out, new_residual, y = _empty_output(x), _empty_output(x), _empty_output(x, (T, N))
+    quant = quant_block is not None
+    x_q = torch.empty(T, H, dtype=FP8_DTYPE, device=x.device) if quant else out
+    x_scale = torch.empty(T, cdiv(H, quant_block), dtype=torch.float32, device=x.device) if quant else out
+    BH = triton.next_power_of_2(H)
+    G = quant_block or min(BH, 256)
+    TP = triton.next_power_of_2(T)
+    BN = max(1, 4 // TP)
+    programs = triton.cdiv(N, BN)
+    _add_rms_norm_gemv_kernel[(programs,)](
+        x, residual, weight, linear_weight, y, out, new_residual, x_q, x_scale, T, N, H, eps, programs, x.stride(0),
+        residual.stride(0), linear_weight.stride(0), y.stride(0), out.stride(0), new_residual.stride(0), x_q.stride(0),
+        x_scale.stride(0), TP=TP, BH=max(BH, G), BN=BN, G=G, ROUNDS=cdiv(cdiv(H, G), programs), QUANT=quant,
+        FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=4, **pdl_launch(x.device))
+    if quant:
+        attach_token_groups(out, x_q, x_scale, quant_block)
+    return y, out, new_residual
 
 
 def _launch(x, residual, weight, eps, out, new_residual, quant_block):

@@ -168,7 +168,11 @@ class SparseMoeBlock(nn.Module):
         return self.experts.block or (self.shared_expert.fp8_input_block if self.shared_expert is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = kernels.select_experts(self.gate(x), self.top_k, self.renormalize,
+        return self.forward_routed(x, self.gate(x))
+
+    def forward_routed(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The block given its router's logits for x (the decoder layer may compute them with its norm)."""
+        topk_weights, topk_ids = kernels.select_experts(router_logits, self.top_k, self.renormalize,
                                                         shared_gate=self.fuse_shared)
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:

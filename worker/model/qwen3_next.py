@@ -10,7 +10,9 @@ whether its weight is held in FP8.
 import torch
 from torch import nn
 
+from worker import kernels
 from worker.config import ModelConfig
+from worker.distributed import get_tp
 from worker.model.attention import GatedAttention
 from worker.model.gdn import GatedDeltaNet
 from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -41,6 +43,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = AllReduceRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.input_layernorm.quant_block = self.token_mixer.fp8_input_block
         self.post_attention_layernorm.quant_block = self.mlp.fp8_input_block
+        # The MoE's router multiplies in the norm's launch (kernels.fused_add_rms_norm_linear); with several
+        # ranks the norm first sums the sublayer's output over them, so it stays a call of its own.
+        self.router_after_norm = use_moe and get_tp().size == 1
 
     @property
     def token_mixer(self) -> nn.Module:
@@ -62,6 +67,11 @@ class DecoderLayer(nn.Module):
             mixed, residual = self.linear_attn(positions, hidden_states)[output_rows], residual[output_rows]
         else:
             mixed, residual = self.self_attn(positions, hidden_states, output_rows), residual[output_rows]
+        if self.router_after_norm:
+            norm = self.post_attention_layernorm
+            router_logits, hidden_states, residual = kernels.fused_add_rms_norm_linear(
+                mixed, residual, norm.weight, norm.eps, self.mlp.gate.weight, norm.quant_block)
+            return self.mlp.forward_routed(hidden_states, router_logits), residual
         hidden_states, residual = self.post_attention_layernorm(mixed, residual)
         return self.mlp(hidden_states), residual
 
