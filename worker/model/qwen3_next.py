@@ -7,6 +7,9 @@ layer is built with its checkpoint name as `prefix`, which decides (with `config
 whether its weight is held in FP8.
 """
 
+import functools
+import os
+
 import torch
 from torch import nn
 
@@ -20,6 +23,13 @@ from worker.model.layers.fp8 import require_unquantized
 from worker.model.layers.linear import ReplicatedLinear
 from worker.model.layers.norm import AllReduceRMSNorm, RMSNorm
 from worker.model.moe import DenseMLP, SparseMoeBlock
+
+
+@functools.cache
+def router_in_norm_launch() -> bool:
+    """NEXTSERVE_ROUTER_NORM=1 (read once) multiplies the MoE router in the post-attention norm's launch; off
+    until a GPU measures it against the norm and the router apart (profile_decode_step with each)."""
+    return os.environ.get("NEXTSERVE_ROUTER_NORM", "0") == "1"
 
 
 class DecoderLayer(nn.Module):
@@ -45,7 +55,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm.quant_block = self.mlp.fp8_input_block
         # The MoE's router multiplies in the norm's launch (kernels.fused_add_rms_norm_linear); with several
         # ranks the norm first sums the sublayer's output over them, so it stays a call of its own.
-        self.router_after_norm = use_moe and get_tp().size == 1
+        self.router_after_norm = use_moe and get_tp().size == 1 and router_in_norm_launch()
 
     @property
     def token_mixer(self) -> nn.Module:
