@@ -6,6 +6,7 @@ Ceilings are measured in the same process as what they judge: the device-to-devi
 
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -165,7 +166,10 @@ def write_config_tables(entries) -> None:
 
 
 def emit(result: dict, out: str | None) -> None:
-    """Print the result's JSON (stdout) and write it to `out` when given."""
+    """Print the result's JSON (stdout) and write it to `out` when given, with the NEXTSERVE_* switches set
+    (`env`: PDL, the GDN decode form, the router in the norm's launch)."""
+    result.setdefault("env", {name: value for name, value in sorted(os.environ.items())
+                              if name.startswith("NEXTSERVE_")})
     text = json.dumps(result, indent=1)
     print(text)
     if out:
