@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from worker.kernels import triton_gdn_decode  # noqa: E402
 from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
 from worker.kernels.moe import decode_fp8, tile_configs  # noqa: E402
 
@@ -39,9 +40,11 @@ POINTERS = {"x": "*bf16", "x_q": "*fp8e4nv", "x_s": "*fp32", "b": "*fp8e4nv", "b
             "topk_weights": "*fp32", "topk_ids": "*i32"}
 
 
-def ptxas_usage(kernel, constants: dict, num_warps: int) -> dict:
-    """{registers, spill_bytes} of the kernel compiled for sm_90 with these constexprs (other args int32)."""
-    signature = {name: "constexpr" if name in constants else POINTERS.get(name, "i32") for name in kernel.arg_names}
+def ptxas_usage(kernel, constants: dict, num_warps: int, types: dict | None = None) -> dict:
+    """{registers, spill_bytes} of the kernel compiled for sm_90 with these constexprs, its other arguments
+    typed by `types`, else POINTERS, else int32."""
+    types = {**POINTERS, **(types or {})}
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=TARGET,
                               options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as folder:
@@ -94,11 +97,33 @@ def moe_rows() -> list[dict]:
     return rows
 
 
+GDN_DECODE_TYPES = {"x": "*bf16", "z": "*bf16", "a": "*bf16", "b": "*bf16", "conv_w": "*bf16",
+                    "conv_states": "*bf16", "A_log": "*fp32", "dt_bias": "*fp32", "ssm_states": "*fp32",
+                    "norm_w": "*bf16", "state_indices": "*i32", "num_accepted": "*i32", "out": "*bf16",
+                    "x_q": "*fp8e4nv", "x_scale": "*fp32", "scale": "fp32", "eps": "fp32", "xc": "*bf16"}
+
+
+def gdn_decode_rows() -> list[dict]:
+    """The GDN decode step's kernel (triton_gdn_decode) in its one- and two-launch forms, 1 and 3 tokens a
+    sequence, at the 80B's heads (16 key heads, 32 value heads of 128), writing e4m3 groups of 128."""
+    rows = []
+    for form in ("one", "two"):
+        for q in (1, 3):
+            constants = dict(Q=q, K=128, V=128, RATIO=2, KW=4, W=3 + q - 1, BQ=triton.next_power_of_2(q), BK=128,
+                             BV=128, BW=triton.next_power_of_2(3 + q - 1), CONV=form == "one",
+                             HEADS=2 if form == "one" else 1, G=BLOCK, QUANT=True, FP8_MAX_=448.0, MIN_AMAX_=1e-12,
+                             PDL=True)
+            usage = ptxas_usage(triton_gdn_decode._gdn_decode_kernel, constants, triton_gdn_decode._num_warps(128, 128),
+                                GDN_DECODE_TYPES)
+            rows.append(dict(kernel=f"GDN decode ({form})", tokens_per_sequence=q, **usage))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    report = dict(benchmark="kernel_registers", target="sm_90a", tiles_of=DEVICE, rows=linear_rows() + moe_rows())
+    report = dict(benchmark="kernel_registers", target="sm_90a", tiles_of=DEVICE, rows=linear_rows() + moe_rows() + gdn_decode_rows())
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
