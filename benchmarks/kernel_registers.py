@@ -68,8 +68,9 @@ def fp8_gemv_usage(k: int, tile: dict, dense_tile: dict | None = None) -> dict:
     """ptxas_usage of the FP8 GEMV at this tile (norm-fed: prequantised features), with dense rows of
     dense_tile in the launch if given (fp8.triton's merged GDN input projections)."""
     dense = dense_tile or dict(BN=1, BK=16)
-    constants = dict(K=k, BLOCK=BLOCK, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=False, FP8_MAX_=448.0, MIN_AMAX_=1e-12,
-                     PREQUANT=True, DENSE=dense_tile is not None, DENSE_BN=dense["BN"], DENSE_BK=dense["BK"], PDL=True)
+    constants = dict(K=k, BLOCK=BLOCK, NB=tile["NB"], BN=tile["BN"], TP=1, HAS_BIAS=False, FP8_MAX_=448.0,
+                     MIN_AMAX_=1e-12, PREQUANT=True, DENSE=dense_tile is not None, DENSE_BN=dense["BN"],
+                     DENSE_BK=dense["BK"], PDL=True)
     return ptxas_usage(fp8_triton._block_fp8_gemv_kernel, constants, tile["num_warps"])
 
 

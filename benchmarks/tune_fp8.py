@@ -39,6 +39,7 @@ E, H, TOP_K = 513, 2048, 10
 TOKENS = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256]
 ROTATE = 4
 GEMV_MAX = 16  # GEMV candidates are tried up to here
+ALL_TOKENS_MAX = 8  # and those with one program for all tokens ("all_tokens") up to here
 
 GEMV = [dict(gemv=True, BN=bn, NB=nb, num_warps=w, prequant=pq) for bn, nb, w in [
     (2, 4, 2), (4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 4, 4), (8, 4, 8), (16, 2, 4), (16, 4, 8), (4, 8, 4),
@@ -104,6 +105,8 @@ def tune_linear(tokens: list[int], gen, layers: list[str], shapes: dict[str, tup
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             groups = fp8_triton.per_token_group_quant_fp8(x, BLOCK) if name in NORM_FED else None
             gemv = [c for c in GEMV if c["NB"] * BLOCK <= max(k, BLOCK) and (groups is None or not c["prequant"])]
+            if 1 < m <= ALL_TOKENS_MAX:  # also each tile with one program for every token of its rows
+                gemv += [dict(c, all_tokens=True) for c in gemv]
             candidates = (gemv if m <= GEMV_MAX else []) + GEMM
             us, tile = best_of(candidates, lambda c: [
                 fp8_triton.w8a8_block_fp8_linear(x, w, s, BLOCK, tile=c, x_groups=groups) for w, s in layers], ROTATE)

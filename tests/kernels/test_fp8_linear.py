@@ -98,6 +98,46 @@ def test_block_fp8_gemv_prequantised_activations_give_the_same_bits(tokens, devi
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("prequant", [False, True])
+@pytest.mark.parametrize("tokens", [2, 3, 4, 7])
+def test_gemv_all_tokens_in_one_program_gives_the_same_bits(tokens, prequant, device):
+    """`"all_tokens"`: one program per row tile takes every token (each weight tile read once for all), the
+    same sums as a program per token, bit for bit; 3 and 7 tokens leave part of the program's tokens empty."""
+    gen = generator(13 + tokens, device)
+    weight, scale, bias = layer(136, 200, 64, gen, device, torch.float32)
+    x = randn(tokens, 200, gen=gen, device=device, scale=2.0)
+    tile = dict(gemv=True, BN=8, NB=2, num_warps=2, prequant=prequant)
+    per_token = tk.w8a8_block_fp8_linear(x, weight, scale, 64, bias=bias, tile=tile)
+    launches = []
+    real = tk._block_fp8_gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    tk._block_fp8_gemv_kernel = Spy()
+    try:
+        together = tk.w8a8_block_fp8_linear(x, weight, scale, 64, bias=bias, tile=dict(tile, all_tokens=True))
+    finally:
+        tk._block_fp8_gemv_kernel = real
+    assert launches == [(17, 1)]
+    assert torch.equal(together, per_token)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_gemv_all_tokens_with_dense_rows(tokens, device):
+    gen = generator(17 + tokens, device)
+    weight, scale, _ = layer(136, 200, 64, gen, device, torch.float32)
+    dense = randn(13, 200, gen=gen, device=device, scale=200 ** -0.5)
+    x = randn(tokens, 200, gen=gen, device=device, scale=2.0)
+    tile = dict(gemv=True, BN=8, NB=2, num_warps=2, prequant=True)
+    apart = tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 64, dense, tile=tile, dense_tile=dict(BN=4, BK=64))
+    together = tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 64, dense, tile=dict(tile, all_tokens=True),
+                                                   dense_tile=dict(BN=4, BK=64))
+    assert torch.equal(together[0], apart[0]) and torch.equal(together[1], apart[1])
+
+
 @pytest.mark.parametrize("tile", [dict(gemv=True, BN=8, NB=2, num_warps=2),
                                   dict(BM=16, BN=32, GROUP_M=1, num_warps=4, num_stages=2)], ids=["gemv", "gemm"])
 def test_groups_quantised_already_give_the_same_bits(tile, device):
@@ -176,3 +216,21 @@ def test_gdn_input_projections_real_shapes(tokens, device):
     out, dense_out = tk.w8a8_block_fp8_linear_with_dense(x, weight, scale, 128, dense)
     assert_rel_close(out, ref.w8a8_block_fp8_linear(x, weight, scale, 128), 1e-2, "FP8 rows")
     assert_rel_close(dense_out, torch.nn.functional.linear(x.float(), dense.float()), 1e-2, "dense rows")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k", [(12288, 2048), (2048, 4096)], ids=["qkvz", "out_proj"])
+def test_gemv_all_tokens_real_shapes(tokens, n, k, device):
+    """`"all_tokens"` at the 80B's shapes, the H200's one-token tiles: against a program per token and the
+    reference."""
+    gen = generator(tokens + 40, device)
+    weight, scale, _ = layer(n, k, 128, gen, device, torch.bfloat16)
+    x = randn(tokens, k, gen=gen, device=device, dtype=torch.bfloat16)
+    tile = dict(tk.get_tile(1, n, k, 128, x.device))
+    assert tile.get("gemv"), tile
+    per_token = tk.w8a8_block_fp8_linear(x, weight, scale, 128, tile=tile)
+    together = tk.w8a8_block_fp8_linear(x, weight, scale, 128, tile=dict(tile, all_tokens=True))
+    assert_rel_close(together, per_token, 1e-6, "all tokens in one program")
+    assert_rel_close(together, ref.w8a8_block_fp8_linear(x, weight, scale, 128), 1e-2, "bf16 output")

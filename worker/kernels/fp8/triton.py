@@ -10,7 +10,9 @@ weight rows) quantises its token's features itself (the same rounding; a row is 
 `"prequant"` in its tile reads them from one per_token_group_quant_fp8 launch before it (a narrow
 tile's programs all repeat the quantisation otherwise, on the path to their first product), walks K
 NB blocks at a time, sums each block's e4m3 products in fp32 and scales them like the GEMM. The
-weight rows are read from memory once, by the first token's program, and from L2 by the others.
+weight rows are read from memory once, by the first token's program, and from L2 by the others; with
+`"all_tokens"` in its tile one program takes every token of its rows instead, each weight tile in
+registers once for all of them (the same sums, bit for bit).
 """
 
 import functools
@@ -126,21 +128,24 @@ def _quantize_groups(v, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
 
 
 @triton.jit
-def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, dense_w, dense_y, N, DENSE_N, FP8_PROGRAMS,
+def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, dense_w, dense_y, M, N, DENSE_N, FP8_PROGRAMS,
                            stride_xm, stride_xqm, stride_xsm, stride_bn, stride_bs, stride_cm, stride_dwn, stride_dym,
                            K: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, BN: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
+                           TP: tl.constexpr, HAS_BIAS: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
                            PREQUANT: tl.constexpr, DENSE: tl.constexpr, DENSE_BN: tl.constexpr,
                            DENSE_BK: tl.constexpr, PDL: tl.constexpr):
-    """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb].
+    """c[m, BN rows] = sum over K blocks of (q(x[m]) . B_q^T) * x_scale[m, kb] * b_scale[n // BLOCK, kb], for
+    the TP tokens m of this program (TP = 1: a program per token; more: each weight tile read once for all).
     With PREQUANT, q(x) and its scales come from per_token_group_quant_fp8 (x_q, x_s) instead of each
     program quantising x again. With DENSE, the programs from FP8_PROGRAMS on multiply x instead by
     DENSE_BN rows each of a weight in x's dtype, into dense_y [M, DENSE_N]."""
-    m = tl.program_id(1).to(tl.int64)
+    m0 = tl.program_id(1).to(tl.int64) * TP
     if DENSE:
         if tl.program_id(0) >= FP8_PROGRAMS:
-            _one_token_rows(x + m * stride_xm, dense_w, dense_y + m * stride_dym, DENSE_N, stride_dwn,
-                            tl.program_id(0) - FP8_PROGRAMS, K, DENSE_BN, DENSE_BK, PDL)
+            for i in tl.static_range(TP):
+                if m0 + i < M:
+                    _one_token_rows(x + (m0 + i) * stride_xm, dense_w, dense_y + (m0 + i) * stride_dym, DENSE_N,
+                                    stride_dwn, tl.program_id(0) - FP8_PROGRAMS, K, DENSE_BN, DENSE_BK, PDL)
             return
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -150,24 +155,54 @@ def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, dense_w, dense_y, N
     sb_rows = b_scale + (offs_n // BLOCK).to(tl.int64)[:, None] * stride_bs
     w = tl.load(b_rows, mask=nmask[:, None, None] & (k2 < K)[None, :, :], other=0.0)  # before the PDL wait
     pdl_enter(PDL)
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, K, NB * BLOCK):
-        kmask = k0 + k2 < K
-        kb = k0 // BLOCK + nb
-        if PREQUANT:  # the same rounding, done once for every program
-            xq = tl.load(x_q + m * stride_xqm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
-            xs = tl.load(x_s + m * stride_xsm + kb, mask=kb * BLOCK < K, other=0.0)
-        else:
-            xk = tl.load(x + m * stride_xm + k0 + k2, mask=kmask, other=0.0).to(tl.float32)
-            xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
-        blocks = tl.sum(w.to(tl.float32) * xq[None, :, :], 2)  # [BN, NB]
-        sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
-        acc += tl.sum(blocks * xs[None, :] * sb, 1)
-        w = tl.load(b_rows + k0 + NB * BLOCK, mask=nmask[:, None, None] & (k0 + NB * BLOCK + k2 < K)[None, :, :],
-                    other=0.0)  # the next step's tile
-    if HAS_BIAS:
-        acc += tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(c + m * stride_cm + offs_n, acc.to(c.dtype.element_ty), mask=nmask)
+    if TP == 1:
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, K, NB * BLOCK):
+            kmask = k0 + k2 < K
+            kb = k0 // BLOCK + nb
+            xq, xs = _token_groups(x, x_q, x_s, m0, k0, k2, kb, kmask, True, stride_xm, stride_xqm, stride_xsm, K,
+                                   BLOCK, FP8_MAX_, MIN_AMAX_, PREQUANT)
+            blocks = tl.sum(w.to(tl.float32) * xq[None, :, :], 2)  # [BN, NB]
+            sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
+            acc += tl.sum(blocks * xs[None, :] * sb, 1)
+            w = tl.load(b_rows + k0 + NB * BLOCK, mask=nmask[:, None, None] & (k0 + NB * BLOCK + k2 < K)[None, :, :],
+                        other=0.0)  # the next step's tile
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(c + m0 * stride_cm + offs_n, acc.to(c.dtype.element_ty), mask=nmask)
+    else:  # the same sums per token, each weight tile used for all TP tokens while in registers
+        t = tl.arange(0, TP)
+        acc2 = tl.zeros([TP, BN], dtype=tl.float32)
+        for k0 in range(0, K, NB * BLOCK):
+            kmask = k0 + k2 < K
+            kb = k0 // BLOCK + nb
+            sb = tl.load(sb_rows + kb[None, :], mask=nmask[:, None] & (kb * BLOCK < K)[None, :], other=0.0)
+            for i in tl.static_range(TP):
+                xq, xs = _token_groups(x, x_q, x_s, m0 + i, k0, k2, kb, kmask, m0 + i < M, stride_xm, stride_xqm,
+                                       stride_xsm, K, BLOCK, FP8_MAX_, MIN_AMAX_, PREQUANT)
+                blocks = tl.sum(w.to(tl.float32) * xq[None, :, :], 2)
+                acc2 = tl.where((t == i)[:, None], acc2 + tl.sum(blocks * xs[None, :] * sb, 1)[None, :], acc2)
+            w = tl.load(b_rows + k0 + NB * BLOCK, mask=nmask[:, None, None] & (k0 + NB * BLOCK + k2 < K)[None, :, :],
+                        other=0.0)
+        if HAS_BIAS:
+            acc2 += tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(c + (m0 + t)[:, None] * stride_cm + offs_n[None, :], acc2.to(c.dtype.element_ty),
+                 mask=(m0 + t < M)[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _token_groups(x, x_q, x_s, m, k0, k2, kb, kmask, here, stride_xm, stride_xqm, stride_xsm, K: tl.constexpr,
+                  BLOCK: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, PREQUANT: tl.constexpr):
+    """Token m's e4m3 features [NB, BLOCK] (in fp32) and their scales [NB] for the K step at k0: from
+    per_token_group_quant_fp8's output with PREQUANT (the same rounding, done once for every program), else
+    quantised here; zeros where `here` is false."""
+    if PREQUANT:
+        xq = tl.load(x_q + m * stride_xqm + k0 + k2, mask=kmask & here, other=0.0).to(tl.float32)
+        xs = tl.load(x_s + m * stride_xsm + kb, mask=(kb * BLOCK < K) & here, other=0.0)
+    else:
+        xk = tl.load(x + m * stride_xm + k0 + k2, mask=kmask & here, other=0.0).to(tl.float32)
+        xq, xs = _quantize_groups(xk, FP8_MAX_, MIN_AMAX_)  # [NB, BLOCK], [NB]
+    return xq, xs
 
 
 def gemv_features(x: torch.Tensor, block: int, prequant: bool, x_groups=None):
@@ -226,6 +261,12 @@ def _check_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
         raise ValueError(f"the FP8 kernel needs a power-of-two block of at least 16, got {block}")
 
 
+def gemv_tokens_per_program(tile: dict, tokens: int) -> int:
+    """A GEMV tile's tokens per program: all of them (each weight tile read once) with "all_tokens", else one
+    (a program per token and row tile, the weight read once per token)."""
+    return triton.next_power_of_2(tokens) if tile.get("all_tokens") else 1
+
+
 def _gemv(x2, weight, weight_scale_inv, block, bias, out, tile, x_groups, dense=None) -> None:
     """The GEMV launch into out [M, N]; dense = (weight [DN, K] in x's dtype, its output [M, DN], its tile)
     gives that weight's rows programs of their own in the same launch."""
@@ -235,11 +276,13 @@ def _gemv(x2, weight, weight_scale_inv, block, bias, out, tile, x_groups, dense=
     fp8_programs = triton.cdiv(n, tile["BN"])
     dense_w, dense_y, dense_tile = dense if dense is not None else (out, out, dict(BN=1, BK=16))
     dense_n = dense_w.shape[0] if dense is not None else 0
-    _block_fp8_gemv_kernel[(fp8_programs + triton.cdiv(dense_n, dense_tile["BN"]), x2.shape[0])](
-        x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, dense_w, dense_y, n,
-        dense_n, fp8_programs, x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0),
+    m = x2.shape[0]
+    tp = gemv_tokens_per_program(tile, m)
+    _block_fp8_gemv_kernel[(fp8_programs + triton.cdiv(dense_n, dense_tile["BN"]), triton.cdiv(m, tp))](
+        x2, x_q, x_s, weight, weight_scale_inv.float(), bias if bias is not None else out, out, dense_w, dense_y, m,
+        n, dense_n, fp8_programs, x2.stride(0), x_q.stride(0), x_s.stride(0), weight.stride(0),
         weight_scale_inv.stride(0), out.stride(0), dense_w.stride(0), dense_y.stride(0),
-        K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
+        K=k, BLOCK=block, NB=tile["NB"], BN=tile["BN"], TP=tp, HAS_BIAS=bias is not None, FP8_MAX_=FP8_MAX,
         MIN_AMAX_=MIN_AMAX, PREQUANT=prequant, DENSE=dense is not None, DENSE_BN=dense_tile["BN"],
         DENSE_BK=dense_tile["BK"], num_warps=tile["num_warps"], **pdl_launch(x2.device))
 
@@ -250,7 +293,7 @@ def w8a8_block_fp8_linear(
     weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
     block: int,
     bias: torch.Tensor | None = None,  # [N]
-    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant]}
+    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant, all_tokens]}
     x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_token_group_quant_fp8(x as [T, K], block)
 ) -> torch.Tensor:  # [T, N] activation dtype
     """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
