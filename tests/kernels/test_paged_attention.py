@@ -193,6 +193,30 @@ def test_paged_attention_split_keys(seqs, gated, device, monkeypatch):
     assert splits and splits[0] > 1
 
 
+@pytest.mark.parametrize("group_size", [16, 32])
+def test_split_keys_write_the_o_projections_e4m3_groups(group_size, device, monkeypatch):
+    """quant_block with split keys: the combine kernel also writes the e4m3 groups of each token's H * D
+    features (what the FP8 o projection reads, flatten_tokens keeping them), the output unchanged; without
+    a split there are none (the projection quantises for itself)."""
+    from tests.kernels.test_add_rms_norm import assert_groups_of
+    from worker.kernels.fp8.quant import attached_token_groups, flatten_tokens
+
+    monkeypatch.setattr(tk, "PROGRAMS_PER_SM", 4096)
+    monkeypatch.setattr(tk, "MIN_KEYS_PER_SPLIT", 1)
+    monkeypatch.setattr(tk, "MAX_SPLITS", 4)
+    k_cache, v_cache, cache_args, attn_args = paged_inputs(CASES[0].values[0], 4, 2, 32, 16, torch.float32, device, 3)
+    both = randn(4, 4, 64, gen=generator(4, device), device=device)
+    attn_args["output_gate"] = both[..., 32:]
+    tk.reshape_and_cache(k_cache=k_cache, v_cache=v_cache, **cache_args)
+    plain = tk.paged_attention(k_cache=k_cache, v_cache=v_cache, **attn_args)
+    quantised = tk.paged_attention(k_cache=k_cache, v_cache=v_cache, **attn_args, quant_block=group_size)
+    assert torch.equal(quantised, plain)
+    assert_groups_of(flatten_tokens(quantised), group_size)
+    monkeypatch.setattr(tk, "MAX_SPLITS", 1)
+    unsplit = tk.paged_attention(k_cache=k_cache, v_cache=v_cache, **attn_args, quant_block=group_size)
+    assert attached_token_groups(unsplit, group_size) is None
+
+
 def test_paged_attention_output_gate(device):
     """The output times sigmoid(gate), the gate a strided view (split keys: test_paged_attention_split_keys)."""
     check_paged_attention(CASES[-1].values[0], heads=4, kv_heads=2, head_dim=32, block_size=16,

@@ -213,9 +213,13 @@ def qk_norm_rope_and_cache(query, key, value, q_norm_weight, k_norm_weight, eps,
 
 
 def paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len=0,
-                    output_gate=None):
-    return _attention_impl(query).paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                                  scale, max_context_len, output_gate)
+                    output_gate=None, quant_block=None):
+    if _use_triton(query):
+        return _triton_module("paged_attention").paged_attention(
+            query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len, output_gate,
+            _kernel_quant_block(quant_block))
+    return _attn_ref.paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                     max_context_len, output_gate)
 
 
 __all__ = [

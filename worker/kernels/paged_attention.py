@@ -33,6 +33,7 @@ def paged_attention(
     scale: float,
     max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); the kernel's tiling only
     output_gate: torch.Tensor | None = None,  # [T, H, D], may be strided: the output is multiplied by its sigmoid
+    quant_block: int | None = None,  # the kernel's e4m3 groups for an FP8 o projection; the reference's op makes none
 ) -> torch.Tensor:  # [T, H, D]
     """Consecutive sequences with the same query length (every decode or verify step) attend as one batch."""
     out = _ungated(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups
+from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule_chunked import _interpreting, _num_sms
 from worker.kernels.triton_gated_delta_rule_wy import _dot_precision, _find_sequence
@@ -171,9 +173,12 @@ def _apply_gate(o, gate_ptr, mask):
 
 
 @triton.jit
-def _combine_splits_kernel(part_acc, part_ml, out, gate, stride_o_t, stride_o_h, stride_g_t, stride_g_h, T, H, D,
-                           SPLITS: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
-    """out[t, h] = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m), m = max_s m_s, in split order."""
+def _combine_splits_kernel(part_acc, part_ml, out, gate, x_q, x_scale, stride_o_t, stride_o_h, stride_g_t,
+                           stride_g_h, T, H, D, SPLITS: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr,
+                           G: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr,
+                           PDL: tl.constexpr):
+    """out[t, h] = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m), m = max_s m_s, in split order. With QUANT
+    (BD == D), also the row's e4m3 groups of G among token t's H * D features, as per_token_group_quant_fp8."""
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -189,6 +194,12 @@ def _combine_splits_kernel(part_acc, part_ml, out, gate, stride_o_t, stride_o_h,
     if GATED:
         o = _apply_gate(o, gate + t * stride_g_t + h * stride_g_h + d, d < D)
     tl.store(out + t * stride_o_t + h * stride_o_h + d, o, mask=d < D)
+    if QUANT:
+        q, qs = _quantize_groups(tl.reshape(o.to(tl.float32), (BD // G, G)), FP8_MAX_, MIN_AMAX_)
+        i = tl.arange(0, BD // G)
+        first = t * (H * D // G) + h * (D // G)
+        tl.store(x_q + (first + i)[:, None] * G + tl.arange(0, G)[None, :], q.to(x_q.dtype.element_ty))
+        tl.store(x_scale + first + i, qs)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -246,7 +257,7 @@ def default_tile(T: int, B: int, H: int, HKV: int, D: int, block_size: int, elem
 
 
 def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_context_len,
-                     output_gate=None, tile: dict | None = None):
+                     output_gate=None, tile: dict | None = None, quant_block: int | None = None):
     T, H, D = query.shape
     HKV, BS = k_cache.shape[2], k_cache.shape[1]
     B = context_lens.shape[0]
@@ -273,9 +284,15 @@ def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_launch(query.device)
     )
     if splits > 1:
-        _combine_splits_kernel[(T, H)](part_acc, part_ml, out, gate, out.stride(0), out.stride(1), gate.stride(0),
-                                       gate.stride(1), T, H, D, SPLITS=splits, BD=BD, GATED=output_gate is not None,
-                                       num_warps=4, **pdl_launch(query.device))
+        quant = quant_block is not None and BD == D and quant_block <= D and D % quant_block == 0
+        x_q = torch.empty(T, H * D, dtype=FP8_DTYPE, device=out.device) if quant else out
+        x_scale = torch.empty(T, H * D // quant_block, dtype=torch.float32, device=out.device) if quant else out
+        _combine_splits_kernel[(T, H)](part_acc, part_ml, out, gate, x_q, x_scale, out.stride(0), out.stride(1),
+                                       gate.stride(0), gate.stride(1), T, H, D, SPLITS=splits, BD=BD,
+                                       GATED=output_gate is not None, G=quant_block if quant else 1, QUANT=quant,
+                                       FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=4, **pdl_launch(query.device))
+        if quant:  # the o projection's e4m3 groups of each token's H * D features (flatten_tokens keeps them)
+            attach_token_groups(out, x_q, x_scale, quant_block)
     return out
 
 
@@ -317,6 +334,7 @@ def paged_attention(
     scale: float,
     max_context_len: int = 0,  # a bound on context_lens known on the host (0: unknown); tiling only
     output_gate: torch.Tensor | None = None,  # [T, H, D], may be strided: the output is multiplied by its sigmoid
+    quant_block: int | None = None,  # where the keys are split, the output also carries its e4m3 groups of this
 ) -> torch.Tensor:  # [T, H, D]
     """Query i of a sequence with KV length L and q_len queries sees keys 0 .. L - q_len + i."""
     _check(query.dim() == 3, f"query must be [T, H, D], got {tuple(query.shape)}")
@@ -338,4 +356,4 @@ def paged_attention(
         output_gate = _inner_contiguous(output_gate)
     query = _inner_contiguous(query)
     return _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                            max_context_len, output_gate)
+                            max_context_len, output_gate, quant_block=quant_block)

@@ -6,6 +6,7 @@ from torch import nn
 from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
+from worker.kernels.fp8.quant import flatten_tokens
 from worker.model.context import get_context
 from worker.model.layers.linear import ColumnParallelLinear, MergedColumnLinear, RowParallelLinear, project_columns
 from worker.model.layers.norm import RMSNorm
@@ -67,6 +68,7 @@ class GatedAttention(nn.Module):
         out = kernels.paged_attention(
             query, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
             meta.max_context_len, output_gate=gate,  # gate read in place: no copy of the strided half
+            quant_block=self.o_proj.block,  # with the keys split, the FP8 o projection's input groups come too
         )
-        out = out.reshape(tokens, -1)
+        out = flatten_tokens(out)
         return self.o_proj(out if output_rows is None else out[output_rows])
