@@ -132,6 +132,34 @@ def test_programmatic_dependent_launch_equals_stream_order(model_dir, k, monkeyp
         assert torch.equal(a, b), f"cache tensor {i} differs between PDL and stream order"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm_90+")
+@pytest.mark.parametrize("form", ["one", "two"])
+@pytest.mark.parametrize("k", [0, 2], ids=["k0", "k2"])
+def test_gdn_decode_forms_under_pdl_equal_stream_order(model_dir, form, k, monkeypatch):
+    """The GDN decode step's one- and two-launch forms read the first value head's state before their PDL
+    wait (worker.kernels.triton_gdn_decode): in graphs with PDL they give the bits of the same kernels in
+    plain stream order. (Against the three launches they sum in another order: the kernel tests compare.)"""
+    from worker.kernels import pdl, triton_gdn_decode
+
+    results = []
+    for pdl_setting in ("1", "0"):
+        monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
+        monkeypatch.setenv("NEXTSERVE_PDL", pdl_setting)
+        triton_gdn_decode.decode_form.cache_clear()
+        pdl.use_pdl.cache_clear()
+        outputs, snapshot, (replays, _), _ = run(model_dir, mixed_params(), dtype="bfloat16", speculative_tokens=k)
+        assert replays > 0
+        results.append((outputs, snapshot))
+    triton_gdn_decode.decode_form.cache_clear()
+    pdl.use_pdl.cache_clear()
+    (on, on_caches), (off, off_caches) = results
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    assert [o.logprobs for o in on] == [o.logprobs for o in off]
+    for i, (a, b) in enumerate(zip(on_caches, off_caches)):
+        assert torch.equal(a, b), f"cache tensor {i} differs between PDL and stream order"
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("k", [1, 3], ids=["k1", "k3"])
 def test_known_tokens_drafted_in_the_graph_are_all_accepted(model_dir, k, async_scheduling):

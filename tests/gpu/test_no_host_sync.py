@@ -71,6 +71,20 @@ def test_steps_never_sync(model_dir, k, sampling, logprobs):
     assert replays > 0 and eager_steps == 0
 
 
+@pytest.mark.parametrize("form", ["one", "two"])
+def test_gdn_decode_forms_never_sync(model_dir, form, monkeypatch):
+    """The GDN decode step's other forms (NEXTSERVE_GDN_DECODE) at the 80B's shapes, verify k = 2."""
+    from worker.kernels import triton_gdn_decode
+
+    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
+    triton_gdn_decode.decode_form.cache_clear()
+    try:
+        test_steps_never_sync(model_dir, 2, "greedy", None)
+    finally:
+        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
+        triton_gdn_decode.decode_form.cache_clear()
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_known_token_drafts_never_sync(model_dir, async_scheduling):
     """KnownTokensProposer drafts inside the graphs: no host work per step, and steps planned ahead."""
