@@ -27,6 +27,17 @@ def gdn_inputs(lead: tuple, heads: int, v_heads: int, dk: int, dv: int, gen, dev
     return q, k, v, g, beta
 
 
+def verify_batch(k_spec: int, extra_rows: int, gen, device) -> tuple[list[int], list[int], int]:
+    """(num_accepted of each sequence: every value in 1..1+k, then extra_rows random ones; a distinct slot group
+    for each out of one more than there are, so one group is nobody's; the row where a PAD row goes)."""
+    q_len = 1 + k_spec
+    accepted = list(range(1, q_len + 1)) + torch.randint(1, q_len + 1, (extra_rows,), generator=gen,
+                                                         device=device).tolist()
+    rows = len(accepted)
+    groups = torch.randperm(rows + 1, generator=gen, device=device)[:rows].tolist()
+    return accepted, groups, rows // 2
+
+
 def cu_seqlens(lengths: list[int], device) -> torch.Tensor:
     bounds = [0]
     for length in lengths:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.kernels.conftest import HAS_CUDA
-from tests.kernels.helpers import PAD, assert_rel_close, assert_unchanged, cu_seqlens, generator, randn, tolerance
+from tests.kernels.helpers import (PAD, assert_rel_close, assert_unchanged, cu_seqlens, generator, randn, tolerance,
+                                   verify_batch)
 from worker.kernels import causal_conv1d as ref
 
 tk = pytest.importorskip("worker.kernels.triton_causal_conv1d", reason="triton is not installed")
@@ -69,11 +70,8 @@ def check_conv_update(k_spec, channels, dtype, device, seed, extra_rows=0, activ
     """A batch holding every num_accepted in 1..1+k (plus extra_rows random ones) and a PAD row."""
     q_len = 1 + k_spec
     gen = generator(seed, device)
-    accepted = list(range(1, q_len + 1)) + torch.randint(1, q_len + 1, (extra_rows,), generator=gen,
-                                                         device=device).tolist()
+    accepted, groups, pad_row = verify_batch(k_spec, extra_rows, gen, device)
     rows = len(accepted)
-    groups = torch.randperm(rows + 1, generator=gen, device=device)[:rows].tolist()
-    pad_row = rows // 2
     x = randn(rows + 1, q_len, channels, gen=gen, device=device, dtype=dtype)
     weight = randn(channels, KERNEL, gen=gen, device=device, dtype=dtype, scale=0.5)
     width = KERNEL - 1 + k_spec

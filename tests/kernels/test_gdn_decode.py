@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.kernels.conftest import HAS_CUDA
-from tests.kernels.helpers import PAD, assert_rel_close, assert_unchanged, generator, randn, tolerance
+from tests.kernels.helpers import (PAD, assert_rel_close, assert_unchanged, generator, randn, tolerance,
+                                   verify_batch)
 
 ref = importlib.import_module("worker.kernels.gdn_decode")
 tk = pytest.importorskip("worker.kernels.triton_gdn_decode", reason="triton is not installed")
@@ -29,11 +30,8 @@ def decode_inputs(k_spec, nk, nv, dk, dv, kw, dtype, device, seed, extra_rows=0)
     as strided views of one [T, D + HV V] output (as the layer passes them), states with unread slots NaN."""
     q_len = 1 + k_spec
     gen = generator(seed, device)
-    accepted = list(range(1, q_len + 1)) + torch.randint(1, q_len + 1, (extra_rows,), generator=gen,
-                                                         device=device).tolist()
+    accepted, groups, pad_row = verify_batch(k_spec, extra_rows, gen, device)
     rows = len(accepted)
-    groups = torch.randperm(rows + 1, generator=gen, device=device)[:rows].tolist()
-    pad_row = rows // 2
     indices = groups[:pad_row] + [PAD] + groups[pad_row:]
     accepted = accepted[:pad_row] + [1] + accepted[pad_row:]
     n = rows + 1
