@@ -177,6 +177,37 @@ def test_engine_greedy_tokens_with_triton_kernels_on_cpu(checkpoint_factory, aut
     assert calls, "the engine did not reach the Triton paged attention"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU run of the engine; tests/gpu/test_decode_graphs.py covers the GPU")
+@pytest.mark.parametrize("form,k", [("one", 2), ("two", 0)])
+def test_engine_greedy_tokens_with_each_gdn_decode_form_on_cpu(checkpoint_factory, auto_backend_after, monkeypatch,
+                                                                form, k):
+    """The same with the GDN decode step in its other forms (NEXTSERVE_GDN_DECODE), which the interpreter
+    computes bit for bit as the three launches: the tokens of the torch references."""
+    from worker.kernels import triton_gdn_decode
+
+    model_dir = checkpoint_factory("tiny", dtype="float32")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 700, (n,), generator=gen).tolist() for n in (1, 17, 40)]
+    launches = []
+    kernel = triton_gdn_decode.gdn_decode_as
+    monkeypatch.setattr(triton_gdn_decode, "gdn_decode_as", lambda *a, **kw: launches.append(a[0]) or kernel(*a, **kw))
+    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
+    triton_gdn_decode.decode_form.cache_clear()
+
+    def run(backend):
+        llm = make_llm(model_dir, device="cpu", kernel_backend=backend, speculative_tokens=k,
+                       max_num_batched_tokens=32, max_num_seqs=4, num_kv_blocks=64)
+        return [o.token_ids for o in llm.generate(prompts, greedy(6))]
+
+    try:
+        expected = run("torch")
+        assert run("triton") == expected
+    finally:
+        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
+        triton_gdn_decode.decode_form.cache_clear()
+    assert launches and set(launches) == {form}
+
+
 @pytest.mark.parametrize("seqs, gated", [(CASES[0].values[0], True), (CASES[2].values[0], False),
                                          (CASES[-1].values[0], False)], ids=["decode-gated", "prefill", "mixed"])
 def test_paged_attention_split_keys(seqs, gated, device, monkeypatch):
