@@ -14,6 +14,7 @@ from worker import kernels
 from worker.config import ModelConfig
 from worker.distributed import get_tp
 from worker.kernels.fp8.quant import flatten_tokens
+from worker.kernels.gdn_decode import split_qkv
 from worker.model.context import get_context
 from worker.model.layers.fp8 import check_whole_blocks, is_block_scale, narrow
 from worker.model.layers.linear import (ColumnParallelLinear, Fp8AndDenseColumns, MergedColumnLinear,
@@ -173,13 +174,6 @@ class GatedDeltaNet(nn.Module):
         out = self.norm(core, z)  # [T, HV, V]; z may be rows of the projection's output
         return self.out_proj(flatten_tokens(out))
 
-    def _split_heads(self, mixed_qkv: torch.Tensor):
-        q, k, v = mixed_qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        lead = mixed_qkv.shape[:-1]
-        return (q.reshape(*lead, self.num_k_heads, self.head_k_dim),
-                k.reshape(*lead, self.num_k_heads, self.head_k_dim),
-                v.reshape(*lead, self.num_v_heads, self.head_v_dim))
-
     def _decode(self, mixed_qkv, z, a, b, meta, n_dec, q_len):
         """Conv, gating, recurrence and the gated norm of a decode / verify batch -> [T, HV, V], with the out
         projection's e4m3 groups where it reads them (one op: its Triton forms in triton_gdn_decode)."""
@@ -195,7 +189,7 @@ class GatedDeltaNet(nn.Module):
         x = kernels.causal_conv1d_update(
             mixed_qkv.view(n_dec, q_len, -1), self.conv1d.weight, self.conv_states, slots, accepted
         )
-        q, k, v = self._split_heads(x)
+        q, k, v = split_qkv(x, self.num_v_heads, self.head_k_dim, self.head_v_dim)
         out = kernels.fused_gating_recurrent_gated_delta_rule(
             q, k, v, a.view(n_dec, q_len, -1), b.view(n_dec, q_len, -1), self.A_log, self.dt_bias, self.ssm_states,
             slots, accepted,
@@ -206,7 +200,7 @@ class GatedDeltaNet(nn.Module):
         slots, accepted = meta.state_indices[n_dec:], meta.num_accepted[n_dec:]
         has_init, cu = meta.has_initial_state[n_dec:], meta.prefill_cu_seqlens
         x = kernels.causal_conv1d_fn(mixed_qkv, self.conv1d.weight, cu, self.conv_states, slots, accepted, has_init)
-        q, k, v = self._split_heads(x)
+        q, k, v = split_qkv(x, self.num_v_heads, self.head_k_dim, self.head_v_dim)
         return kernels.chunk_gated_delta_rule(q, k, v, g, beta, cu, self.ssm_states, slots, accepted, has_init)
 
 
