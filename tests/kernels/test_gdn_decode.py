@@ -173,21 +173,11 @@ def test_gdn_decode_gpu(k_spec, tp, form):
 @pytest.mark.parametrize("k_spec", [0, 2])
 def test_gdn_decode_gpu_matches_the_three_launches(k_spec, form):
     """Against the conv, recurrence and norm kernels run one after another (the path it replaces)."""
-    from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule, triton_gated_rms_norm
-
     args, written, _ = decode_inputs(k_spec, 16, 32, 128, 128, 4, torch.bfloat16, "cuda", seed=11, extra_rows=8)
     mine = dict(args, ssm_states=args["ssm_states"].clone(), conv_states=args["conv_states"].clone())
     out = tk.gdn_decode_as(form, **mine, quant_block=128)
     ssm, conv = args["ssm_states"].clone(), args["conv_states"].clone()
-    x = triton_causal_conv1d.causal_conv1d_update(args["mixed_qkv"], args["conv_weight"], conv,
-                                                  args["state_indices"], args["num_accepted"])
-    q, k, v = ref.split_qkv(x, 32, 128, 128)
-    core = triton_gated_delta_rule.fused_gating_recurrent_gated_delta_rule(
-        q, k, v, args["a"], args["b"], args["A_log"], args["dt_bias"], ssm, args["state_indices"],
-        args["num_accepted"])
-    n_q = core.shape[0] * core.shape[1]
-    expected = triton_gated_rms_norm.gated_rms_norm(core.reshape(n_q, 32, 128), args["z"].reshape(n_q, 32, 128),
-                                                    args["norm_weight"], 1e-6)
+    expected = tk.gdn_decode_as("three", **dict(args, ssm_states=ssm, conv_states=conv))
     assert torch.equal(mine["conv_states"], conv)
     assert_rel_close(out, expected, 1e-2, "output")
     assert_rel_close(mine["ssm_states"][written], ssm[written], 1e-5, "states")

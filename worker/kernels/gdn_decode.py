@@ -38,10 +38,19 @@ def gdn_decode(
     num_accepted: torch.Tensor,  # [N]
     quant_block: int | None = None,  # the output also carries its e4m3 groups (with_token_groups)
 ) -> torch.Tensor:  # [N * Q, HV, V] in mixed_qkv's dtype
+    return decode_in_steps((causal_conv1d_update, fused_gating_recurrent_gated_delta_rule, gated_rms_norm),
+                           mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
+                           state_indices, num_accepted, quant_block)
+
+
+def decode_in_steps(ops, mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
+                    state_indices, num_accepted, quant_block):
+    """gdn_decode as its ops one after another, ops = (conv update, gated recurrence, gated norm): the
+    references here, the Triton kernels in triton_gdn_decode's form "three"."""
+    conv_update, gated_recurrence, gated_norm = ops
     N, Q, _ = mixed_qkv.shape
     HV, K, V = ssm_states.shape[2:]
-    x = causal_conv1d_update(mixed_qkv, conv_weight, conv_states, state_indices, num_accepted)
+    x = conv_update(mixed_qkv, conv_weight, conv_states, state_indices, num_accepted)
     q, k, v = split_qkv(x, HV, K, V)
-    core = fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_states, state_indices,
-                                                   num_accepted)
-    return gated_rms_norm(core.reshape(N * Q, HV, V), z.reshape(N * Q, HV, V), norm_weight, eps, quant_block)
+    core = gated_recurrence(q, k, v, a, b, A_log, dt_bias, ssm_states, state_indices, num_accepted)
+    return gated_norm(core.reshape(N * Q, HV, V), z.reshape(N * Q, HV, V), norm_weight, eps, quant_block)

@@ -28,7 +28,7 @@ import triton.language as tl
 from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule, triton_gated_rms_norm
 from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups
 from worker.kernels.fp8.triton import _quantize_groups
-from worker.kernels.gdn_decode import split_qkv
+from worker.kernels.gdn_decode import decode_in_steps
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_causal_conv1d import _check_conv, _window_value
 from worker.kernels.triton_gated_delta_rule import _check, _check_states, _gating
@@ -215,6 +215,8 @@ def _num_warps(K: int, V: int) -> int:
 
 
 FORMS = ("one", "two", "three")
+THREE_LAUNCHES = (triton_causal_conv1d.causal_conv1d_update,
+                  triton_gated_delta_rule.fused_gating_recurrent_gated_delta_rule, triton_gated_rms_norm.gated_rms_norm)
 
 
 @functools.cache
@@ -272,9 +274,9 @@ def gdn_decode_as(
            f"norm_weight must be [{V}], A_log and dt_bias [{HV}]")
     _check(state_indices.shape == (N,) and num_accepted.shape == (N,), f"state_indices and num_accepted must be [{N}]")
     quant = quant_block is not None and quantisable(V, quant_block)
-    if form == "three":
-        return _three_launches(mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight,
-                               eps, state_indices, num_accepted, quant_block if quant else None)
+    if form == "three":  # the conv, recurrence (with gating) and gated norm kernels that "one" replaces
+        return decode_in_steps(THREE_LAUNCHES, mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias,
+                               ssm_states, norm_weight, eps, state_indices, num_accepted, quant_block if quant else None)
     x = mixed_qkv if mixed_qkv.stride(2) == 1 else mixed_qkv.contiguous()
     if form == "two":
         xc = triton_causal_conv1d.causal_conv1d_update(x, conv_weight, conv_states, state_indices, num_accepted)
@@ -299,16 +301,3 @@ def gdn_decode_as(
     if quant:
         attach_token_groups(out, x_q, x_scale, quant_block)
     return out
-
-
-def _three_launches(mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias, ssm_states, norm_weight, eps,
-                    state_indices, num_accepted, quant_block):
-    """The path the one launch replaced: the conv, recurrence (with gating) and gated norm kernels."""
-    N, Q, _ = mixed_qkv.shape
-    HV, K, V = ssm_states.shape[2:]
-    x = triton_causal_conv1d.causal_conv1d_update(mixed_qkv, conv_weight, conv_states, state_indices, num_accepted)
-    q, k, v = split_qkv(x, HV, K, V)
-    core = triton_gated_delta_rule.fused_gating_recurrent_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_states,
-                                                                            state_indices, num_accepted)
-    return triton_gated_rms_norm.gated_rms_norm(core.reshape(N * Q, HV, V), z.reshape(N * Q, HV, V), norm_weight, eps,
-                                                quant_block)
