@@ -24,7 +24,7 @@ from worker.kernels import causal_conv1d as _conv_ref
 from worker.kernels import continue_decode as _continue_ref
 from worker.kernels import decode_metadata as _meta_ref
 from worker.kernels.fp8 import reference as _fp8_ref
-from worker.kernels.fp8.quant import attached_token_groups, kernel_block
+from worker.kernels.fp8.quant import attached_token_groups, kernel_block, quantisable
 from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
 from worker.kernels import gdn_decode as _gdn_decode_ref
@@ -107,7 +107,7 @@ def gated_rms_norm(x, z, weight, eps, quant_block=None):
     if _use_triton(x):
         impl = _triton_module("gated_rms_norm")
         block = _kernel_quant_block(quant_block)
-        return impl.gated_rms_norm(x, z, weight, eps, block if impl.quantisable(x.shape[-1], block) else None)
+        return impl.gated_rms_norm(x, z, weight, eps, block if quantisable(x.shape[-1], block) else None)
     return _gated_norm_ref.gated_rms_norm(x, z, weight, eps)
 
 

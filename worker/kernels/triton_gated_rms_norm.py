@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups, quantisable
 from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_paged_attention import _check
@@ -51,12 +51,6 @@ def _gated_rms_norm_kernel(x, z, weight, out, x_q, x_scale, R, H, V, stride_xt, 
         flat = (first + i)[:, None] * G + tl.arange(0, G)[None, :]
         tl.store(x_q + flat, q.to(x_q.dtype.element_ty), mask=valid[:, None])
         tl.store(x_scale + first + i, scale, mask=valid)
-
-
-def quantisable(V: int, quant_block: int | None) -> bool:
-    """Whether the kernel can quantise rows of V features in groups of quant_block."""
-    return (quant_block is not None and V == triton.next_power_of_2(V) and quant_block <= V
-            and quant_block == triton.next_power_of_2(quant_block))
 
 
 def gated_rms_norm(

@@ -26,13 +26,12 @@ import triton
 import triton.language as tl
 
 from worker.kernels import triton_causal_conv1d, triton_gated_delta_rule, triton_gated_rms_norm
-from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups, quantisable
 from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.gdn_decode import decode_in_steps
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_causal_conv1d import _check_conv, _window_value
 from worker.kernels.triton_gated_delta_rule import _check, _check_states, _gating
-from worker.kernels.triton_gated_rms_norm import quantisable
 
 
 def _empty_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -273,7 +272,7 @@ def gdn_decode_as(
     _check(norm_weight.shape == (V,) and A_log.shape == (HV,) and dt_bias.shape == (HV,),
            f"norm_weight must be [{V}], A_log and dt_bias [{HV}]")
     _check(state_indices.shape == (N,) and num_accepted.shape == (N,), f"state_indices and num_accepted must be [{N}]")
-    quant = quant_block is not None and quantisable(V, quant_block)
+    quant = quantisable(V, quant_block)
     if form == "three":  # the conv, recurrence (with gating) and gated norm kernels that "one" replaces
         return decode_in_steps(THREE_LAUNCHES, mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias,
                                ssm_states, norm_weight, eps, state_indices, num_accepted, quant_block if quant else None)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups
+from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups, quantisable
 from worker.kernels.fp8.triton import _quantize_groups
 from worker.kernels.pdl import pdl_enter, pdl_launch
 from worker.kernels.triton_gated_delta_rule_chunked import _interpreting, _num_sms
@@ -284,7 +284,7 @@ def _paged_attention(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
         num_warps=tile["num_warps"], num_stages=tile["num_stages"], **pdl_launch(query.device)
     )
     if splits > 1:
-        quant = quant_block is not None and BD == D and quant_block <= D and D % quant_block == 0
+        quant = quantisable(D, quant_block)
         x_q = torch.empty(T, H * D, dtype=FP8_DTYPE, device=out.device) if quant else out
         x_scale = torch.empty(T, H * D // quant_block, dtype=torch.float32, device=out.device) if quant else out
         _combine_splits_kernel[(T, H)](part_acc, part_ml, out, gate, x_q, x_scale, out.stride(0), out.stride(1),

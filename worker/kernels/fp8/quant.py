@@ -26,6 +26,13 @@ def kernel_block(block: int) -> bool:
     return block >= 16 and not block & (block - 1)
 
 
+def quantisable(width: int, block: int | None) -> bool:
+    """Whether a kernel that holds whole rows of `width` features (a power of two: its tile) can also write
+    their e4m3 groups of `block` (a power of two, at most a row): the quantising norms and their kin."""
+    return (block is not None and width > 0 and not width & (width - 1) and 0 < block <= width
+            and not block & (block - 1))
+
+
 def scale_shape(weight_shape: tuple[int, ...], block: int) -> tuple[int, ...]:
     """[..., N, K] -> [..., ceil(N/b), ceil(K/b)]: the shape of a weight's `weight_scale_inv`."""
     *lead, n, k = weight_shape
