@@ -27,6 +27,24 @@ def gdn_inputs(lead: tuple, heads: int, v_heads: int, dk: int, dv: int, gen, dev
     return q, k, v, g, beta
 
 
+class LaunchSpy:
+    """Stands in for a jitted kernel (monkeypatch it in): each launch's grid and keyword arguments are recorded
+    in `launches`, then the kernel runs."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+    @property
+    def grids(self) -> list[tuple]:
+        return [grid for grid, _ in self.launches]
+
+
 def verify_batch(k_spec: int, extra_rows: int, gen, device) -> tuple[list[int], list[int], int]:
     """(num_accepted of each sequence: every value in 1..1+k, then extra_rows random ones; a distinct slot group
     for each out of one more than there are, so one group is nobody's; the row where a PAD row goes)."""

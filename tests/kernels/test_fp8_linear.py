@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.kernels.conftest import HAS_CUDA
-from tests.kernels.helpers import assert_rel_close, generator, randn
+from tests.kernels.helpers import LaunchSpy, assert_rel_close, generator, randn
 from worker.kernels.fp8 import reference as ref
 from worker.kernels.fp8.quant import per_token_group_quant_fp8, quantize_block_fp8
 
@@ -100,7 +100,7 @@ def test_block_fp8_gemv_prequantised_activations_give_the_same_bits(tokens, devi
 
 @pytest.mark.parametrize("prequant", [False, True])
 @pytest.mark.parametrize("tokens", [2, 3, 4, 7])
-def test_gemv_all_tokens_in_one_program_gives_the_same_bits(tokens, prequant, device):
+def test_gemv_all_tokens_in_one_program_gives_the_same_bits(tokens, prequant, device, monkeypatch):
     """`"all_tokens"`: one program per row tile takes every token (each weight tile read once for all), the
     same sums as a program per token, bit for bit; 3 and 7 tokens leave part of the program's tokens empty."""
     gen = generator(13 + tokens, device)
@@ -108,20 +108,10 @@ def test_gemv_all_tokens_in_one_program_gives_the_same_bits(tokens, prequant, de
     x = randn(tokens, 200, gen=gen, device=device, scale=2.0)
     tile = dict(gemv=True, BN=8, NB=2, num_warps=2, prequant=prequant)
     per_token = tk.w8a8_block_fp8_linear(x, weight, scale, 64, bias=bias, tile=tile)
-    launches = []
-    real = tk._block_fp8_gemv_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    tk._block_fp8_gemv_kernel = Spy()
-    try:
-        together = tk.w8a8_block_fp8_linear(x, weight, scale, 64, bias=bias, tile=dict(tile, all_tokens=True))
-    finally:
-        tk._block_fp8_gemv_kernel = real
-    assert launches == [(17, 1)]
+    spy = LaunchSpy(tk._block_fp8_gemv_kernel)
+    monkeypatch.setattr(tk, "_block_fp8_gemv_kernel", spy)
+    together = tk.w8a8_block_fp8_linear(x, weight, scale, 64, bias=bias, tile=dict(tile, all_tokens=True))
+    assert spy.grids == [(17, 1)]
     assert torch.equal(together, per_token)
 
 

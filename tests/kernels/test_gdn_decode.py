@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.kernels.conftest import HAS_CUDA
-from tests.kernels.helpers import (PAD, assert_rel_close, assert_unchanged, generator, randn, tolerance,
-                                   verify_batch)
+from tests.kernels.helpers import (PAD, LaunchSpy, assert_rel_close, assert_unchanged, generator, randn,
+                                   tolerance, verify_batch)
 
 ref = importlib.import_module("worker.kernels.gdn_decode")
 tk = pytest.importorskip("worker.kernels.triton_gdn_decode", reason="triton is not installed")
@@ -212,19 +212,6 @@ def gdn_layer(fp8: bool, device):
     return layer.to(device)
 
 
-class SpyGrid:
-    """A jitted kernel whose launches record (programs along the sequence axis, Q)."""
-
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append((grid[1], kwargs["Q"]))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("form", ["one", "two", "three"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-layout", "fp8"])
 @pytest.mark.parametrize("k_spec", [0, 2], ids=lambda k: f"k{k}")
@@ -244,9 +231,8 @@ def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, f
                        num_accepted=torch.tensor([q_len, 1, 1], device=device),
                        has_initial_state=torch.ones(n, dtype=torch.bool, device=device),
                        prefill_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device))
-    results, launches = {}, []
-    launch = tk._gdn_decode_kernel
-    monkeypatch.setattr(tk, "_gdn_decode_kernel", SpyGrid(launch, launches))
+    results, spy = {}, LaunchSpy(tk._gdn_decode_kernel)
+    monkeypatch.setattr(tk, "_gdn_decode_kernel", spy)
     monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
     tk.decode_form.cache_clear()
     try:
@@ -261,7 +247,7 @@ def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, f
         monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
         tk.decode_form.cache_clear()
     (out, conv_after, ssm_after), (ref_out, ref_conv, ref_ssm) = results["triton"], results["torch"]
-    assert launches == ([] if form == "three" else [(n, q_len)])
+    assert [(grid[1], kwargs["Q"]) for grid, kwargs in spy.launches] == ([] if form == "three" else [(n, q_len)])
     # FP8: the out projection quantises outputs that differ from the reference's in the last bits (2e-7 here),
     # so a value on an e4m3 rounding boundary may round the other way: one step (1/8) of one element moves
     # the output by well under 2e-2.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.kernels.conftest import HAS_CUDA
-from tests.kernels.helpers import assert_rel_close, generator, randn
+from tests.kernels.helpers import LaunchSpy, assert_rel_close, generator, randn
 from tests.kernels.test_moe import routing
 from worker.kernels.fp8.quant import quantize_block_fp8
 from worker.kernels.moe.fp8_reference import fused_moe_fp8
@@ -95,19 +95,12 @@ def test_packed_down_stage_matches_the_reference(tokens, down_n, device, monkeyp
     """`"packed"`: the down stage's e4m3 weights and intermediate rows read as 32-bit words, four values each,
     the slots summed one by one (84 rows: a partial last tile of 8)."""
     decode_fp8 = importlib.import_module("worker.kernels.moe.decode_fp8")
-    launches = []
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    kernel = decode_fp8._down_fp8_packed_kernel
-    monkeypatch.setattr(decode_fp8, "_down_fp8_packed_kernel", Spy())
+    spy = LaunchSpy(decode_fp8._down_fp8_packed_kernel)
+    monkeypatch.setattr(decode_fp8, "_down_fp8_packed_kernel", spy)
     config = {"path": "pairs", "gate_up": dict(BLOCK_N=8, NB=2, num_warps=2, prequant=True),
               "down": dict(BLOCK_N=down_n, num_warps=2, prequant=True, packed=True)}
     check(tokens, 5, 3, hidden=84, inter=64, block=32, dtype=torch.float32, device=device, tol=2e-3, config=config)
-    assert launches == [(tokens, -(-84 // down_n))]
+    assert spy.grids == [(tokens, -(-84 // down_n))]
 
 
 def test_packed_down_stage_needs_prequantised_rows(device):
