@@ -51,10 +51,29 @@ def add_requests(engine: LLMEngine, num: int, prompt_len: int, params: SamplingP
 @pytest.mark.parametrize("k", [0, 2], ids=["decode", "verify-k2"])
 def test_steps_never_sync(model_dir, k, sampling, logprobs):
     """The decode steps replay CUDA graphs, with logprobs too; prefill steps (prompt logprobs) run eagerly."""
-    engine = make_engine(model_dir, k)
     params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if sampling == "greedy" else 0.8,
                             top_p=0.9 if sampling == "sampled" else 1.0, logprobs=logprobs,
                             prompt_logprobs=1 if sampling == "sampled" and logprobs else None)
+    check_steps_never_sync(model_dir, k, params)
+
+
+@pytest.mark.parametrize("form", ["one", "two"])
+def test_gdn_decode_forms_never_sync(model_dir, form, monkeypatch):
+    """The GDN decode step's other forms (NEXTSERVE_GDN_DECODE) at the 80B's shapes, verify k = 2."""
+    from worker.kernels import triton_gdn_decode
+
+    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
+    triton_gdn_decode.decode_form.cache_clear()
+    try:
+        check_steps_never_sync(model_dir, 2, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0))
+    finally:
+        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
+        triton_gdn_decode.decode_form.cache_clear()
+
+
+def check_steps_never_sync(model_dir, k: int, params: SamplingParams) -> None:
+    """Four 128-token prompts: the prefill step, then eight decode steps, all under sync-is-an-error."""
+    engine = make_engine(model_dir, k)
     add_requests(engine, 4, 128, params)
     outputs = []
     graphs = engine.worker.decode_graphs
@@ -69,20 +88,6 @@ def test_steps_never_sync(model_dir, k, sampling, logprobs):
         del engine, graphs  # a failure's traceback must not keep the caches alive for the next test
     assert any(out.new_token_ids for out in outputs)
     assert replays > 0 and eager_steps == 0
-
-
-@pytest.mark.parametrize("form", ["one", "two"])
-def test_gdn_decode_forms_never_sync(model_dir, form, monkeypatch):
-    """The GDN decode step's other forms (NEXTSERVE_GDN_DECODE) at the 80B's shapes, verify k = 2."""
-    from worker.kernels import triton_gdn_decode
-
-    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
-    triton_gdn_decode.decode_form.cache_clear()
-    try:
-        test_steps_never_sync(model_dir, 2, "greedy", None)
-    finally:
-        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
-        triton_gdn_decode.decode_form.cache_clear()
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
