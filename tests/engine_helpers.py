@@ -1,5 +1,6 @@
 """Shared pieces of the engine tests: prompts, transformers' greedy reference, pool checks."""
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -9,6 +10,21 @@ from tests.near_ties import NearTie, RoutingWatch, greedy_near_ties
 from worker import LLM, SamplingParams
 
 TOKEN_RANGE = 1000  # below the tiny tokenizer's special tokens
+
+
+@contextlib.contextmanager
+def gdn_decode_form(monkeypatch, form: str):
+    """NEXTSERVE_GDN_DECODE=form inside the block; the form is read once per process, so its cache is cleared
+    on the way in and out."""
+    from worker.kernels import triton_gdn_decode
+
+    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
+    triton_gdn_decode.decode_form.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
+        triton_gdn_decode.decode_form.cache_clear()
 
 
 def make_prompts(lengths, seed=0) -> list[list[int]]:

@@ -10,7 +10,7 @@ the bug class of a drafter whose graph mode reads stale buffers (ATOM's lost gsm
 import pytest
 import torch
 
-from tests.engine_helpers import greedy, make_prompts
+from tests.engine_helpers import gdn_decode_form, greedy, make_prompts
 from worker import LLM, SamplingParams
 from worker.engine.proposer import KnownTokensProposer
 
@@ -140,18 +140,17 @@ def test_gdn_decode_forms_under_pdl_equal_stream_order(model_dir, form, k, monke
     """The GDN decode step's one- and two-launch forms read the first value head's state before their PDL
     wait (worker.kernels.triton_gdn_decode): in graphs with PDL they give the bits of the same kernels in
     plain stream order. (Against the three launches they sum in another order: the kernel tests compare.)"""
-    from worker.kernels import pdl, triton_gdn_decode
+    from worker.kernels import pdl
 
     results = []
-    for pdl_setting in ("1", "0"):
-        monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
-        monkeypatch.setenv("NEXTSERVE_PDL", pdl_setting)
-        triton_gdn_decode.decode_form.cache_clear()
-        pdl.use_pdl.cache_clear()
-        outputs, snapshot, (replays, _), _ = run(model_dir, mixed_params(), dtype="bfloat16", speculative_tokens=k)
-        assert replays > 0
-        results.append((outputs, snapshot))
-    triton_gdn_decode.decode_form.cache_clear()
+    with gdn_decode_form(monkeypatch, form):
+        for pdl_setting in ("1", "0"):
+            monkeypatch.setenv("NEXTSERVE_PDL", pdl_setting)
+            pdl.use_pdl.cache_clear()
+            outputs, snapshot, (replays, _), _ = run(model_dir, mixed_params(), dtype="bfloat16",
+                                                     speculative_tokens=k)
+            assert replays > 0
+            results.append((outputs, snapshot))
     pdl.use_pdl.cache_clear()
     (on, on_caches), (off, off_caches) = results
     assert [o.token_ids for o in on] == [o.token_ids for o in off]

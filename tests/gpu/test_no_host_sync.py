@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from tests.engine_helpers import gdn_decode_form
 from worker.engine.config import EngineConfig
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.proposer import KnownTokensProposer
@@ -60,15 +61,8 @@ def test_steps_never_sync(model_dir, k, sampling, logprobs):
 @pytest.mark.parametrize("form", ["one", "two"])
 def test_gdn_decode_forms_never_sync(model_dir, form, monkeypatch):
     """The GDN decode step's other forms (NEXTSERVE_GDN_DECODE) at the 80B's shapes, verify k = 2."""
-    from worker.kernels import triton_gdn_decode
-
-    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
-    triton_gdn_decode.decode_form.cache_clear()
-    try:
+    with gdn_decode_form(monkeypatch, form):
         check_steps_never_sync(model_dir, 2, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0))
-    finally:
-        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
-        triton_gdn_decode.decode_form.cache_clear()
 
 
 def check_steps_never_sync(model_dir, k: int, params: SamplingParams) -> None:

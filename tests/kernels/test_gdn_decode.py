@@ -218,6 +218,7 @@ def gdn_layer(fp8: bool, device):
 def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, form, device, monkeypatch):
     """GatedDeltaNet.forward on a decode batch (a PAD row among them): the Triton kernels in each form of
     gdn_decode (NEXTSERVE_GDN_DECODE), the out projection reading its e4m3 groups, against the references."""
+    from tests.engine_helpers import gdn_decode_form
     from worker import kernels
     from worker.model.context import GDNMetadata, StepContext, forward_context
 
@@ -233,19 +234,16 @@ def test_layer_decode_step_with_the_kernels_equals_the_references(fp8, k_spec, f
                        prefill_cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device))
     results, spy = {}, LaunchSpy(tk._gdn_decode_kernel)
     monkeypatch.setattr(tk, "_gdn_decode_kernel", spy)
-    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
-    tk.decode_form.cache_clear()
     try:
-        for backend in ("torch", "triton"):
-            kernels.set_kernel_backend(backend)
-            layer.conv_states, layer.ssm_states = conv.clone(), ssm.clone()
-            with forward_context(StepContext(None, meta)):
-                out = layer(None, hidden)
-            results[backend] = out, layer.conv_states, layer.ssm_states
+        with gdn_decode_form(monkeypatch, form):
+            for backend in ("torch", "triton"):
+                kernels.set_kernel_backend(backend)
+                layer.conv_states, layer.ssm_states = conv.clone(), ssm.clone()
+                with forward_context(StepContext(None, meta)):
+                    out = layer(None, hidden)
+                results[backend] = out, layer.conv_states, layer.ssm_states
     finally:
         kernels.set_kernel_backend("auto")
-        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
-        tk.decode_form.cache_clear()
     (out, conv_after, ssm_after), (ref_out, ref_conv, ref_ssm) = results["triton"], results["torch"]
     assert [(grid[1], kwargs["Q"]) for grid, kwargs in spy.launches] == ([] if form == "three" else [(n, q_len)])
     # FP8: the out projection quantises outputs that differ from the reference's in the last bits (2e-7 here),

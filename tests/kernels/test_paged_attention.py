@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from tests.engine_helpers import greedy, make_llm
+from tests.engine_helpers import gdn_decode_form, greedy, make_llm
 from tests.kernels.conftest import HAS_CUDA
 from tests.kernels.helpers import PAD, assert_rel_close, assert_unchanged, cu_seqlens, generator, randn, tolerance
 from worker import kernels
@@ -191,20 +191,15 @@ def test_engine_greedy_tokens_with_each_gdn_decode_form_on_cpu(checkpoint_factor
     launches = []
     kernel = triton_gdn_decode.gdn_decode_as
     monkeypatch.setattr(triton_gdn_decode, "gdn_decode_as", lambda *a, **kw: launches.append(a[0]) or kernel(*a, **kw))
-    monkeypatch.setenv("NEXTSERVE_GDN_DECODE", form)
-    triton_gdn_decode.decode_form.cache_clear()
 
     def run(backend):
         llm = make_llm(model_dir, device="cpu", kernel_backend=backend, speculative_tokens=k,
                        max_num_batched_tokens=32, max_num_seqs=4, num_kv_blocks=64)
         return [o.token_ids for o in llm.generate(prompts, greedy(6))]
 
-    try:
+    with gdn_decode_form(monkeypatch, form):
         expected = run("torch")
         assert run("triton") == expected
-    finally:
-        monkeypatch.delenv("NEXTSERVE_GDN_DECODE")
-        triton_gdn_decode.decode_form.cache_clear()
     assert launches and set(launches) == {form}
 
 
