@@ -155,7 +155,7 @@ def _block_fp8_gemv_kernel(x, x_q, x_s, b, b_scale, bias, c, dense_w, dense_y, M
     sb_rows = b_scale + (offs_n // BLOCK).to(tl.int64)[:, None] * stride_bs
     w = tl.load(b_rows, mask=nmask[:, None, None] & (k2 < K)[None, :, :], other=0.0)  # before the PDL wait
     pdl_enter(PDL)
-    if TP == 1:
+    if TP == 1:  # its own branch: written as the TP case below, the one-token build took 108 registers, not 48
         acc = tl.zeros([BN], dtype=tl.float32)
         for k0 in range(0, K, NB * BLOCK):
             kmask = k0 + k2 < K
@@ -293,7 +293,7 @@ def w8a8_block_fp8_linear(
     weight_scale_inv: torch.Tensor,  # [ceil(N/b), ceil(K/b)] float32
     block: int,
     bias: torch.Tensor | None = None,  # [N]
-    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...} or the GEMV's {gemv: True, BN, NB, [prequant, all_tokens]}
+    tile: dict | None = None,  # the GEMM's {BM, BN, GROUP_M, ...}, the GEMV's {gemv, BN, NB, [prequant, all_tokens]}
     x_groups: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_token_group_quant_fp8(x as [T, K], block)
 ) -> torch.Tensor:  # [T, N] activation dtype
     """y = dequant(quant(x)) @ dequant(weight).T + bias, summed in float32."""
