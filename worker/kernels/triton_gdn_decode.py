@@ -275,7 +275,8 @@ def gdn_decode_as(
     quant = quantisable(V, quant_block)
     if form == "three":  # the conv, recurrence (with gating) and gated norm kernels that "one" replaces
         return decode_in_steps(THREE_LAUNCHES, mixed_qkv, z, a, b, conv_weight, conv_states, A_log, dt_bias,
-                               ssm_states, norm_weight, eps, state_indices, num_accepted, quant_block if quant else None)
+                               ssm_states, norm_weight, eps, state_indices, num_accepted,
+                               quant_block if quant else None)
     x = mixed_qkv if mixed_qkv.stride(2) == 1 else mixed_qkv.contiguous()
     if form == "two":
         xc = triton_causal_conv1d.causal_conv1d_update(x, conv_weight, conv_states, state_indices, num_accepted)
