@@ -179,3 +179,98 @@ def test_unreduced_row_parallel_shards_sum_to_the_whole_layer_with_its_bias_once
     whole, ranks = layers[0], layers[1:]
     partial = sum(layer(x[:, 32 * rank : 32 * (rank + 1)]) for rank, layer in enumerate(ranks))
     torch.testing.assert_close(partial, whole(x), rtol=1e-5, atol=1e-5)
+
+
+class FakeSymmetricMemory:
+    """torch's symmetric memory for two ranks in one process, on the CPU: `empty` gives each rank's buffer
+    in turn, and every rank's handle views any rank's buffer (get_buffer), as peer memory would."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+
+    def empty(self, size, dtype, device):
+        self.buffers.append(torch.zeros(size, dtype=dtype))
+        return self.buffers[-1]
+
+    def rendezvous(self, buffer, group):
+        return self
+
+    def barrier(self, channel: int = 0):
+        pass
+
+    def get_buffer(self, rank, sizes, dtype, storage_offset=0):
+        numel = torch.Size(sizes).numel()
+        return self.buffers[rank].view(dtype)[storage_offset : storage_offset + numel].view(sizes)
+
+
+def fused_reducers(world: int, max_bytes: int) -> tuple[list, FakeSymmetricMemory]:
+    """OneShotAllReduce of each rank over FakeSymmetricMemory, with the fused add + norm on."""
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    memory, reducers = FakeSymmetricMemory(), []
+    group = mock.Mock(group_name="fake")
+    for rank in range(world):
+        with mock.patch.object(symm_mem, "empty", memory.empty), \
+                mock.patch.object(symm_mem, "rendezvous", memory.rendezvous), \
+                mock.patch.object(torch.cuda, "synchronize"), \
+                mock.patch.object(all_reduce, "one_shot_norm_enabled", lambda: True), \
+                mock.patch.object(all_reduce.dist, "get_world_size", lambda group: world):
+            reducers.append(all_reduce.OneShotAllReduce(group, torch.device("cpu"), max_bytes=max_bytes))
+        reducers[-1].rank = rank
+    return reducers, memory
+
+
+def peer_rows_of(reducer, x, residual):
+    with mock.patch.object(all_reduce.dist, "get_world_size", lambda group: len(reducer.handle.buffers)), \
+            mock.patch.object(all_reduce.dist, "get_rank", lambda group: reducer.rank):
+        return reducer._peer_rows(x, residual)
+
+
+def test_the_fused_rows_and_flags_lie_past_torchs_part_of_the_symmetric_buffer():
+    max_bytes, hidden = 4096, 64  # fp32 rows of 256 bytes: 16 in each half
+    (r0, r1), memory = fused_reducers(2, max_bytes)
+    assert r0.buffer.numel() == 3 * max_bytes + (max_bytes // 16) * 2 * 4
+    x = torch.zeros(5, hidden)
+    peers = peer_rows_of(r1, x, x)
+    assert peers.rank == 1 and peers.max_rows == max_bytes // (hidden * 4)
+    base = [b.data_ptr() for b in memory.buffers]
+    for p in range(2):
+        assert peers.rows[p].data_ptr() == base[p] + max_bytes  # after torch's one-shot part
+        assert peers.rows[p].shape == (2, 16, hidden)
+        assert peers.flags[p].data_ptr() == base[p] + 3 * max_bytes  # after both halves of the rows
+        assert peers.flags[p].shape == (16, 2)
+    assert peers.row_ptrs.tolist() == [base[0] + max_bytes, base[1] + max_bytes]
+    assert peer_rows_of(r1, x, x) is peers  # laid out once
+
+
+def test_rows_the_fused_kernel_cannot_take_go_the_unfused_way():
+    (r0, _), _ = fused_reducers(2, 4096)
+    x = torch.zeros(2, 64)
+    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True), \
+            mock.patch.object(torch.Tensor, "is_cuda", True):
+        assert peer_rows_of(r0, x, x) is None  # not laid out while a graph is being captured
+    assert peer_rows_of(r0, x, x) is not None
+    for other in (torch.zeros(17, 64), torch.zeros(2, 32), torch.zeros(2, 64, dtype=torch.bfloat16),
+                  torch.zeros(2, 64, dtype=torch.float16), torch.zeros(64, 2).t()):
+        assert peer_rows_of(r0, other, other) is None, other.shape
+    assert peer_rows_of(r0, x, torch.zeros(64, 2).t()) is None  # a residual with strided rows
+
+
+def test_the_fused_path_runs_the_one_shot_kernel_and_the_unfused_path_the_all_reduce_then_the_norm():
+    (r0, _), _ = fused_reducers(2, 4096)
+    x, weight = torch.ones(2, 64), torch.zeros(64)
+    calls = []
+
+    def all_reduce_only(self, x):
+        calls.append("all_reduce")
+        return x
+
+    with mock.patch.object(all_reduce.kernels, "one_shot_add_rms_norm", lambda *a: calls.append("fused")), \
+            mock.patch.object(all_reduce.OneShotAllReduce, "all_reduce", all_reduce_only), \
+            mock.patch.object(all_reduce.dist, "get_world_size", lambda group: 2), \
+            mock.patch.object(all_reduce.dist, "get_rank", lambda group: 0):
+        r0.all_reduce_add_rms_norm(x, x, weight, EPS)
+        r0.all_reduce_add_rms_norm(torch.ones(17, 64), torch.ones(17, 64), weight, EPS)
+        r0.fuse_norm = False
+        r0.all_reduce_add_rms_norm(x, x, weight, EPS)
+    assert calls == ["fused", "all_reduce", "all_reduce"]

@@ -29,6 +29,7 @@ from worker.kernels import gated_delta_rule as _gdn_ref
 from worker.kernels import gated_rms_norm as _gated_norm_ref
 from worker.kernels import gdn_decode as _gdn_decode_ref
 from worker.kernels import linear as _linear_ref
+from worker.kernels import one_shot_add_rms_norm as _one_shot_ref
 from worker.kernels import paged_attention as _attn_ref
 from worker.kernels import qk_norm_rope as _qk_ref
 from worker.kernels.moe import fp8_reference as _moe_fp8_ref
@@ -133,6 +134,14 @@ def fused_add_rms_norm_linear(x, residual, weight, eps, linear_weight, quant_blo
         return _triton_module("add_rms_norm").fused_add_rms_norm_linear(x, residual, weight, eps, linear_weight,
                                                                          _kernel_quant_block(quant_block))
     return _norm_ref.fused_add_rms_norm_linear(x, residual, weight, eps, linear_weight)
+
+
+def one_shot_add_rms_norm(x, peers, residual, weight, eps, quant_block=None):
+    """fused_add_rms_norm of residual + x summed over the ranks through their peer-memory rows (`peers`)."""
+    if _use_triton(x):
+        return _triton_module("one_shot_add_rms_norm").one_shot_add_rms_norm(x, peers, residual, weight, eps,
+                                                                             _kernel_quant_block(quant_block))
+    return _one_shot_ref.one_shot_add_rms_norm(x, peers, residual, weight, eps)
 
 
 def decode_metadata(start, block_tables, valid, query_len, block_size):
@@ -242,6 +251,7 @@ __all__ = [
     "qk_norm_rope_and_cache",
     "fused_add_rms_norm",
     "fused_add_rms_norm_linear",
+    "one_shot_add_rms_norm",
     "rms_norm",
     "decode_metadata",
     "argmax",

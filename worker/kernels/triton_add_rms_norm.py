@@ -44,6 +44,15 @@ def _add_rms_norm_kernel(x, residual, weight, out, new_residual, x_q, x_scale, s
     if HAS_RESIDUAL:
         r = r + tl.load(residual + t * stride_r + h, mask=mask, other=0.0)
         tl.store(new_residual + t * stride_n + h, r, mask=mask)
+    _norm_row(r, t, h, weight, out, x_q, x_scale, stride_o, stride_q, stride_s, H, eps, BH, G, QUANT, FP8_MAX_,
+              MIN_AMAX_)
+
+
+@triton.jit
+def _norm_row(r, t, h, weight, out, x_q, x_scale, stride_o, stride_q, stride_s, H, eps, BH: tl.constexpr,
+              G: tl.constexpr, QUANT: tl.constexpr, FP8_MAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
+    """Row t's norm of r [BH] (0 past H) into out, and with QUANT its e4m3 groups of G into x_q / x_scale."""
+    mask = h < H
     rf = r.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(rf * rf, 0) / H + eps)
     w = tl.load(weight + h, mask=mask, other=0.0).to(tl.float32)

@@ -16,10 +16,14 @@ is set in every process of a group before NCCL or symmetric memory start, and th
 reads its peers' buffers with plain loads, which need none.
 
 `all_reduce_add_rms_norm` is the all-reduce followed by the residual add and zero-centred RMSNorm
-that come after every row-parallel output of the model (worker.model.layers.norm.AllReduceRMSNorm):
-for now the two steps in turn, the place for a kernel that reduces, adds and normalises in one pass.
+that come after every row-parallel output of the model (worker.model.layers.norm.AllReduceRMSNorm).
+With NEXTSERVE_ONE_SHOT_NORM=1 the one-shot path does all three in one kernel
+(kernels.one_shot_add_rms_norm: each rank writes its rows into its part of the symmetric buffer, meets
+its peers through flags there, then sums, adds and normalises), instead of three launches (the copy,
+torch's one-shot all-reduce, the add + norm). It is off by default until a two-GPU machine has run it.
 """
 
+import functools
 import logging
 import os
 from collections.abc import MutableMapping
@@ -28,12 +32,21 @@ import torch
 import torch.distributed as dist
 
 from worker import kernels
+from worker.kernels.one_shot_add_rms_norm import PeerRows
 
 logger = logging.getLogger(__name__)
 
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 MAX_ONE_SHOT_BYTES = 64 << 10
 ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # what torch's one-shot kernel is built for
+EPS = 1e-6  # the self-test's norm
+
+
+@functools.cache
+def one_shot_norm_enabled() -> bool:
+    """Whether the one-shot all-reduce adds and normalises in its own kernel: NEXTSERVE_ONE_SHOT_NORM=1
+    (read once; every rank of a group must see the same value, as the launcher's children do)."""
+    return os.environ.get("NEXTSERVE_ONE_SHOT_NORM", "0") == "1"
 
 
 def forbid_multicast(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -86,15 +99,25 @@ class OneShotAllReduce(GroupAllReduce):
 
     Building it is a collective over `group` (the buffer's rendezvous); so is every call, and every
     rank makes the same calls with the same shapes, so every rank takes the same path.
+
+    The symmetric buffer holds, in turn: `max_bytes` for torch's one-shot all-reduce; the two halves of
+    the fused kernel's rows, `max_bytes` each; its flags, one int32 per rank for each row of at least 16
+    bytes. The rows are laid out for the first fused call's width and dtype (the hidden states').
     """
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = MAX_ONE_SHOT_BYTES):
         from torch.distributed import _symmetric_memory as symm_mem
 
         super().__init__(group)
+        if max_bytes % 16:
+            raise ValueError(f"max_bytes must be a multiple of 16, got {max_bytes}")
         self.max_bytes = max_bytes
         self.group_name = group.group_name
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device).zero_()
+        self.fuse_norm = one_shot_norm_enabled()
+        self.peer_rows: PeerRows | None = None
+        world = dist.get_world_size(group)
+        self.buffer = symm_mem.empty(3 * max_bytes + self._max_rows(16) * world * 4, dtype=torch.uint8,
+                                     device=device).zero_()
         torch.cuda.synchronize(device)
         self.handle = symm_mem.rendezvous(self.buffer, group)
         self.handle.barrier()
@@ -109,6 +132,33 @@ class OneShotAllReduce(GroupAllReduce):
         shared.copy_(x)
         return torch.ops.symm_mem.one_shot_all_reduce_out(shared, "sum", self.group_name, x)
 
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, quant_block=None):
+        peers = self._peer_rows(x, residual) if self.fuse_norm else None
+        if peers is None:
+            return super().all_reduce_add_rms_norm(x, residual, weight, eps, quant_block)
+        return kernels.one_shot_add_rms_norm(x, peers, residual, weight, eps, quant_block)
+
+    def _max_rows(self, row_bytes: int) -> int:
+        return self.max_bytes // row_bytes
+
+    def _peer_rows(self, x: torch.Tensor, residual: torch.Tensor) -> PeerRows | None:
+        """The fused kernel's rows if x [T, H] fits them, else None (the unfused path). They are laid out at
+        the first call that can have them, never while a CUDA graph is being captured (that copies pointers
+        to the device): every rank makes the same calls, so all lay them out at the same one."""
+        fits = (x.dim() == 2 and x.dtype in ONE_SHOT_DTYPES and 0 < x.shape[1] * x.element_size() <= self.max_bytes
+                and x.stride(1) == 1 and residual.stride(1) == 1)
+        if fits and self.peer_rows is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.peer_rows = self._lay_out_rows(x.shape[1], x.dtype)
+        return self.peer_rows if fits and self.peer_rows is not None and self.peer_rows.takes(x) else None
+
+    def _lay_out_rows(self, hidden: int, dtype: torch.dtype) -> PeerRows:
+        item, world = dtype.itemsize, dist.get_world_size(self.group)
+        max_rows = self._max_rows(max(16, hidden * item))
+        rows = [self.handle.get_buffer(p, (2, max_rows, hidden), dtype, self.max_bytes // item) for p in range(world)]
+        flags = [self.handle.get_buffer(p, (max_rows, world), torch.int32, 3 * self.max_bytes // 4)
+                 for p in range(world)]
+        return PeerRows.build(dist.get_rank(self.group), rows, flags)
+
     def multicast_ptr(self) -> int:
         return int(getattr(self.handle, "multicast_ptr", 0) or 0)
 
@@ -120,10 +170,31 @@ class OneShotAllReduce(GroupAllReduce):
             expected = size * (size + 1) // 2
             if not bool((self.all_reduce(x) == expected).all()):
                 return f"a {dtype} one-shot all-reduce of {numel} values did not sum to {expected}"
-        return None
+        return self._fused_norm_self_test() if self.fuse_norm else None
+
+    def _fused_norm_self_test(self) -> str | None:
+        """The fused kernel on rows of known values against the unfused add + norm of their sum, bit for bit.
+        Every rank makes every call whatever it finds (a rank that stopped early would leave its peers
+        waiting in the kernel), and the rows laid out here are dropped once every rank is done with them."""
+        rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        device, wrong = self.buffer.device, []
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.full((3, 256), rank + 1, dtype=dtype, device=device)
+            residual, weight = torch.ones_like(x), torch.zeros(256, dtype=dtype, device=device)
+            expected = kernels.fused_add_rms_norm(torch.full_like(x, size * (size + 1) // 2), residual, weight, EPS)
+            for _ in range(2):  # both halves of the rows
+                normed, new_residual = self.all_reduce_add_rms_norm(x, residual, weight, EPS)
+                if not (torch.equal(normed, expected[0]) and torch.equal(new_residual, expected[1])):
+                    wrong.append(f"the fused one-shot all-reduce + add + norm of {dtype} rows was wrong")
+            torch.cuda.synchronize(device)
+            self.handle.barrier()  # every rank has finished with these rows before others are laid out
+            torch.cuda.synchronize(device)
+            self.peer_rows = None
+        return wrong[0] if wrong else None
 
     def describe(self) -> str:
-        return f"one-shot over peer memory up to {self.max_bytes >> 10} KB (bf16, fp32), NCCL above"
+        fused = ", the add + norm in its kernel" if self.fuse_norm else ""
+        return f"one-shot over peer memory up to {self.max_bytes >> 10} KB (bf16, fp32){fused}, NCCL above"
 
 
 def fits_one_shot(x: torch.Tensor, max_bytes: int) -> bool:
