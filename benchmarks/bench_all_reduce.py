@@ -14,6 +14,11 @@ eager: the mean of `--iters` calls back to back, launch overhead included (media
 `--iters` calls captured in one CUDA graph, the median replay over `--iters`. Messages are zeros, so
 repeated in-place sums stay finite; `bitwise_equal` compares one reduction of random data by both.
 
+`norm_rows`: the all-reduce + residual add + RMSNorm after each row-parallel layer, for `--norm-tokens`
+rows of `--hidden` features: NCCL then the add + norm kernel, the one-shot then the add + norm (three
+launches), and the one-shot kernel that adds and normalises itself (NEXTSERVE_ONE_SHOT_NORM's path,
+one launch), with `fused_bitwise_equal` comparing its result with the unfused one-shot's.
+
 Not run yet: written without a 2-GPU machine (none was lent); the first run on one will tell.
 """
 
@@ -44,6 +49,8 @@ def parse_args():
     parser.add_argument("--sizes-kb", type=int, nargs="+", default=SIZES_KB)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--iters", type=int, default=100, help="all-reduces per eager run and per graph")
+    parser.add_argument("--hidden", type=int, default=2048, help="features of a row in norm_rows")
+    parser.add_argument("--norm-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     return parser.parse_args()
 
 
@@ -62,6 +69,35 @@ def eager_time_us(fn, iters: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / iters)
     return sorted(times)[len(times) // 2]
+
+
+def norm_row(nccl, one_shot, tokens: int, args, rank: int, device) -> dict:
+    """One norm_rows entry: each path timed on zero rows (in-place sums stay zero, no copy is timed), and
+    the fused result of random rows compared with the unfused one-shot's."""
+    dtype = getattr(torch, args.dtype)
+    shape = (tokens, args.hidden)
+    x = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(100 + rank), device=device).to(dtype)
+    residual = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    weight, zeros = torch.zeros(args.hidden, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def call(reducer, fused, rows=zeros):
+        one_shot.fuse_norm = fused
+        return reducer.all_reduce_add_rms_norm(rows, residual, weight, 1e-6)
+
+    pairs = zip(call(one_shot, True, x), call(one_shot, False, x.clone()))
+    row = dict(tokens=tokens, hidden=args.hidden, fused_bitwise_equal=all(torch.equal(a, b) for a, b in pairs))
+    paths = {"nccl_then_norm": (nccl, False), "one_shot_then_norm": (one_shot, False),
+             "one_shot_fused": (one_shot, True)}
+    for name, (reducer, fused) in paths.items():
+        def many(r=reducer, f=fused):
+            for _ in range(args.iters):
+                call(r, f)
+
+        row[f"{name}_graph_us"] = round(graph_time_us(many, inner=args.iters), 2)
+        row[f"{name}_eager_us"] = round(eager_time_us(lambda r=reducer, f=fused: call(r, f), args.iters), 2)
+    one_shot.fuse_norm = False
+    row["fused_speedup_over_one_shot"] = round(row["one_shot_then_norm_graph_us"] / row["one_shot_fused_graph_us"], 2)
+    return row
 
 
 def _rank(rank: int, port: int, args, results) -> None:
@@ -102,6 +138,7 @@ def _rank(rank: int, port: int, args, results) -> None:
         row["graph_speedup"] = round(row["nccl_graph_us"] / row["one_shot_graph_us"], 2)
         row["eager_speedup"] = round(row["nccl_eager_us"] / row["one_shot_eager_us"], 2)
         result["rows"].append(row)
+    result["norm_rows"] = [norm_row(nccl, one_shot, tokens, args, rank, device) for tokens in args.norm_tokens]
     if rank == 0:
         result["card"] = card()
         results.put(pickle.dumps(result))

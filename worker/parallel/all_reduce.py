@@ -186,11 +186,16 @@ class OneShotAllReduce(GroupAllReduce):
                 normed, new_residual = self.all_reduce_add_rms_norm(x, residual, weight, EPS)
                 if not (torch.equal(normed, expected[0]) and torch.equal(new_residual, expected[1])):
                     wrong.append(f"the fused one-shot all-reduce + add + norm of {dtype} rows was wrong")
-            torch.cuda.synchronize(device)
-            self.handle.barrier()  # every rank has finished with these rows before others are laid out
-            torch.cuda.synchronize(device)
-            self.peer_rows = None
+            self.drop_rows()
         return wrong[0] if wrong else None
+
+    def drop_rows(self) -> None:
+        """Forget the fused kernel's row layout, once every rank has finished its calls (a collective), so the
+        next call lays them out for its own width and dtype."""
+        torch.cuda.synchronize(self.buffer.device)
+        self.handle.barrier()
+        torch.cuda.synchronize(self.buffer.device)
+        self.peer_rows = None
 
     def describe(self) -> str:
         fused = ", the add + norm in its kernel" if self.fuse_norm else ""
