@@ -6,7 +6,8 @@ Each kernel is compiled for sm_90 by Triton and its PTX assembled by the ptxas t
 (`-v`); the JSON rows give the registers per thread and the spilled bytes. A program's registers decide
 how many of its programs an SM holds at once (65,536 per SM): for a kernel that loads its weights before
 its programmatic-dependent wait, that is how much of its weight is in flight before the kernel before
-ends. Shapes are Qwen3-Next-80B's FP8 layers at tp 1 and the tiles those the H200 files give one token.
+ends. Shapes are Qwen3-Next-80B's FP8 layers at tp 1 and the tiles those the H200 files give one token;
+the one-shot all-reduce + add + norm at tp 2, 4 and 8.
 """
 
 import argparse
@@ -25,7 +26,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.kernels import triton_gdn_decode  # noqa: E402
+from worker.kernels import triton_gdn_decode, triton_one_shot_add_rms_norm  # noqa: E402
 from worker.kernels.fp8 import triton as fp8_triton  # noqa: E402
 from worker.kernels.moe import decode_fp8, tile_configs  # noqa: E402
 
@@ -120,11 +121,29 @@ def gdn_decode_rows() -> list[dict]:
     return rows
 
 
+ONE_SHOT_NORM_TYPES = {"row_ptrs": "*i64", "flag_ptrs": "*i64", "calls": "*i32", "residual": "*bf16",
+                       "weight": "*bf16", "new_residual": "*bf16", "x_scale": "*fp32", "eps": "fp32"}
+
+
+def one_shot_norm_rows() -> list[dict]:
+    """The one-shot all-reduce + add + norm (triton_one_shot_add_rms_norm) at hidden 2048 in bf16, with the
+    e4m3 groups of 128, at tp 2, 4 and 8."""
+    rows = []
+    for world in (2, 4, 8):
+        constants = dict(WORLD=world, WP=world, BH=2048, G=BLOCK, QUANT=True, FP8_MAX_=448.0, MIN_AMAX_=1e-12,
+                         PDL=True)
+        usage = ptxas_usage(triton_one_shot_add_rms_norm._one_shot_add_rms_norm_kernel, constants, 8,
+                            ONE_SHOT_NORM_TYPES)
+        rows.append(dict(kernel="one-shot all-reduce + add + norm", tp=world, **usage))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    report = dict(benchmark="kernel_registers", target="sm_90a", tiles_of=DEVICE, rows=linear_rows() + moe_rows() + gdn_decode_rows())
+    rows = linear_rows() + moe_rows() + gdn_decode_rows() + one_shot_norm_rows()
+    report = dict(benchmark="kernel_registers", target="sm_90a", tiles_of=DEVICE, rows=rows)
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
