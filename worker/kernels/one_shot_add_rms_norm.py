@@ -64,6 +64,12 @@ class PeerRows:
         _, max_rows, hidden = self.rows[0].shape
         return x.dim() == 2 and x.dtype == self.rows[0].dtype and 0 < x.shape[0] <= max_rows and x.shape[1] == hidden
 
+    def require(self, x: torch.Tensor) -> None:
+        """ValueError unless these buffers take x."""
+        if not self.takes(x):
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit rows {tuple(self.rows[0].shape)} "
+                             f"{self.rows[0].dtype}")
+
 
 def one_shot_add_rms_norm(
     x: torch.Tensor,  # [T, H] this rank's partial sum of a row-parallel output
@@ -75,9 +81,7 @@ def one_shot_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], new residual [T, H])
     """fused_add_rms_norm of `residual + (x summed over the ranks in rank order)`; peers' rows must
     already be in their buffers (no synchronisation here)."""
-    if not peers.takes(x):
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit rows {tuple(peers.rows[0].shape)} "
-                         f"{peers.rows[0].dtype}")
+    peers.require(x)
     t = torch.arange(x.shape[0], device=peers.calls.device)
     half = (peers.calls[: x.shape[0]] % 2).long()
     peers.rows[peers.rank][half, t] = x

@@ -16,6 +16,8 @@ p also writes groups p, p + P, ... of the normed rows, the new residual and the 
 own launch, and its round trip through memory, leave the step's chain.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -153,23 +155,43 @@ def fused_add_rms_norm_linear(
     return y, out, new_residual
 
 
+@dataclass
+class _RowNormLaunch:
+    """What a launch of one program per row that ends in _norm_row needs besides its own arguments: the
+    e4m3 group buffers (out itself, unused, without quant_block), the tile and warps, and afterwards the
+    groups attached to out."""
+
+    x_q: torch.Tensor
+    x_scale: torch.Tensor
+    quant_block: int | None
+    constants: dict
+
+    def attach(self, out: torch.Tensor) -> None:
+        if self.quant_block is not None:
+            attach_token_groups(out, self.x_q, self.x_scale, self.quant_block)
+
+
+def _row_norm_launch(out: torch.Tensor, quant_block: int | None) -> _RowNormLaunch:
+    T, H = out.shape
+    quant = quant_block is not None
+    x_q = torch.empty(T, H, dtype=FP8_DTYPE, device=out.device) if quant else out
+    x_scale = torch.empty(T, cdiv(H, quant_block), dtype=torch.float32, device=out.device) if quant else out
+    G = quant_block or triton.next_power_of_2(H)
+    BH = max(triton.next_power_of_2(H), G)
+    return _RowNormLaunch(x_q, x_scale, quant_block, dict(BH=BH, G=G, QUANT=quant, FP8_MAX_=FP8_MAX,
+                                                          MIN_AMAX_=MIN_AMAX, num_warps=min(16, max(1, BH // 256))))
+
+
 def _launch(x, residual, weight, eps, out, new_residual, quant_block):
     """One program per token; with quant_block, also the e4m3 groups, attached to out."""
     T, H = x.shape
-    quant = quant_block is not None
-    x_q = torch.empty(T, H, dtype=FP8_DTYPE, device=x.device) if quant else out
-    x_scale = torch.empty(T, cdiv(H, quant_block), dtype=torch.float32, device=x.device) if quant else out
-    BH = triton.next_power_of_2(H)
-    G = quant_block or BH
-    BH = max(BH, G)
+    norm = _row_norm_launch(out, quant_block)
     if T:
-        _add_rms_norm_kernel[(T,)](x, residual, weight, out, new_residual, x_q, x_scale, x.stride(0),
-                                   residual.stride(0), out.stride(0), new_residual.stride(0), x_q.stride(0),
-                                   x_scale.stride(0), H, eps, BH=BH, HAS_RESIDUAL=residual is not x, G=G, QUANT=quant,
-                                   FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=min(16, max(1, BH // 256)),
+        _add_rms_norm_kernel[(T,)](x, residual, weight, out, new_residual, norm.x_q, norm.x_scale, x.stride(0),
+                                   residual.stride(0), out.stride(0), new_residual.stride(0), norm.x_q.stride(0),
+                                   norm.x_scale.stride(0), H, eps, HAS_RESIDUAL=residual is not x, **norm.constants,
                                    **pdl_launch(x.device))
-    if quant:
-        attach_token_groups(out, x_q, x_scale, quant_block)
+    norm.attach(out)
 
 
 def fused_add_rms_norm(

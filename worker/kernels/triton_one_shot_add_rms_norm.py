@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.fp8.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, attach_token_groups, cdiv
 from worker.kernels.one_shot_add_rms_norm import PeerRows
 from worker.kernels.pdl import pdl_enter, pdl_launch
-from worker.kernels.triton_add_rms_norm import _empty_output, _norm_row
+from worker.kernels.triton_add_rms_norm import _empty_output, _norm_row, _row_norm_launch
 from worker.kernels.triton_paged_attention import _check
 
 
@@ -96,26 +95,18 @@ def one_shot_add_rms_norm(
     eps: float,
     quant_block: int | None = None,  # also the normed rows' e4m3 groups of this many features (a power of 2)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [T, H], new residual [T, H])
-    _check(peers.takes(x), f"x {tuple(x.shape)} {x.dtype} does not fit rows {tuple(peers.rows[0].shape)} "
-                           f"{peers.rows[0].dtype}")
+    peers.require(x)
     _check(residual.shape == x.shape and residual.dtype == x.dtype,
            f"residual must be {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
     T, H = x.shape
     _check(weight.shape == (H,), f"weight must be [{H}], got {tuple(weight.shape)}")
     _check(x.stride(1) == 1 and residual.stride(1) == 1, "x and residual must be contiguous in their last dim")
     out, new_residual = _empty_output(x), _empty_output(x)
-    quant = quant_block is not None
-    x_q = torch.empty(T, H, dtype=FP8_DTYPE, device=x.device) if quant else out
-    x_scale = torch.empty(T, cdiv(H, quant_block), dtype=torch.float32, device=x.device) if quant else out
-    BH = triton.next_power_of_2(H)
-    G = quant_block or BH
-    BH = max(BH, G)
+    norm = _row_norm_launch(out, quant_block)
     _one_shot_add_rms_norm_kernel[(T,)](
-        x, peers.row_ptrs, peers.flag_ptrs, peers.calls, residual, weight, out, new_residual, x_q, x_scale,
+        x, peers.row_ptrs, peers.flag_ptrs, peers.calls, residual, weight, out, new_residual, norm.x_q, norm.x_scale,
         peers.rank, peers.max_rows, x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0),
-        x_q.stride(0), x_scale.stride(0), H, eps, WORLD=peers.world, WP=triton.next_power_of_2(peers.world), BH=BH,
-        G=G, QUANT=quant, FP8_MAX_=FP8_MAX, MIN_AMAX_=MIN_AMAX, num_warps=min(16, max(1, BH // 256)),
-        **pdl_launch(x.device))
-    if quant:
-        attach_token_groups(out, x_q, x_scale, quant_block)
+        norm.x_q.stride(0), norm.x_scale.stride(0), H, eps, WORLD=peers.world, WP=triton.next_power_of_2(peers.world),
+        **norm.constants, **pdl_launch(x.device))
+    norm.attach(out)
     return out, new_residual
