@@ -1,15 +1,17 @@
 #!/bin/bash
 # The GPU checks and measurements of the decode-path work built without a GPU, in one device call:
 #
-#   bash benchmarks/device_check.sh OUT_DIR tests|bench|tp [LAYERS=48]
+#   bash benchmarks/device_check.sh OUT_DIR tests|bench|tp-tests|tp-bench [LAYERS=48]
 #
 # tests: the tests of the new kernels and switches on CUDA (the kernel files whole: their CPU-shape tests run
 #   on the GPU too), each file in its own process (an illegal access poisons every later test of a process);
 # bench: bench_gdn_decode (the GDN decode step's three forms), then ab_decode_switches (the FP8 batch-1 decode
 #   graph of LAYERS layers under each switch, one round);
-# tp (two GPUs): the all-reduce tests at tp 2, the fused all-reduce + norm's among them, then bench_all_reduce.
+# tp-tests (two GPUs): the all-reduce tests at tp 2, the fused all-reduce + norm's among them, and the engine's
+#   tp 2 against tp 1; tp-bench (two GPUs): bench_all_reduce, then bench_tp (LAYERS layers, default 4 here).
 # Each step has a time limit, so that a hang costs only its step; each part fits one 10-minute device call.
-# OUT_DIR gets tests.log, or gdn_decode.json, summary.json and runs.tgz, or tp.log and all_reduce.json.
+# OUT_DIR gets tests.log, or gdn_decode.json, summary.json and runs.tgz, or tp-tests.log, or all_reduce.json
+# and tp.json.
 set -u
 out=$1; part=$2; layers=${3:-48}
 export PYTHONUNBUFFERED=1
@@ -34,10 +36,16 @@ run_tests fp8_engine tests/gpu/test_fp8_engine_gpu.py
 LIMIT=90 run_tests one_shot_norm tests/kernels/test_one_shot_add_rms_norm.py  # two streams meet through flags
 exit 0
 fi
-if [ "$part" = tp ]; then
-LIMIT=400 run_tests all_reduce tests/gpu/test_all_reduce_gpu.py
+if [ "$part" = tp-tests ]; then
+LIMIT=360 run_tests all_reduce tests/gpu/test_all_reduce_gpu.py
+LIMIT=200 run_tests engine_tp tests/gpu/test_engine_gpu.py -k tp2
+exit 0
+fi
+if [ "$part" = tp-bench ]; then
 echo "=== bench_all_reduce"
 timeout 150 python benchmarks/bench_all_reduce.py --out "$out/all_reduce.json" 2>&1 >/dev/null | tail -12
+echo "=== bench_tp (${3:-4} layers)"
+timeout 420 python benchmarks/bench_tp.py --layers "${3:-4}" --out "$out/tp.json" 2>&1 >/dev/null | tail -20
 exit 0
 fi
 

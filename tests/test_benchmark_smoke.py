@@ -1,4 +1,4 @@
-"""The engine-vs-transformers benchmark runs end to end (tiny preset on the CPU), so the script the
+"""The engine benchmarks run end to end (the built-in model on the CPU), so the scripts the
 GPU sessions rely on cannot rot between them."""
 
 import json
@@ -24,3 +24,16 @@ def test_bench_engine_vs_hf_smoke(tmp_path):
     for batch in (1, 2):
         scripted = rows[(1, "scripted", batch)]
         assert scripted["decode_tokens"] / scripted["decode_steps"] / batch >= 1.5
+
+
+def test_bench_tp_smoke(tmp_path):
+    """tp 1 then a tp 2 worker group (gloo) in one process, each row against tp 1's."""
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_tp.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["tp"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {1, 2}
+    assert rows[1]["all_reduce"] == "one rank: no all-reduce" and rows[2]["all_reduce"] == "gloo for every message"
+    assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert rows[2]["speedup_over_tp1"] == round(rows[2]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"], 2)
