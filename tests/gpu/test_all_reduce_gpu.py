@@ -189,17 +189,26 @@ def test_engine_outputs_are_the_same_bits_with_the_custom_all_reduce_on_and_off(
     assert [o.logprobs for o in one_shot] == [o.logprobs for o in nccl]
 
 
-def test_engine_outputs_are_the_same_bits_with_the_fused_add_norm_on_and_off(checkpoint_factory, monkeypatch):
-    """The rank processes read NEXTSERVE_ONE_SHOT_NORM from the environment they inherit."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_outputs_are_the_same_bits_with_the_fused_add_norm_on_and_off(checkpoint_factory, monkeypatch, dtype):
+    """Through the CUDA graphs; the rank processes read NEXTSERVE_ONE_SHOT_NORM from the environment they
+    inherit, and this process (rank 0) rereads it."""
+    from worker.distributed import get_tp
+    from worker.parallel.all_reduce import one_shot_norm_enabled
+
     model_dir = checkpoint_factory("tiny-tp")
     prompts = [[t % 700 for t in p] for p in make_prompts([1, 9, 64, 200], seed=22)]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=5)
     outputs = []
     for fused in ("1", "0"):
         monkeypatch.setenv("NEXTSERVE_ONE_SHOT_NORM", fused)
-        with LLM(model_dir, device="cuda", dtype="bfloat16", tensor_parallel_size=2, speculative_tokens=2,
+        one_shot_norm_enabled.cache_clear()
+        with LLM(model_dir, device="cuda", dtype=dtype, tensor_parallel_size=2, speculative_tokens=2,
                  gpu_memory_utilization=0.5) as llm:
             outputs.append(llm.generate(prompts, params, use_tqdm=False))
+            reducer = get_tp().reducer  # rank 0's: the fused kernel's rows are laid out once it has run
+            assert reducer.fuse_norm == (fused == "1") and (reducer.peer_rows is not None) == reducer.fuse_norm
     fused_out, unfused_out = outputs
     assert [o.token_ids for o in fused_out] == [o.token_ids for o in unfused_out]
     assert [o.logprobs for o in fused_out] == [o.logprobs for o in unfused_out]
+    one_shot_norm_enabled.cache_clear()
