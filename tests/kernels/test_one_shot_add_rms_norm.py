@@ -5,11 +5,13 @@ On the CPU (the interpreter) the ranks cannot run at once, so their launches are
 another, 0..N-1, each finding its peers' rows and flags as if they had arrived: rank r's turn needs
 flags[r][t, q] set for every peer q; the ranks before it set theirs in their turns, and those after
 it are set beforehand (flags[p][t, q] = 1 for q > p). A round leaves the flags exactly so again,
-which the test checks, and plays twice, once in each half of the buffers.
+which the test checks, and plays twice, once in each half of the buffers. Then the ranks at once: two
+processes run the interpreted kernel on shared memory, each at its own pace.
 On one GPU the ranks' launches run at once on two streams, meeting through the real flags.
 """
 
 import importlib
+import pickle
 
 import pytest
 import torch
@@ -115,6 +117,59 @@ def test_every_rank_gets_the_unfused_paths_bits_over_two_rounds(world, tokens, h
             assert group[p].calls[tokens:].eq(0).all()
             assert_same_bits(group[p].flags[p], flags_before(world, tokens, device)[p],
                              f"rank {p}'s flags after the round")
+
+
+CALLS = 12
+
+
+def _interpreted_rank(rank: int, rows, flags, results) -> None:
+    """One rank in its own process, on buffers shared with the other: CALLS calls back to back, each
+    with new rows, meeting the other process through the flags (its own pointers to the shared memory)."""
+    peers = ref.PeerRows.build(rank, rows, flags)
+    outs = []
+    for i in range(CALLS):
+        parts, residual, weight = round_inputs(len(rows), 3, rows[0].shape[-1], torch.float32, "cpu", seed=i)
+        outs.append(tk.one_shot_add_rms_norm(x=parts[rank], peers=peers, residual=residual, weight=weight, eps=EPS))
+    results.put((rank, pickle.dumps((outs, peers.calls))))  # by value: shared tensors die with this process
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's test; on a GPU the two-streams test runs the ranks at once")
+def test_two_processes_meet_through_flags_in_shared_memory():
+    """The ranks really at once: two processes run the interpreted kernel on shared CPU memory, each at its
+    own pace (one may be a call ahead), each call's result against the unfused path's."""
+    import torch.multiprocessing as mp
+
+    world, hidden = 2, 64
+    rows = [torch.full((2, MAX_ROWS, hidden), float("nan")).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(MAX_ROWS, world, dtype=torch.int32).share_memory_() for _ in range(world)]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_interpreted_rank, args=(r, rows, flags, results), daemon=True)
+                 for r in range(world)]
+    for p in processes:
+        p.start()
+    by_rank = {}
+    try:
+        for _ in processes:
+            rank, data = results.get(timeout=120)  # a rank left waiting for the other would spin until here
+            outs, calls = pickle.loads(data)
+            by_rank[rank] = outs
+            assert calls[:3].tolist() == [CALLS] * 3 and calls[3:].eq(0).all()
+        for p in processes:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+    for i in range(CALLS):
+        parts, residual, weight = round_inputs(world, 3, hidden, torch.float32, "cpu", seed=i)
+        normed, new_residual = tk_norm.fused_add_rms_norm(in_rank_order(parts), residual, weight, EPS)
+        for rank in range(world):
+            assert_same_bits(by_rank[rank][i][1], new_residual, f"call {i} rank {rank} new residual")
+            assert_same_bits(by_rank[rank][i][0], normed, f"call {i} rank {rank} normed")
+    for p in range(world):
+        assert flags[p].eq(0).all()
 
 
 def test_rows_that_do_not_fit_the_buffers_are_refused(device):
