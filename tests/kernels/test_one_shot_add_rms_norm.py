@@ -1,13 +1,12 @@
 """The one-shot all-reduce + residual add + RMSNorm kernel against its reference and against the unfused
-path, with every rank's buffers in one process.
+path (the sum in rank order, then the add + norm kernel), bit for bit.
 
-On the CPU (the interpreter) the ranks cannot run at once, so their launches are played one after
-another, 0..N-1, each finding its peers' rows and flags as if they had arrived: rank r's turn needs
-flags[r][t, q] set for every peer q; the ranks before it set theirs in their turns, and those after
-it are set beforehand (flags[p][t, q] = 1 for q > p). A round leaves the flags exactly so again,
-which the test checks, and plays twice, once in each half of the buffers. Then the ranks at once: two
-processes run the interpreted kernel on shared memory, each at its own pace.
-On one GPU the ranks' launches run at once on two streams, meeting through the real flags.
+Turns: in one process the ranks' launches are played one after another, 0..N-1, each finding its
+peers' rows and flags as if they had arrived: rank r's turn needs flags[r][t, q] set for every peer q;
+the ranks before it set theirs in their turns, and those after it are set beforehand (flags[p][t, q] =
+1 for q > p). A round leaves the flags exactly so again, which the test checks, and plays twice, once
+in each half of the buffers. At once: on the CPU two processes run the interpreted kernel on shared
+memory, each at its own pace; on one GPU two streams run the ranks' launches.
 """
 
 import importlib
