@@ -35,11 +35,12 @@ def nan_outputs(monkeypatch):
     monkeypatch.setattr(triton_gated_delta_rule_chunked, "_empty_output", empty_nan)
     monkeypatch.setattr(triton_gated_delta_rule_wy, "_empty_output", empty_nan)
     monkeypatch.setattr(triton_paged_attention, "_empty_output", empty_nan)
-    from worker.kernels import triton_add_rms_norm, triton_qk_norm_rope
+    from worker.kernels import triton_add_rms_norm, triton_one_shot_add_rms_norm, triton_qk_norm_rope
     from worker.kernels.moe import triton as triton_moe
 
     monkeypatch.setattr(triton_qk_norm_rope, "_empty_output", empty_nan)
     monkeypatch.setattr(triton_add_rms_norm, "_empty_output", empty_nan)
+    monkeypatch.setattr(triton_one_shot_add_rms_norm, "_empty_output", empty_nan)
 
     monkeypatch.setattr(triton_moe, "_empty_output", empty_nan)
     from worker.kernels.fp8 import triton as triton_fp8
