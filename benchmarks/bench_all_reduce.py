@@ -19,6 +19,10 @@ rows of `--hidden` features: NCCL then the add + norm kernel, the one-shot then 
 launches), and the one-shot kernel that adds and normalises itself (NEXTSERVE_ONE_SHOT_NORM's path,
 one launch), with `fused_bitwise_equal` comparing its result with the unfused one-shot's.
 
+`gather_rows`: the lm_head's all-gather of each rank's vocabulary slice of the logits (`--vocab` columns
+over the ranks, `--gather-tokens` rows), as the engine does it (TensorParallel.all_gather_last_dim: NCCL,
+then a concatenation), to tell whether a one-shot all-gather over peer memory would be worth building.
+
 Not run yet: written without a 2-GPU machine (none was lent); the first run on one will tell.
 """
 
@@ -51,6 +55,8 @@ def parse_args():
     parser.add_argument("--iters", type=int, default=100, help="all-reduces per eager run and per graph")
     parser.add_argument("--hidden", type=int, default=2048, help="features of a row in norm_rows")
     parser.add_argument("--norm-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--vocab", type=int, default=151936, help="logits columns over all ranks in gather_rows")
+    parser.add_argument("--gather-tokens", type=int, nargs="+", default=[1, 3, 16])
     return parser.parse_args()
 
 
@@ -100,6 +106,21 @@ def norm_row(nccl, one_shot, tokens: int, args, rank: int, device) -> dict:
     return row
 
 
+def gather_row(rank: int, tokens: int, args, device) -> dict:
+    from worker.distributed import TensorParallel
+
+    tp = TensorParallel(rank, SIZE)
+    logits = torch.zeros(tokens, args.vocab // SIZE, dtype=getattr(torch, args.dtype), device=device)
+
+    def many():
+        for _ in range(args.iters):
+            tp.all_gather_last_dim(logits)
+
+    return dict(tokens=tokens, bytes_per_rank=logits.numel() * logits.element_size(),
+                nccl_graph_us=round(graph_time_us(many, inner=args.iters), 2),
+                nccl_eager_us=round(eager_time_us(lambda: tp.all_gather_last_dim(logits), args.iters), 2))
+
+
 def _rank(rank: int, port: int, args, results) -> None:
     import torch.distributed as dist
 
@@ -139,6 +160,7 @@ def _rank(rank: int, port: int, args, results) -> None:
         row["eager_speedup"] = round(row["nccl_eager_us"] / row["one_shot_eager_us"], 2)
         result["rows"].append(row)
     result["norm_rows"] = [norm_row(nccl, one_shot, tokens, args, rank, device) for tokens in args.norm_tokens]
+    result["gather_rows"] = [gather_row(rank, tokens, args, device) for tokens in args.gather_tokens]
     if rank == 0:
         result["card"] = card()
         results.put(pickle.dumps(result))
