@@ -83,14 +83,22 @@ CASES = [  # (world, tokens, hidden, dtype, quant_block)
 ]
 
 
-@pytest.mark.parametrize("world,tokens,hidden,dtype,quant_block", CASES)
-def test_every_rank_gets_the_unfused_paths_bits_over_two_rounds(world, tokens, hidden, dtype, quant_block, device):
+def as_int32(count: int) -> int:
+    return (count + 2**31) % 2**32 - 2**31
+
+
+def play_two_rounds(world, tokens, hidden, dtype, quant_block, device, first_count=0):
+    """Two rounds from call count `first_count`, each rank's result against the unfused path and the reference,
+    and the rows, call counts and flags each round leaves."""
     group = make_group(world, hidden, dtype, device)
     reference_group = make_group(world, hidden, dtype, device)
     for p in range(world):
         group[p].flags[p].copy_(flags_before(world, tokens, device)[p])
-    for half in (0, 1):
-        parts, residual, weight = round_inputs(world, tokens, hidden, dtype, device, seed=17 * half + world)
+        group[p].calls[:tokens] = first_count
+        reference_group[p].calls[:tokens] = first_count
+    for i in (0, 1):
+        half = as_int32(first_count + i) & 1
+        parts, residual, weight = round_inputs(world, tokens, hidden, dtype, device, seed=17 * i + world)
         outs = play_round(group, parts, residual, weight, quant_block, half)
         for p in range(world):  # the reference does not wait: every rank's rows are in place first
             reference_group[p].rows[p][half, :tokens] = parts[p]
@@ -110,10 +118,20 @@ def test_every_rank_gets_the_unfused_paths_bits_over_two_rounds(world, tokens, h
             assert_rel_close(normed, expected[0], tolerance(dtype), f"rank {rank} normed vs the reference")
         for p in range(world):
             assert_same_bits(group[p].rows[p][half, :tokens], parts[p], f"rank {p}'s rows in half {half}")
-            assert group[p].calls[:tokens].tolist() == [half + 1] * tokens
+            assert group[p].calls[:tokens].tolist() == [as_int32(first_count + i + 1)] * tokens
             assert group[p].calls[tokens:].eq(0).all()
             assert_same_bits(group[p].flags[p], flags_before(world, tokens, device)[p],
                              f"rank {p}'s flags after the round")
+
+
+@pytest.mark.parametrize("world,tokens,hidden,dtype,quant_block", CASES)
+def test_every_rank_gets_the_unfused_paths_bits_over_two_rounds(world, tokens, hidden, dtype, quant_block, device):
+    play_two_rounds(world, tokens, hidden, dtype, quant_block, device)
+
+
+def test_the_call_count_wraps_past_2_31_and_the_halves_still_alternate(device):
+    """Hours of decoding at batch 1 take a row's int32 count past 2^31 - 1: half 1, then half 0 at -2^31."""
+    play_two_rounds(2, 2, 64, torch.float32, None, device, first_count=2**31 - 1)
 
 
 CALLS = 12

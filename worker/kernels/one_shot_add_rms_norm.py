@@ -6,11 +6,13 @@ reads all of them and sums them in rank order 0..N-1, rounded to the activation 
 (as an add kernel in that dtype rounds, and as torch's one-shot all-reduce sums), then goes on as
 kernels.fused_add_rms_norm does. Every rank computes the same bits from the same rows.
 
-A rank's buffer has two halves. Row t of a call goes to half `calls[t] % 2`, where `calls[t]` counts
+A rank's buffer has two halves. Row t of a call goes to half `calls[t] & 1`, where `calls[t]` counts
 this rank's calls so far that had a row t (every rank makes the same calls, so all agree on the
 half). A rank writes a half's row t again only two calls later, after its peers have arrived at the
 call in between: by then they have finished reading it, so a call needs one barrier, not a second
-one at its end before the buffer may be written again.
+one at its end before the buffer may be written again. The int32 count wraps after 2^31 calls (hours
+of decoding at batch 1, two calls a layer); its lowest bit goes on alternating, where a `% 2` in the
+kernel would turn negative past the wrap.
 
 The reference does not synchronise: it is the math and the buffer layout, for one process in which
 every rank's rows are already in place (the tests). The Triton kernel (triton_one_shot_add_rms_norm)
@@ -83,7 +85,7 @@ def one_shot_add_rms_norm(
     already be in their buffers (no synchronisation here)."""
     peers.require(x)
     t = torch.arange(x.shape[0], device=peers.calls.device)
-    half = (peers.calls[: x.shape[0]] % 2).long()
+    half = (peers.calls[: x.shape[0]] & 1).long()
     peers.rows[peers.rank][half, t] = x
     total = peers.rows[0][half, t].to(x.device)
     for p in range(1, peers.world):

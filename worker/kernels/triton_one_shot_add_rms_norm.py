@@ -2,7 +2,7 @@
 Triton (torch reference and buffer layout: worker.kernels.one_shot_add_rms_norm).
 
 One program per row t, the same row on every rank:
-1. write x's row t into this rank's buffer (half calls[t] % 2), then `tl.debug_barrier()`, so every
+1. write x's row t into this rank's buffer (half calls[t] & 1), then `tl.debug_barrier()`, so every
    thread's store comes before the signal;
 2. for each peer q, change flags[q][t, rank] from 0 to 1 with release semantics at system scope
    (spinning while it is still 1: q has not yet seen the last call's), then wait for each peer's
@@ -70,7 +70,7 @@ def _one_shot_add_rms_norm_kernel(x, row_ptrs, flag_ptrs, calls, residual, weigh
     h = tl.arange(0, BH)
     mask = h < H
     count = tl.load(calls + t)
-    offset = ((count % 2).to(tl.int64) * R + t) * H + h
+    offset = ((count & 1).to(tl.int64) * R + t) * H + h
     dtype = x.dtype.element_ty
     tl.store(_rows_of(row_ptrs, rank, dtype) + offset, tl.load(x + t * stride_x + h, mask=mask, other=0.0), mask=mask)
     tl.debug_barrier()
