@@ -141,6 +141,12 @@ def run_batch(engine: LLMEngine, prompts, new_tokens: int) -> dict:
                 step_ms=step_ms)
 
 
+def decode_rates(measured: dict) -> tuple[float, float | None]:
+    """(ms per decode step, decode tokens/s) of a run_batch result."""
+    ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
+    return ms, measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
+
+
 def step_spread(step_ms: list[float]) -> dict:
     """The median step and the first and slowest, to tell a steady step from start-up and tail effects
     (ms_per_step is the mean, as tokens/s is)."""
@@ -262,8 +268,7 @@ def main():
                 measured = run_batch(engine, prompts, args.new_tokens)
                 if kind == "none":
                     truth.update(whole_sequences(measured["outputs"]))
-                ms = measured["decode_s"] * 1e3 / max(1, measured["decode_steps"])
-                tokens_per_s = measured["decode_tokens"] / measured["decode_s"] if measured["decode_s"] else None
+                ms, tokens_per_s = decode_rates(measured)
                 row = dict(k=k, drafts=kind, batch=batch, ms_per_step=round(ms, 3), decode_steps=measured["decode_steps"],
                            **step_spread(measured["step_ms"]),
                            mean_accepted_length=_mean_accepted(measured["outputs"]),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine_vs_hf import engine_for, prompts_for, run_batch, step_bytes  # noqa: E402
+from benchmarks.bench_engine_vs_hf import (decode_rates, engine_for, prompts_for, run_batch,  # noqa: E402
+                                           step_bytes)
 from benchmarks.gpu_bench import card, ceilings, emit, free_engine_memory, git_commit, save_partial  # noqa: E402
 from worker.engine.llm_engine import LLMEngine  # noqa: E402
 from worker.tools.model_shapes import write_shape_config  # noqa: E402
@@ -47,9 +48,9 @@ def measure(e: LLMEngine, k: int, batches, new_tokens: int, rates: dict | None, 
         prompts = prompts_for(batch, e.model_config.vocab_size)
         run_batch(e, prompts[:1], 2)  # warm-up
         m = run_batch(e, prompts, new_tokens)
-        ms = m["decode_s"] * 1e3 / max(1, m["decode_steps"])
+        ms, tokens_per_s = decode_rates(m)
         row = dict(k=k, scheduling=scheduling, batch=batch, ms_per_step=round(ms, 3),
-                   decode_tokens_per_s=round(m["decode_tokens"] / m["decode_s"], 1) if m["decode_s"] else None)
+                   decode_tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
         if k == 0 and rates:
             traffic = step_bytes(e, prompts)
             roofline_ms = traffic["bytes"] / rates["copy_GBps"] / 1e6

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_engine_vs_hf import (_mean_accepted, engine_for, prompts_for, run_batch,  # noqa: E402
-                                           write_checkpoint)
+from benchmarks.bench_engine_vs_hf import (_mean_accepted, decode_rates, engine_for, prompts_for,  # noqa: E402
+                                           run_batch, write_checkpoint)
 from benchmarks.gpu_bench import card, ceilings, emit, free_engine_memory, git_commit, save_partial  # noqa: E402
 from worker.distributed import get_tp  # noqa: E402
 from worker.parallel import all_reduce  # noqa: E402
@@ -61,9 +61,9 @@ def measure(model_dir: Path, tp: int, k: int, batches: list[int], new_tokens: in
             prompts = prompts_for(batch, engine.model_config.vocab_size)
             run_batch(engine, prompts[:1], 2)  # warm-up
             m = run_batch(engine, prompts, new_tokens)
-            ms = m["decode_s"] * 1e3 / max(1, m["decode_steps"])
-            tokens_per_s = round(m["decode_tokens"] / m["decode_s"], 1) if m["decode_s"] else None
-            rows.append(dict(tp=tp, k=k, batch=batch, ms_per_step=round(ms, 3), decode_tokens_per_s=tokens_per_s,
+            ms, tokens_per_s = decode_rates(m)
+            rows.append(dict(tp=tp, k=k, batch=batch, ms_per_step=round(ms, 3),
+                             decode_tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None,
                              mean_accepted_length=_mean_accepted(m["outputs"])))
             print(rows[-1], file=sys.stderr)
     finally:

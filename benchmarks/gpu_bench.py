@@ -167,7 +167,7 @@ def write_config_tables(entries) -> None:
 
 def emit(result: dict, out: str | None) -> None:
     """Print the result's JSON (stdout) and write it to `out` when given, with the NEXTSERVE_* switches set
-    (`env`: PDL, the GDN decode form, the router in the norm's launch)."""
+    (`env`: PDL, the GDN decode form, the router in the norm's launch, the fused all-reduce + norm)."""
     result.setdefault("env", {name: value for name, value in sorted(os.environ.items())
                               if name.startswith("NEXTSERVE_")})
     text = json.dumps(result, indent=1)
